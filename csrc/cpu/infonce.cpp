@@ -1,0 +1,564 @@
+// Fused InfoNCE / NT-Xent on the CPU: tiled logits, fp32 (fp64 for double inputs) log-sum-exp, tiles
+// recomputed in the backward; extra memory O(N*D) plus one B x B tile per thread.
+//
+// NT-Xent (SimCLR). Views x1, x2: (N, D) -> rows x_k of X = [x1; x2], M = 2N, k in [0, M).
+//   z_k = x_k / max(|x_k|, eps) (or z_k = x_k when normalize = false), only the first d columns.
+//   S = Z Z^T / T (M x M), S_kk = -inf, p(k) = (k + N) mod M,
+//   lse_k = logsumexp_j S_kj,  L = (1/M) sum_k (lse_k - S_{k,p(k)}).
+// Gradient. With P_kj = exp(S_kj - lse_k) (0 on the diagonal) and Y_kj = [j == p(k)]:
+//   dL/dS = (P - Y) / M,  dL/dZ = (dL/dS + dL/dS^T) Z / T
+//         = g/(M T) * [ (P + P^T) Z - 2 Z_p ]     (Y is a symmetric permutation, Z_p = rows z_p(k)).
+// Symmetry: S is symmetric, so the upper-triangle tile (I, J) gives the row statistics of block I AND
+// (by its columns) of block J in the forward, and in the backward A = P_IJ + P_JI^T (two exps of the one
+// recomputed tile) feeds dZ_I += A Z_J and dZ_J += A^T Z_I. Cost: forward 0.5 M^2 d multiply-adds,
+// backward 1.5 M^2 d (eager code: 1 + 2).
+// Cross-view InfoNCE. q, k: (N, D) -> Q, K normalized; S = Q K^T / T; row lse r_i, column lse c_j;
+//   L = a/N sum_i (r_i - S_ii) + b/N sum_j (c_j - S_jj) with (a, b) = (1, 0), or (1/2, 1/2) symmetric.
+//   dL/dS = a/N (P^row - I) + b/N (P^col - I);  dQ = dL/dS K / T,  dK = dL/dS^T Q / T.
+// Normalization backward: dx = (g - z <z, g>) / |x| when |x| > eps, else g / eps.
+// Temperature: sum_k <dL/dz_k, z_k> = -c T dL/dT (c = 2 for NT-Xent, 1 cross-view); returned as gz.
+//
+// Scheduling without atomics or per-thread copies: tiles are processed in rounds in which no two tiles
+// touch the same block of rows. NT-Xent: a round-robin tournament over the nb row blocks (each round a
+// perfect matching of blocks, every unordered pair exactly once), then one round of diagonal tiles.
+// Cross-view: round r holds the tiles (I, (I + r) mod nb), a Latin square. Results do not depend on the
+// number of threads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace ssl_fast {
+namespace {
+
+constexpr double kNormEps = 1e-12;  // F.normalize's eps: a zero row maps to zero, never NaN
+
+// ------------------------------------------------------------------------------------------------
+// Row-major GEMM on raw pointers: C = alpha * op(A) op(B) + beta * C.
+// Uses the BLAS that torch ships (sgemm_/dgemm_, found at run time) and falls back to at::addmm_out.
+
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                          const float*, const int*, const float*, const int*, const float*, float*,
+                          const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                          const double*, const int*, const double*, const int*, const double*, double*,
+                          const int*);
+
+template <typename T>
+void* blas_symbol();
+template <>
+void* blas_symbol<float>() {
+  static void* fn = dlsym(RTLD_DEFAULT, "sgemm_");
+  return fn;
+}
+template <>
+void* blas_symbol<double>() {
+  static void* fn = dlsym(RTLD_DEFAULT, "dgemm_");
+  return fn;
+}
+
+template <typename T>
+void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+             int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  void* sym = blas_symbol<T>();
+  if (sym != nullptr && k > 0) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T on the same pointers.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int mm = (int)n, nn = (int)m, kk = (int)k, la = (int)ldb, lb = (int)lda, lc = (int)ldc;
+    if constexpr (std::is_same_v<T, float>) {
+      reinterpret_cast<sgemm_fn>(sym)(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+    } else {
+      reinterpret_cast<dgemm_fn>(sym)(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+    }
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor ta = trans_a ? at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, opts).t()
+                          : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
+  at::Tensor tb = trans_b ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t()
+                          : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
+  at::Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(tc, tc, ta, tb, beta, alpha);
+}
+
+// ------------------------------------------------------------------------------------------------
+// exp that vectorizes (Cephes range reduction + degree-6 polynomial, ~2 ulp); exp(-inf) = 0 exactly.
+
+inline float vexp(float x) {
+  const bool tiny = x < -87.0f;
+  float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float fx = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  int32_t bits = ((int32_t)fx + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return tiny ? 0.0f : y * scale;
+}
+inline double vexp(double x) { return std::exp(x); }
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Online (max, sum of exp) update of one row's statistics with `n` new logits.
+template <typename T>
+inline void lse_update(T& mx, T& sm, const T* v, int64_t n) {
+  T tmax = neg_inf<T>();
+#pragma omp simd reduction(max : tmax)
+  for (int64_t j = 0; j < n; ++j) tmax = v[j] > tmax ? v[j] : tmax;
+  if (tmax == neg_inf<T>()) return;  // every logit masked
+  const T newm = tmax > mx ? tmax : mx;
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += vexp(v[j] - newm);
+  sm = (mx == neg_inf<T>() ? T(0) : sm * vexp(mx - newm)) + s;
+  mx = newm;
+}
+
+// Column statistics of a bi x bj tile (row-major), merged into mx[j], sm[j]; `buf` holds 2*bj values.
+template <typename T>
+inline void lse_update_cols(T* mx, T* sm, const T* s, int64_t bi, int64_t bj, T* buf) {
+  T* cmax = buf;
+  T* csum = buf + bj;
+  for (int64_t j = 0; j < bj; ++j) cmax[j] = mx[j];
+  for (int64_t a = 0; a < bi; ++a) {
+    const T* row = s + a * bj;
+#pragma omp simd
+    for (int64_t j = 0; j < bj; ++j) cmax[j] = row[j] > cmax[j] ? row[j] : cmax[j];
+  }
+  for (int64_t j = 0; j < bj; ++j) csum[j] = 0;
+  for (int64_t a = 0; a < bi; ++a) {
+    const T* row = s + a * bj;
+#pragma omp simd
+    for (int64_t j = 0; j < bj; ++j) csum[j] += vexp(row[j] - cmax[j]);
+  }
+  for (int64_t j = 0; j < bj; ++j) {
+    if (cmax[j] == neg_inf<T>()) continue;
+    sm[j] = (mx[j] == neg_inf<T>() ? T(0) : sm[j] * vexp(mx[j] - cmax[j])) + csum[j];
+    mx[j] = cmax[j];
+  }
+}
+
+// Copies rows [0, rows) of x (row stride `ld`, first d columns) into dst (rows x d, acc type),
+// normalized if asked; norms[k] = |x_k| (used by the backward).
+template <typename scalar_t, typename acc_t>
+void load_rows(const at::Tensor& x, int64_t d, bool normalize, acc_t* dst, acc_t* norms) {
+  const scalar_t* src = x.data_ptr<scalar_t>();
+  const int64_t ld = x.stride(0);
+  at::parallel_for(0, x.size(0), 64, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const scalar_t* row = src + k * ld;
+      acc_t* out = dst + k * d;
+      double ss = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        const acc_t v = static_cast<acc_t>(row[c]);
+        out[c] = v;
+        ss += (double)v * v;
+      }
+      const double nrm = std::sqrt(ss);
+      norms[k] = (acc_t)nrm;
+      if (normalize) {
+        const acc_t inv = (acc_t)(1.0 / std::max(nrm, kNormEps));
+        for (int64_t c = 0; c < d; ++c) out[c] *= inv;
+      }
+    }
+  });
+}
+
+// Writes dx (input dtype, full width D) from the gradient g w.r.t. the normalized rows z; returns
+// sum_k <g_k, z_k> for the temperature gradient.
+template <typename scalar_t, typename acc_t>
+double store_grad(const acc_t* g, const acc_t* z, const acc_t* norms, int64_t rows, int64_t d,
+                  bool normalize, at::Tensor& out) {
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  const int64_t D = out.size(1);
+  std::vector<double> dots(rows);
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const acc_t* gk = g + k * d;
+      const acc_t* zk = z + k * d;
+      double dot = 0;
+      for (int64_t c = 0; c < d; ++c) dot += (double)gk[c] * zk[c];
+      dots[k] = dot;
+      scalar_t* o = dst + k * D;
+      if (!normalize) {
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(gk[c]);
+      } else if ((double)norms[k] > kNormEps) {
+        const acc_t inv = (acc_t)(1.0 / (double)norms[k]);
+        const acc_t dd = (acc_t)dot;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>((gk[c] - zk[c] * dd) * inv);
+      } else {
+        const acc_t inv = (acc_t)(1.0 / kNormEps);
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(gk[c] * inv);
+      }
+      for (int64_t c = d; c < D; ++c) o[c] = static_cast<scalar_t>(0);
+    }
+  });
+  double total = 0;
+  for (double v : dots) total += v;
+  return total;
+}
+
+// Round-robin tournament over nb blocks: rounds of disjoint unordered pairs (I < J), each pair once.
+std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(int64_t nb) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  const int64_t E = nb + (nb & 1);  // participants; index nb is a bye when nb is odd
+  for (int64_t r = 0; r + 1 < E; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> pairs;
+    auto add = [&](int64_t a, int64_t b) {
+      if (a >= nb || b >= nb) return;
+      pairs.emplace_back(std::min(a, b), std::max(a, b));
+    };
+    add(E - 1, r);
+    for (int64_t k = 1; k < E / 2; ++k) add((r + k) % (E - 1), (r - k + (E - 1)) % (E - 1));
+    if (!pairs.empty()) rounds.push_back(std::move(pairs));
+  }
+  return rounds;
+}
+
+int64_t pick_block(int64_t rows, int64_t requested) {
+  if (requested > 0) return requested;
+  // 128-row tiles keep A, the two Z blocks and the tile in L2; shrink when there are too few pairs per
+  // round to keep every thread busy.
+  int64_t b = 128;
+  const int64_t threads = at::get_num_threads();
+  while (b > 32 && (rows + b - 1) / b < 2 * threads) b /= 2;
+  return b;
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_view(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, name, " must have shape (N, D)");
+  TORCH_CHECK(x.size(1) == 1 || x.stride(1) == 1, name, " must have unit stride along D");
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, name, " must not be empty");
+}
+
+// ------------------------------------------------------------------------------------------------
+// NT-Xent
+
+template <typename scalar_t>
+std::vector<at::Tensor> ntxent_fwd_impl(const at::Tensor& z1, const at::Tensor& z2, double inv_temp,
+                                        bool normalize, int64_t d, int64_t block) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t N = z1.size(0), M = 2 * N;
+  auto opts = z1.options().dtype(acc_dtype(z1.scalar_type()));
+  at::Tensor zn = at::empty({M, d}, opts);
+  at::Tensor norms = at::empty({M}, opts);
+  acc_t* Z = zn.data_ptr<acc_t>();
+  acc_t* nr = norms.data_ptr<acc_t>();
+  load_rows<scalar_t, acc_t>(z1, d, normalize, Z, nr);
+  load_rows<scalar_t, acc_t>(z2, d, normalize, Z + N * d, nr + N);
+
+  const int64_t B = pick_block(M, block), nb = (M + B - 1) / B;
+  const acc_t it = (acc_t)inv_temp;
+  std::vector<acc_t> mx(M, neg_inf<acc_t>()), sm(M, 0);
+
+  for (const auto& pairs : tournament(nb)) {
+    at::parallel_for(0, (int64_t)pairs.size(), 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> tile(B * B), buf(2 * B);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
+        const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
+        gemm_rm<acc_t>(false, true, bi, bj, d, it, Z + i0 * d, d, Z + j0 * d, d, 0, tile.data(), bj);
+        for (int64_t a = 0; a < bi; ++a) lse_update(mx[i0 + a], sm[i0 + a], tile.data() + a * bj, bj);
+        lse_update_cols(mx.data() + j0, sm.data() + j0, tile.data(), bi, bj, buf.data());
+      }
+    });
+  }
+  at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> tile(B * B);
+    for (int64_t I = b; I < e; ++I) {
+      const int64_t i0 = I * B, bi = std::min(B, M - i0);
+      gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, tile.data(), bi);
+      for (int64_t a = 0; a < bi; ++a) {
+        tile[a * bi + a] = neg_inf<acc_t>();
+        lse_update(mx[i0 + a], sm[i0 + a], tile.data() + a * bi, bi);
+      }
+    }
+  });
+
+  at::Tensor lse = at::empty({M}, opts);
+  acc_t* L = lse.data_ptr<acc_t>();
+  std::vector<double> row_loss(M);
+  at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      L[k] = mx[k] + std::log(sm[k]);
+      const acc_t* zk = Z + k * d;
+      const acc_t* zp = Z + ((k + N) % M) * d;
+      double pos = 0;
+      for (int64_t c = 0; c < d; ++c) pos += (double)zk[c] * zp[c];
+      row_loss[k] = (double)L[k] - pos * (double)it;
+    }
+  });
+  double total = 0;
+  for (double v : row_loss) total += v;
+  at::Tensor loss = at::full({}, total / (double)M, opts);
+  return {loss, lse, zn, norms};
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> ntxent_bwd_impl(double grad, const at::Tensor& z1, const at::Tensor& z2,
+                                        const at::Tensor& zn, const at::Tensor& norms, const at::Tensor& lse,
+                                        double inv_temp, bool normalize, int64_t d, int64_t block) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t N = z1.size(0), M = 2 * N;
+  const acc_t* Z = zn.data_ptr<acc_t>();
+  const acc_t* L = lse.data_ptr<acc_t>();
+  at::Tensor gz_t = at::zeros({M, d}, zn.options());
+  acc_t* G = gz_t.data_ptr<acc_t>();
+  const acc_t it = (acc_t)inv_temp;
+  const acc_t coef = (acc_t)(grad * inv_temp / (double)M);  // g / (M T)
+  const int64_t B = pick_block(M, block), nb = (M + B - 1) / B;
+
+  for (const auto& pairs : tournament(nb)) {
+    at::parallel_for(0, (int64_t)pairs.size(), 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> tile(B * B);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
+        const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
+        acc_t* S = tile.data();
+        gemm_rm<acc_t>(false, true, bi, bj, d, it, Z + i0 * d, d, Z + j0 * d, d, 0, S, bj);
+        for (int64_t a = 0; a < bi; ++a) {
+          acc_t* row = S + a * bj;
+          const acc_t la = L[i0 + a];
+          const acc_t* lb = L + j0;
+#pragma omp simd
+          for (int64_t j = 0; j < bj; ++j) row[j] = vexp(row[j] - la) + vexp(row[j] - lb[j]);
+        }
+        gemm_rm<acc_t>(false, false, bi, d, bj, coef, S, bj, Z + j0 * d, d, 1, G + i0 * d, d);
+        gemm_rm<acc_t>(true, false, bj, d, bi, coef, S, bj, Z + i0 * d, d, 1, G + j0 * d, d);
+      }
+    });
+  }
+  at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> tile(B * B);
+    for (int64_t I = b; I < e; ++I) {
+      const int64_t i0 = I * B, bi = std::min(B, M - i0);
+      acc_t* S = tile.data();
+      gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, S, bi);
+      for (int64_t a = 0; a < bi; ++a) {
+        acc_t* row = S + a * bi;
+        const acc_t la = L[i0 + a];
+        const acc_t* lb = L + i0;
+#pragma omp simd
+        for (int64_t j = 0; j < bi; ++j) row[j] = vexp(row[j] - la) + vexp(row[j] - lb[j]);
+        row[a] = 0;
+      }
+      gemm_rm<acc_t>(false, false, bi, d, bi, coef, S, bi, Z + i0 * d, d, 1, G + i0 * d, d);
+    }
+  });
+  // Positive pairs: -2 g/(M T) z_p(k).
+  at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const acc_t* zp = Z + ((k + N) % M) * d;
+      acc_t* gk = G + k * d;
+      for (int64_t c = 0; c < d; ++c) gk[c] -= 2 * coef * zp[c];
+    }
+  });
+
+  at::Tensor dz1 = at::empty(z1.sizes(), z1.options());
+  at::Tensor dz2 = at::empty(z2.sizes(), z2.options());
+  const acc_t* nr = norms.data_ptr<acc_t>();
+  double gz = store_grad<scalar_t, acc_t>(G, Z, nr, N, d, normalize, dz1);
+  gz += store_grad<scalar_t, acc_t>(G + N * d, Z + N * d, nr + N, N, d, normalize, dz2);
+  return {dz1, dz2, at::full({}, gz, zn.options())};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Cross-view InfoNCE
+
+template <typename scalar_t>
+std::vector<at::Tensor> info_nce_fwd_impl(const at::Tensor& q, const at::Tensor& k, double inv_temp,
+                                          bool normalize, bool symmetric, int64_t d, int64_t block) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t N = q.size(0);
+  auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
+  at::Tensor qn = at::empty({N, d}, opts), kn = at::empty({N, d}, opts);
+  at::Tensor qnorm = at::empty({N}, opts), knorm = at::empty({N}, opts);
+  acc_t* Q = qn.data_ptr<acc_t>();
+  acc_t* K = kn.data_ptr<acc_t>();
+  load_rows<scalar_t, acc_t>(q, d, normalize, Q, qnorm.data_ptr<acc_t>());
+  load_rows<scalar_t, acc_t>(k, d, normalize, K, knorm.data_ptr<acc_t>());
+
+  const int64_t B = pick_block(N, block), nb = (N + B - 1) / B;
+  const acc_t it = (acc_t)inv_temp;
+  std::vector<acc_t> rmx(N, neg_inf<acc_t>()), rsm(N, 0), cmx(N, neg_inf<acc_t>()), csm(N, 0);
+  for (int64_t r = 0; r < nb; ++r) {
+    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> tile(B * B), buf(2 * B);
+      for (int64_t I = b; I < e; ++I) {
+        const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
+        const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
+        gemm_rm<acc_t>(false, true, bi, bj, d, it, Q + i0 * d, d, K + j0 * d, d, 0, tile.data(), bj);
+        for (int64_t a = 0; a < bi; ++a) lse_update(rmx[i0 + a], rsm[i0 + a], tile.data() + a * bj, bj);
+        if (symmetric) lse_update_cols(cmx.data() + j0, csm.data() + j0, tile.data(), bi, bj, buf.data());
+      }
+    });
+  }
+  at::Tensor lse_r = at::empty({N}, opts);
+  at::Tensor lse_c = at::empty({symmetric ? N : 0}, opts);
+  acc_t* LR = lse_r.data_ptr<acc_t>();
+  acc_t* LC = symmetric ? lse_c.data_ptr<acc_t>() : nullptr;
+  std::vector<double> row_loss(N);
+  at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      double pos = 0;
+      for (int64_t c = 0; c < d; ++c) pos += (double)Q[i * d + c] * K[i * d + c];
+      pos *= (double)it;
+      LR[i] = rmx[i] + std::log(rsm[i]);
+      if (symmetric) {
+        LC[i] = cmx[i] + std::log(csm[i]);
+        row_loss[i] = 0.5 * ((double)LR[i] + (double)LC[i]) - pos;
+      } else {
+        row_loss[i] = (double)LR[i] - pos;
+      }
+    }
+  });
+  double total = 0;
+  for (double v : row_loss) total += v;
+  at::Tensor loss = at::full({}, total / (double)N, opts);
+  return {loss, lse_r, lse_c, qn, kn, qnorm, knorm};
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> info_nce_bwd_impl(double grad, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& qn, const at::Tensor& kn, const at::Tensor& qnorm,
+                                          const at::Tensor& knorm, const at::Tensor& lse_r,
+                                          const at::Tensor& lse_c, double inv_temp, bool normalize,
+                                          bool symmetric, int64_t d, int64_t block) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t N = q.size(0);
+  const acc_t* Q = qn.data_ptr<acc_t>();
+  const acc_t* K = kn.data_ptr<acc_t>();
+  const acc_t* LR = lse_r.data_ptr<acc_t>();
+  const acc_t* LC = symmetric ? lse_c.data_ptr<acc_t>() : nullptr;
+  at::Tensor gq_t = at::zeros({N, d}, qn.options()), gk_t = at::zeros({N, d}, qn.options());
+  acc_t* GQ = gq_t.data_ptr<acc_t>();
+  acc_t* GK = gk_t.data_ptr<acc_t>();
+  const acc_t it = (acc_t)inv_temp;
+  const double w = symmetric ? 0.5 : 1.0;
+  const acc_t cr = (acc_t)(grad * w / (double)N), cc = symmetric ? cr : (acc_t)0;
+  const int64_t B = pick_block(N, block), nb = (N + B - 1) / B;
+
+  for (int64_t r = 0; r < nb; ++r) {
+    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> tile(B * B);
+      for (int64_t I = b; I < e; ++I) {
+        const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
+        const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
+        acc_t* S = tile.data();
+        gemm_rm<acc_t>(false, true, bi, bj, d, it, Q + i0 * d, d, K + j0 * d, d, 0, S, bj);
+        for (int64_t a = 0; a < bi; ++a) {
+          acc_t* row = S + a * bj;
+          const acc_t la = LR[i0 + a];
+          if (symmetric) {
+            const acc_t* lb = LC + j0;
+#pragma omp simd
+            for (int64_t j = 0; j < bj; ++j) row[j] = cr * vexp(row[j] - la) + cc * vexp(row[j] - lb[j]);
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < bj; ++j) row[j] = cr * vexp(row[j] - la);
+          }
+        }
+        gemm_rm<acc_t>(false, false, bi, d, bj, it, S, bj, K + j0 * d, d, 1, GQ + i0 * d, d);
+        gemm_rm<acc_t>(true, false, bj, d, bi, it, S, bj, Q + i0 * d, d, 1, GK + j0 * d, d);
+      }
+    });
+  }
+  const acc_t diag = (cr + cc) * it;  // identity targets: -(a + b) g / (N T)
+  at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t c = 0; c < d; ++c) {
+        GQ[i * d + c] -= diag * K[i * d + c];
+        GK[i * d + c] -= diag * Q[i * d + c];
+      }
+  });
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  const double gz = store_grad<scalar_t, acc_t>(GQ, Q, qnorm.data_ptr<acc_t>(), N, d, normalize, dq);
+  store_grad<scalar_t, acc_t>(GK, K, knorm.data_ptr<acc_t>(), N, d, normalize, dk);
+  return {dq, dk, at::full({}, gz, qn.options())};
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// entry points (bound in csrc/bindings.cpp)
+
+std::vector<at::Tensor> ntxent_fwd(const at::Tensor& z1, const at::Tensor& z2, double inv_temp, bool normalize,
+                                   int64_t d, int64_t block) {
+  check_view(z1, "z1");
+  check_view(z2, "z2");
+  TORCH_CHECK(z1.sizes() == z2.sizes(), "z1 and z2 must have the same shape");
+  TORCH_CHECK(z1.scalar_type() == z2.scalar_type(), "z1 and z2 must have the same dtype");
+  TORCH_CHECK(d >= 1 && d <= z1.size(1), "feature_dim must be in [1, D]");
+  TORCH_CHECK(inv_temp > 0 && std::isfinite(inv_temp), "temperature must be finite and > 0");
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "ntxent_fwd", [&] {
+    out = ntxent_fwd_impl<scalar_t>(z1, z2, inv_temp, normalize, d, block);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> ntxent_bwd(double grad, const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& zn,
+                                   const at::Tensor& norms, const at::Tensor& lse, double inv_temp,
+                                   bool normalize, int64_t d, int64_t block) {
+  check_view(z1, "z1");
+  check_view(z2, "z2");
+  TORCH_CHECK(zn.is_contiguous() && zn.size(0) == 2 * z1.size(0) && zn.size(1) == d, "zn: bad saved tensor");
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "ntxent_bwd", [&] {
+    out = ntxent_bwd_impl<scalar_t>(grad, z1, z2, zn, norms, lse, inv_temp, normalize, d, block);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> info_nce_fwd(const at::Tensor& q, const at::Tensor& k, double inv_temp, bool normalize,
+                                     bool symmetric, int64_t d, int64_t block) {
+  check_view(q, "query");
+  check_view(k, "key");
+  TORCH_CHECK(q.sizes() == k.sizes(), "query and key must have the same shape");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "query and key must have the same dtype");
+  TORCH_CHECK(d >= 1 && d <= q.size(1), "feature_dim must be in [1, D]");
+  TORCH_CHECK(inv_temp > 0 && std::isfinite(inv_temp), "temperature must be finite and > 0");
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "info_nce_fwd", [&] {
+    out = info_nce_fwd_impl<scalar_t>(q, k, inv_temp, normalize, symmetric, d, block);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> info_nce_bwd(double grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& qn,
+                                     const at::Tensor& kn, const at::Tensor& qnorm, const at::Tensor& knorm,
+                                     const at::Tensor& lse_r, const at::Tensor& lse_c, double inv_temp,
+                                     bool normalize, bool symmetric, int64_t d, int64_t block) {
+  check_view(q, "query");
+  check_view(k, "key");
+  TORCH_CHECK(qn.is_contiguous() && qn.size(0) == q.size(0) && qn.size(1) == d, "qn: bad saved tensor");
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "info_nce_bwd", [&] {
+    out = info_nce_bwd_impl<scalar_t>(grad, q, k, qn, kn, qnorm, knorm, lse_r, lse_c, inv_temp, normalize,
+                                      symmetric, d, block);
+  });
+  return out;
+}
+
+}  // namespace ssl_fast

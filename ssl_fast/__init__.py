@@ -1,0 +1,28 @@
+"""ssl_fast: fused kernels for self-supervised learning (InfoNCE / NT-Xent, Sinkhorn-Knopp, EMA).
+
+    import ssl_fast
+    loss = ssl_fast.ntxent(z1, z2, temperature=0.5)       # functional
+    criterion = ssl_fast.nn.NTXentLoss(temperature=0.5)   # lightly-style module
+    with ssl_fast.set_backend("torch"): ...               # pick triton | cpp | torch | auto
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _ext, functional, nn, reference
+from ._ext import HAS_EXT
+from .functional import info_nce, ntxent
+from .ops import BACKENDS, get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "HAS_EXT",
+    "functional",
+    "get_backend",
+    "info_nce",
+    "nn",
+    "ntxent",
+    "reference",
+    "set_backend",
+]

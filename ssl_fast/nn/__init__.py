@@ -1,0 +1,5 @@
+"""Drop-in loss modules (hyperparameters only; math in ssl_fast.functional)."""
+
+from .infonce import DirectCLRLoss, InfoNCELoss, NTXentLoss
+
+__all__ = ["DirectCLRLoss", "InfoNCELoss", "NTXentLoss"]

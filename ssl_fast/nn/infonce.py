@@ -1,0 +1,112 @@
+"""Loss modules for InfoNCE / NT-Xent: hyperparameters only, the math is in ``ssl_fast.functional``."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from .. import functional as F
+
+Temperature = Union[float, torch.Tensor]
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent loss; a drop-in for lightly's ``NTXentLoss`` (memory bank off).
+
+    Args:
+        temperature: T > 0 (float or 0-dim tensor; a tensor that requires grad is learned).
+        normalize: l2-normalize the embeddings first.
+
+    Shape:
+        - out0, out1: (N, D), the two views' projections.
+        - Output: scalar.
+
+    Returns:
+        The mean NT-Xent loss over the 2N anchors (float32).
+
+    Example:
+        >>> criterion = ssl_fast.nn.NTXentLoss(temperature=0.5)
+        >>> loss = criterion(projector(backbone(x0)), projector(backbone(x1)))
+    """
+
+    def __init__(self, temperature: Temperature = 0.5, normalize: bool = True):
+        super().__init__()
+        self.temperature = temperature
+        self.normalize = normalize
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        return F.ntxent(out0, out1, self.temperature, normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}"
+
+
+class InfoNCELoss(nn.Module):
+    """Cross-view InfoNCE (query i against key j, target j = i); ``symmetric=True`` is the CLIP loss.
+
+    Args:
+        temperature: T > 0 (float or 0-dim tensor; a tensor that requires grad is learned).
+        symmetric: average the query->key and key->query losses.
+        normalize: l2-normalize the embeddings first.
+
+    Shape:
+        - query, key: (N, D).
+        - Output: scalar.
+
+    Example:
+        >>> criterion = ssl_fast.nn.InfoNCELoss(temperature=0.07, symmetric=True)
+        >>> loss = criterion(image_features, text_features)
+    """
+
+    def __init__(self, temperature: Temperature = 0.1, symmetric: bool = False, normalize: bool = True):
+        super().__init__()
+        self.temperature = temperature
+        self.symmetric = symmetric
+        self.normalize = normalize
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return F.info_nce(query, key, self.temperature, normalize=self.normalize, symmetric=self.symmetric)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}"
+
+
+class DirectCLRLoss(nn.Module):
+    """DirectCLR: a contrastive loss on the first ``feature_dim`` dimensions of the representation, no projector.
+
+    Args:
+        feature_dim: d0, the sub-vector the loss sees (360 of ResNet-50's 2048 in the paper).
+        temperature: T > 0.
+        variant: ``"official"`` is the symmetric cross-view InfoNCE of the paper's code; ``"ntxent"`` is
+            lightly's NT-Xent on the slice.
+
+    Shape:
+        - r0, r1: (N, D) backbone representations with D >= feature_dim (the slice is not copied).
+        - Output: scalar.
+
+    Example:
+        >>> criterion = ssl_fast.nn.DirectCLRLoss(feature_dim=360)
+        >>> loss = criterion(backbone(x0), backbone(x1))
+    """
+
+    VARIANTS = ("official", "ntxent")
+
+    def __init__(self, feature_dim: int = 360, temperature: Temperature = 0.1, variant: str = "official"):
+        super().__init__()
+        if variant not in self.VARIANTS:
+            raise ValueError(f"variant must be one of {self.VARIANTS}, got {variant!r}")
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+        self.feature_dim = feature_dim
+        self.temperature = temperature
+        self.variant = variant
+
+    def forward(self, r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+        if self.variant == "official":
+            return F.info_nce(r0, r1, self.temperature, symmetric=True, feature_dim=self.feature_dim)
+        return F.ntxent(r0, r1, self.temperature, feature_dim=self.feature_dim)
+
+    def extra_repr(self) -> str:
+        return f"feature_dim={self.feature_dim}, temperature={self.temperature}, variant={self.variant!r}"

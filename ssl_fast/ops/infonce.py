@@ -1,0 +1,210 @@
+"""InfoNCE / NT-Xent: argument checks, backend dispatch and autograd.
+
+Every fused backend (``cpp`` in ``csrc/cpu/infonce.cpp``, ``triton`` in ``kernels/infonce.py``) follows
+one contract, so the autograd code below is shared:
+
+    ntxent_forward(z1, z2, inv_temp, normalize, d)            -> (loss, saved)
+    ntxent_backward(grad, z1, z2, saved, inv_temp, normalize, d) -> (dz1, dz2, gz)
+    info_nce_forward(q, k, inv_temp, normalize, symmetric, d)  -> (loss, saved)
+    info_nce_backward(grad, q, k, saved, inv_temp, normalize, symmetric, d) -> (dq, dk, gz)
+
+``inv_temp`` is a 0-dim tensor (1/T) on the inputs' device, ``loss`` a 0-dim tensor (both float64 for
+float64 inputs, float32 otherwise), ``saved`` a
+tuple of tensors the backend wants back, ``grad`` the 0-dim upstream gradient (never read on the
+host), ``dz*`` have the inputs' shapes and dtypes (zero beyond column ``d``), and ``gz`` is the 0-dim
+sum over anchors of <dL/dz_hat, z_hat> (gradient with respect to the normalized rows, dotted with them).
+
+Temperature gradient. The logits are bilinear in the normalized rows: S = A B^T / T. Hence
+sum_k <dL/da_k, a_k> = sum_ij dL/dS_ij S_ij = -T dL/dT, and for NT-Xent (A = B = Z) the left side counts
+every logit twice. So dL/dT = -gz / (c T) with c = 2 for NT-Xent and c = 1 for cross-view InfoNCE: the
+gradient of a learnable temperature costs one dot product per row, no extra pass over the logits.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from .. import reference
+from . import _backend
+
+Temperature = Union[float, torch.Tensor]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_pair(a, b, name_a: str, name_b: str) -> None:
+    for x, name in ((a, name_a), (b, name_b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape (N, D), got a tensor of rank {x.dim()} "
+                             f"with shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (N = 0)")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} has no features (D = 0)")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} and {name_b} must have the same batch size N, got {a.shape[0]} and "
+                         f"{b.shape[0]}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} and {name_b} must have the same feature size D, got {a.shape[1]} and "
+                         f"{b.shape[1]}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+
+
+def _check_feature_dim(feature_dim, d: int) -> int:
+    if feature_dim is None:
+        return d
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, numbers.Integral):
+        raise TypeError(f"feature_dim must be an int or None, got {type(feature_dim).__name__}")
+    if not 1 <= feature_dim <= d:
+        raise ValueError(f"feature_dim must be in [1, D] = [1, {d}], got {feature_dim}")
+    return int(feature_dim)
+
+
+def _check_temperature(temperature, device: torch.device) -> torch.Tensor:
+    """Returns the temperature as a 0-dim tensor on ``device`` (keeping its autograd history)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+        if temperature.device.type == "cpu":  # checking a device tensor would be a host sync: skipped
+            value = float(temperature.detach())
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"temperature must be finite and > 0, got {value}")
+        return temperature.reshape(()).to(device)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {value}")
+    return torch.tensor(value, dtype=torch.float64, device=device)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics, loss and temperature math: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fix_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # Kernels take row strides; only a non-unit column stride forces a copy.
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused backends
+
+
+def _impl(name: str):
+    if name == "cpp":
+        from . import _cpp_infonce as impl
+    else:
+        from ssl_fast.kernels import infonce as impl  # the triton kernels
+    return impl
+
+
+class _NTXentFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z1, z2, temperature, normalize: bool, d: int, backend: str):
+        impl = _impl(backend)
+        inv_temp = (1.0 / temperature.detach().to(_acc_dtype(z1))).reshape(())
+        loss, saved = impl.ntxent_forward(z1, z2, inv_temp, normalize, d)
+        ctx.save_for_backward(z1, z2, inv_temp, *saved)
+        ctx.cfg = (normalize, d, backend)
+        ctx.temp_dtype = temperature.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        z1, z2, inv_temp, *saved = ctx.saved_tensors
+        normalize, d, backend = ctx.cfg
+        dz1, dz2, gz = _impl(backend).ntxent_backward(grad.to(inv_temp.dtype).reshape(()), z1, z2, tuple(saved),
+                                                       inv_temp, normalize, d)
+        dtemp = None
+        if ctx.needs_input_grad[2]:
+            dtemp = (-0.5 * gz * inv_temp).to(ctx.temp_dtype)
+        return (dz1 if ctx.needs_input_grad[0] else None, dz2 if ctx.needs_input_grad[1] else None,
+                dtemp, None, None, None)
+
+
+class _InfoNCEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, temperature, normalize: bool, symmetric: bool, d: int, backend: str):
+        impl = _impl(backend)
+        inv_temp = (1.0 / temperature.detach().to(_acc_dtype(q))).reshape(())
+        loss, saved = impl.info_nce_forward(q, k, inv_temp, normalize, symmetric, d)
+        ctx.save_for_backward(q, k, inv_temp, *saved)
+        ctx.cfg = (normalize, symmetric, d, backend)
+        ctx.temp_dtype = temperature.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, inv_temp, *saved = ctx.saved_tensors
+        normalize, symmetric, d, backend = ctx.cfg
+        dq, dk, gz = _impl(backend).info_nce_backward(grad.to(inv_temp.dtype).reshape(()), q, k, tuple(saved), inv_temp,
+                                                      normalize, symmetric, d)
+        dtemp = None
+        if ctx.needs_input_grad[2]:
+            dtemp = (-gz * inv_temp).to(ctx.temp_dtype)
+        return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
+                dtemp, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry points (re-exported by ssl_fast.functional)
+
+
+def ntxent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: Temperature = 0.5,
+    *,
+    normalize: bool = True,
+    feature_dim: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """SimCLR NT-Xent loss over the 2N anchors of two views (see ``ssl_fast.functional.ntxent``)."""
+    _check_pair(z1, z2, "z1", "z2")
+    d = _check_feature_dim(feature_dim, z1.shape[1])
+    temp = _check_temperature(temperature, z1.device)
+    name = _backend.resolve(z1.device, requested=backend and _backend._check_name(backend))
+    if name == "torch":
+        return reference.ntxent_reference(z1, z2, temp, normalize=normalize, feature_dim=feature_dim).to(_acc_dtype(z1))
+    return _NTXentFn.apply(_fix_last_stride(z1), _fix_last_stride(z2), temp, bool(normalize), d, name)
+
+
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    temperature: Temperature = 0.1,
+    *,
+    normalize: bool = True,
+    symmetric: bool = False,
+    feature_dim: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Cross-view InfoNCE (see ``ssl_fast.functional.info_nce``)."""
+    _check_pair(query, key, "query", "key")
+    d = _check_feature_dim(feature_dim, query.shape[1])
+    temp = _check_temperature(temperature, query.device)
+    name = _backend.resolve(query.device, requested=backend and _backend._check_name(backend))
+    if name == "torch":
+        return reference.info_nce_reference(query, key, temp, normalize=normalize, symmetric=symmetric,
+                                            feature_dim=feature_dim).to(_acc_dtype(query))
+    return _InfoNCEFn.apply(_fix_last_stride(query), _fix_last_stride(key), temp, bool(normalize),
+                            bool(symmetric), d, name)

@@ -1,0 +1,72 @@
+"""Plain-torch references for every fused op (float64-capable, autograd-friendly).
+
+These are the ground truth of the test suite and the ``torch`` backend: they materialize the full logit
+matrix exactly as eager code does, in whatever dtype they are given. Called on float64 inputs they are
+the float64 reference; called on bf16/fp16 inputs they are "eager torch in that dtype", the yardstick of
+the tolerance rule (a fused kernel's error must be at most 2x eager's error against float64).
+
+Math (shared by the kernels, see ``kernels/infonce.py`` and ``csrc/cpu/infonce.cpp``):
+
+NT-Xent (SimCLR), views z1, z2 of shape (N, D), M = 2N anchors:
+    Z = normalize([z1; z2]) (M, D),  S = Z Z^T / T,  S_ii = -inf,  p(i) = (i + N) mod M
+    L = (1/M) sum_i [ logsumexp_j S_ij - S_{i,p(i)} ]
+
+Cross-view InfoNCE (DirectCLR official loss, CLIP loss), query q and key k of shape (N, D):
+    S = normalize(q) normalize(k)^T / T,  L_qk = (1/N) sum_i [ logsumexp_j S_ij - S_ii ]
+    symmetric: L = (L_qk + L_kq) / 2 with L_kq the same over the columns of S.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+Temperature = Union[float, torch.Tensor]
+
+NORM_EPS = 1e-12  # the eps of F.normalize, so a zero row maps to zero, never NaN
+
+
+def _prep(x: torch.Tensor, normalize: bool, feature_dim: Optional[int]) -> torch.Tensor:
+    if feature_dim is not None:
+        x = x[:, :feature_dim]
+    return F.normalize(x, dim=1, eps=NORM_EPS) if normalize else x
+
+
+def ntxent_reference(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: Temperature = 0.5,
+    *,
+    normalize: bool = True,
+    feature_dim: Optional[int] = None,
+) -> torch.Tensor:
+    """SimCLR NT-Xent over the 2N anchors of two views, materializing the (2N, 2N) logits."""
+    z = torch.cat([_prep(z1, normalize, feature_dim), _prep(z2, normalize, feature_dim)], dim=0)
+    m, n = z.shape[0], z1.shape[0]
+    logits = (z @ z.t()) / temperature
+    eye = torch.eye(m, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    target = (torch.arange(m, device=z.device) + n) % m
+    return F.cross_entropy(logits, target)
+
+
+def info_nce_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    temperature: Temperature = 0.1,
+    *,
+    normalize: bool = True,
+    symmetric: bool = False,
+    feature_dim: Optional[int] = None,
+) -> torch.Tensor:
+    """Cross-view InfoNCE: logits q_i . k_j / T (N, N), target j = i; optionally symmetrized."""
+    q = _prep(query, normalize, feature_dim)
+    k = _prep(key, normalize, feature_dim)
+    logits = (q @ k.t()) / temperature
+    target = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy(logits, target)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.t(), target))
+    return loss
