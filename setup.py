@@ -5,6 +5,7 @@ Environment:
   SSL_FAST_FORCE_CUDA=1        build CUDA sources even when torch sees no GPU (needs nvcc + CUDA_HOME)
   SSL_FAST_CUDA_ARCHS="8.0;9.0" TORCH_CUDA_ARCH_LIST for the CUDA build
   SSL_FAST_NATIVE=0            build portable CPU code (no -march=native)
+  SSL_FAST_NO_EXT=1            pure-Python package, no ssl_fast._C (ops fall back to torch with a warning)
   MAX_JOBS                     parallel compile jobs (default: from cores and free memory)
 """
 
@@ -48,6 +49,8 @@ def _want_cuda(cuda_sources) -> bool:
 
 
 def extensions():
+    if os.environ.get("SSL_FAST_NO_EXT") == "1":
+        return []
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
