@@ -422,3 +422,12 @@ def test_explicit_backend_that_cannot_serve(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ssl_fast.set_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         _backend.resolve(torch.device("cpu"))
+
+
+def test_cli_info(capsys):
+    from ssl_fast import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "ssl_fast" in out and "cpu" in out
+    assert ("loaded" in out) == _ext.HAS_EXT

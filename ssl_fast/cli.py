@@ -1,0 +1,52 @@
+"""The ``ssl-fast`` command.
+
+    ssl-fast info     versions, the compiled extension, Triton, and the backend each device gets
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _info() -> int:
+    import torch
+
+    import ssl_fast
+    from ssl_fast import _ext
+    from ssl_fast.ops import _backend
+
+    print(f"ssl_fast {ssl_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"C++ extension ssl_fast._C: {'loaded' if _ext.HAS_EXT else 'missing (' + str(_ext.IMPORT_ERROR) + ')'}")
+    if _backend.triton_available():
+        import triton
+
+        print(f"triton {triton.__version__}{' (interpreter)' if _backend.interpreter_enabled() else ''}")
+    else:
+        print("triton: not available")
+    print(f"backend setting: {ssl_fast.get_backend()}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+    for dev in devices:
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+        try:
+            chosen = _backend.resolve(dev)
+        except RuntimeError as exc:
+            chosen = f"error: {exc}"
+        print(f"  {dev} ({name}): {chosen}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ssl-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, extension, Triton and backend per device")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info()
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())
