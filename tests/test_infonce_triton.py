@@ -1,0 +1,327 @@
+"""InfoNCE / NT-Xent: the triton backend (kernels/infonce.py) against the float64 reference.
+
+Without a GPU, conftest.py sets TRITON_INTERPRET=1 and the kernels run on CPU tensors in the Triton
+interpreter, with the block sizes the GPU uses (so shapes stay small: the interpreter runs numpy per tile).
+The GPU tier (``requires_cuda``) runs real sizes. Every check calls through ``ssl_fast.ops.infonce`` with
+``backend="triton"``, so the autograd Functions and the temperature gradient are covered too.
+
+Tolerance rule (flash-attention's): error against float64 <= 2x eager torch's error in the same dtype
+(eager = the reference run in that dtype), plus an atol floor relative to the largest reference value.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ssl_fast import reference  # noqa: E402
+from ssl_fast.kernels import infonce as K  # noqa: E402
+from ssl_fast.ops import infonce as ops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
+    pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+LOSSES = [("ntxent", {}), ("info_nce", {"symmetric": False}), ("info_nce", {"symmetric": True})]
+LOSS_IDS = ["ntxent", "info_nce", "info_nce_sym"]
+FLOORS = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}  # relative to max |ref|
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+def _fn(loss_name, backend=None):
+    fn = ops.ntxent if loss_name == "ntxent" else ops.info_nce
+    return (lambda *a, **kw: fn(*a, backend=backend, **kw)) if backend else fn
+
+
+def _ref(loss_name):
+    return reference.ntxent_reference if loss_name == "ntxent" else reference.info_nce_reference
+
+
+def _loss_and_grads(fn, x1, x2, temperature, go, **kw):
+    """Loss and gradients w.r.t. x1, x2 and the temperature (a tensor that requires grad)."""
+    loss = fn(x1, x2, temperature, **kw)
+    grads = torch.autograd.grad(loss, [x1, x2, temperature], grad_outputs=go.to(loss.dtype))
+    return loss.detach(), [g.detach() for g in grads]
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check_rule(loss_name, x1, x2, t, kw, dtype=None, go=None):
+    """Triton vs float64 reference, within 2x eager's error in the inputs' dtype (+ floor).
+
+    x1, x2: leaf tensors (any layout) in the test dtype; t: python float temperature.
+    """
+    dtype = dtype or x1.dtype
+    go = torch.randn((), device=x1.device) if go is None else go
+    # float64 reference on the same (rounded) values, contiguous copies
+    r1, r2 = (x.detach().double().contiguous().requires_grad_() for x in (x1, x2))
+    tr = torch.tensor(t, dtype=torch.float64, device=x1.device, requires_grad=True)
+    ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), r1, r2, tr, go.double(), **kw)
+    # eager torch in the inputs' dtype
+    e1, e2 = (x.detach().contiguous().requires_grad_() for x in (x1, x2))
+    te = torch.tensor(t, dtype=dtype, device=x1.device, requires_grad=True)
+    eager_loss, eager_grads = _loss_and_grads(_ref(loss_name), e1, e2, te, go.to(dtype), **kw)
+    # ours (learnable fp32 temperature)
+    tt = torch.tensor(t, dtype=torch.float32, device=x1.device, requires_grad=True)
+    loss, grads = _loss_and_grads(_fn(loss_name, "triton"), x1, x2, tt, go, **kw)
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert grads[0].dtype == dtype and grads[0].shape == x1.shape
+    floor = FLOORS[dtype]
+    assert torch.isfinite(loss)
+    assert _err(loss, ref_loss) <= 2 * _err(eager_loss, ref_loss) + floor * max(1.0, abs(ref_loss.item())), \
+        (loss.item(), ref_loss.item(), eager_loss.item())
+    names = ["dx1", "dx2", "dtemp"]
+    for name, g, e, r in zip(names, grads, eager_grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        scale = r.abs().max().item() or 1.0 / t  # an exactly-zero reference (N = 1): the logits' scale
+        bound = 2 * _err(e, r) + floor * scale
+        assert _err(g, r) <= bound, (name, _err(g, r), _err(e, r))
+    return loss, grads
+
+
+def _inputs(n, d, dtype, scale=1.0, device=DEV):
+    x1 = (scale * torch.randn(n, d, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
+    x2 = (scale * torch.randn(n, d, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
+    return x1, x2
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU tier (interpreter) -- also runs on a GPU
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("n", [1, 3, 64, 70])
+@pytest.mark.parametrize("d", [3, 17, 128, 300])
+def test_fp32_matches_reference(loss_name, kw, n, d):
+    """N = 1, tiny, one tile, a partial last tile; D below 16, odd, the single-chunk and multi-chunk paths."""
+    x1, x2 = _inputs(n, d, torch.float32)
+    _check_rule(loss_name, x1, x2, 0.1, kw)
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
+@pytest.mark.parametrize("n,d", [(3, 17), (64, 128), (70, 300)])
+def test_low_precision_tolerance_rule(loss_name, kw, dtype, n, d):
+    x1, x2 = _inputs(n, d, dtype)
+    _check_rule(loss_name, x1, x2, 0.1, kw)
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_normalize_and_feature_dim(loss_name, kw, dtype, normalize):
+    scale = 1.0 if normalize else 0.2  # raw dot products of randn rows need a smaller scale at T = 0.2
+    x1, x2 = _inputs(37, 40, dtype, scale)
+    loss, grads = _check_rule(loss_name, x1, x2, 0.2, dict(kw, normalize=normalize, feature_dim=17))
+    assert torch.all(grads[0][:, 17:] == 0) and torch.all(grads[1][:, 17:] == 0)
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("layout", ["row_strided", "column_slice", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_inputs(loss_name, kw, layout, dtype):
+    """Row strides are passed to the kernels (no copy); the two inputs may have different strides."""
+    n, d = 45, 33
+    if layout == "row_strided":
+        base = torch.randn(2 * n, d, device=DEV).to(dtype)
+        x1, x2 = base[::2], base[1::2]
+    elif layout == "column_slice":
+        base = torch.randn(n, 2 * d + 5, device=DEV).to(dtype)
+        x1, x2 = base[:, :d], base[:, d:2 * d]
+    else:
+        x1 = torch.randn(n, d + 7, device=DEV).to(dtype)[:, :d]
+        x2 = torch.randn(3 * n, d, device=DEV).to(dtype)[::3]
+    x1, x2 = x1.requires_grad_(), x2.requires_grad_()
+    assert ops._fix_last_stride(x1) is x1 and ops._fix_last_stride(x2) is x2
+    _check_rule(loss_name, x1, x2, 0.3, kw)
+    # the column slice with feature_dim: a slice of the slice, normalization on the first 20 columns
+    _check_rule(loss_name, x1, x2, 0.3, dict(kw, feature_dim=20))
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+def test_many_tiles(loss_name, kw):
+    """Several forward tiles (the NT-Xent triangle mapping, partial LSE slots) and backward row blocks."""
+    x1, x2 = _inputs(300, 16, torch.float32)
+    _check_rule(loss_name, x1, x2, 0.1, kw)
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 2048), (torch.float32, 768)], ids=["bf16-2048", "fp32-768"])
+def test_large_feature_dim(loss_name, kw, dtype, d):
+    """Large D: the logits loop over D in K-steps, the gradient is split in D-chunks (bf16 2048: 8 chunks)."""
+    x1, x2 = _inputs(5, d, dtype)
+    _check_rule(loss_name, x1, x2, 0.1, kw)
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("d", [17, 300])
+def test_split_and_unsplit_backward_agree(monkeypatch, loss_name, kw, d):
+    """The backward's column sweep split in pieces (workspace + epilogue kernel) == one sweep per program."""
+    x1, x2 = _inputs(100 if d > 128 else 150, d, torch.float32)
+    go = torch.randn(())
+    t = torch.tensor(0.2, requires_grad=True)
+    fn = _fn(loss_name, "triton")
+    monkeypatch.setattr(K, "_SM_TARGET", 1000)  # many programs wanted: split
+    assert K._bwd_splits(2, 10, torch.device("cpu")) > 1
+    split = _loss_and_grads(fn, x1, x2, t, go, **kw)
+    monkeypatch.setattr(K, "_SM_TARGET", 1)  # already enough programs: one sweep
+    assert K._bwd_splits(2, 10, torch.device("cpu")) == 1
+    whole = _loss_and_grads(fn, x1, x2, t, go, **kw)
+    assert torch.equal(split[0], whole[0])
+    for a, b in zip(split[1], whole[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+def test_deterministic(loss_name, kw):
+    """No atomics: two runs are bitwise equal."""
+    x1, x2 = _inputs(70, 40, torch.bfloat16)
+    t = torch.tensor(0.1, requires_grad=True)
+    go = torch.tensor(1.0)
+    a = _loss_and_grads(_fn(loss_name, "triton"), x1, x2, t, go, **kw)
+    b = _loss_and_grads(_fn(loss_name, "triton"), x1, x2, t, go, **kw)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
+
+
+def test_n_equals_one():
+    x1, x2 = _inputs(1, 8, torch.float32)
+    loss = ops.ntxent(x1, x2, 0.5, backend="triton")  # only the positive remains: loss 0, gradient 0
+    g1, g2 = torch.autograd.grad(loss, (x1, x2))
+    assert abs(loss.item()) < 1e-6 and g1.abs().max() < 1e-6 and g2.abs().max() < 1e-6
+    for sym in (False, True):
+        assert abs(ops.info_nce(x1, x2, 0.1, symmetric=sym, backend="triton").item()) < 1e-6
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_zero_row_no_nan(loss_name, kw, dtype):
+    """F.normalize semantics: a zero row normalizes to zero, its gradient is g / eps, never NaN."""
+    x1, x2 = torch.randn(6, 10, device=DEV), torch.randn(6, 10, device=DEV)
+    x1[2] = 0
+    x2[4] = 0
+    x1, x2 = x1.to(dtype).requires_grad_(), x2.to(dtype).requires_grad_()
+    t = torch.tensor(0.2, requires_grad=True)
+    loss, grads = _loss_and_grads(_fn(loss_name, "triton"), x1, x2, t, torch.tensor(1.0), **kw)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    r1, r2 = x1.detach().double().requires_grad_(), x2.detach().double().requires_grad_()
+    tr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), r1, r2, tr, torch.tensor(1.0), **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+def test_small_temperature_is_stable():
+    """Max-shifted base-2 LSE: T = 1e-3 (logits up to 1000) stays finite and matches float64."""
+    x1, x2 = _inputs(50, 16, torch.float32)
+    for t in (1e-3, 1e-2):
+        loss = ops.ntxent(x1, x2, t, backend="triton")
+        ref = reference.ntxent_reference(x1.double(), x2.double(), t)
+        assert torch.isfinite(loss)
+        assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+
+
+def test_contract_direct():
+    """The four contract functions, called directly: shapes, dtypes, saved tensors, gz."""
+    n, D, d = 10, 24, 20
+    z1, z2 = torch.randn(n, D, device=DEV), torch.randn(n, D, device=DEV)
+    inv_t = torch.tensor(1 / 0.3, device=DEV)
+    loss, saved = K.ntxent_forward(z1, z2, inv_t, True, d)
+    assert loss.shape == () and loss.dtype == torch.float32 and isinstance(saved, tuple)
+    assert all(s.dtype == torch.float32 for s in saved)
+    dz1, dz2, gz = K.ntxent_backward(torch.tensor(1.0, device=DEV), z1, z2, saved, inv_t, True, d)
+    assert dz1.shape == z1.shape and dz2.shape == z2.shape and gz.shape == ()
+    assert torch.all(dz1[:, d:] == 0) and torch.all(dz2[:, d:] == 0)
+    # gz = sum_k <dL/dz_hat_k, z_hat_k>: check against autograd through the reference
+    zh = torch.cat([torch.nn.functional.normalize(z[:, :d].double(), dim=1) for z in (z1, z2)]).requires_grad_()
+    m = 2 * n
+    logits = (zh @ zh.t()) * (1 / 0.3)
+    logits = logits.masked_fill(torch.eye(m, dtype=torch.bool, device=DEV), float("-inf"))
+    ref = torch.nn.functional.cross_entropy(logits, (torch.arange(m, device=DEV) + n) % m)
+    (g,) = torch.autograd.grad(ref, zh)
+    assert abs(gz.item() - (g * zh).sum().item()) < 1e-5
+    assert abs(loss.item() - ref.item()) < 1e-5
+    loss, saved = K.info_nce_forward(z1, z2, inv_t, False, True, d)
+    dq, dk, gz = K.info_nce_backward(torch.tensor(2.0, device=DEV), z1, z2, saved, inv_t, False, True, d)
+    assert dq.shape == z1.shape and dk.dtype == z2.dtype and gz.shape == ()
+
+
+def test_rejects_float64_and_bad_layout():
+    z = torch.randn(4, 8, dtype=torch.float64, device=DEV)
+    inv_t = torch.tensor(2.0, device=DEV)
+    with pytest.raises(TypeError, match="float64"):
+        K.ntxent_forward(z, z, inv_t, True, 8)
+    with pytest.raises(TypeError, match="float64"):
+        ops.ntxent(z, z, 0.5, backend="triton")
+    zt = torch.randn(8, 4, device=DEV).t()  # unit stride along N, not D
+    with pytest.raises(ValueError, match="unit stride"):
+        K.info_nce_forward(zt, zt, inv_t, True, False, 8)
+    with pytest.raises(ValueError, match="d <= D"):
+        K.info_nce_forward(z.float(), z.float(), inv_t, True, False, 9)
+
+
+def test_interpreter_bf16_dot_flag():
+    """The bf16 upcast before tl.dot is an interpreter-only workaround; on a GPU bf16 hits tensor cores."""
+    bf = torch.zeros(2, 2, dtype=torch.bfloat16)
+    assert K._flags(bf)["UPCAST"] == K._interpreting()
+    assert not K._flags(bf.half())["UPCAST"]
+    assert not K._flags(bf.float())["UPCAST"]
+    assert K._flags(bf.float())["IEEE"] == (torch.get_float32_matmul_precision() == "highest")
+
+
+def test_block_table():
+    """Tile sides >= 16 for tl.dot, D-chunks cover d, split count bounded."""
+    for dtype in DTYPES:
+        for d in (1, 3, 17, 128, 300, 768, 2048):
+            f = K._fwd_config(20000, d, dtype)
+            b = K._bwd_config(d, dtype)
+            assert f["BLOCK"] >= 16 and f["BLOCK_K"] >= 16
+            assert min(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"]) >= 16
+            assert not b["SINGLE"] or b["BLOCK_K"] == b["BLOCK_D"] >= d
+    assert K._bwd_splits(1000, 64, torch.device("cpu")) == 1
+    assert 1 <= K._bwd_splits(2, 3, torch.device("cpu")) <= 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU tier: real sizes
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("d", [128, 768])
+def test_gpu_real_sizes_bf16(loss_name, kw, d):
+    """2N = 16384 rows, bf16; the yardstick is the reference in fp32 (float64 logits would need 2 GiB)."""
+    n = 8192
+    x1, x2 = _inputs(n, d, torch.bfloat16, device="cuda")
+    go = torch.randn((), device="cuda")
+    t = 0.1
+    r1, r2 = (x.detach().float().requires_grad_() for x in (x1, x2))
+    tr = torch.tensor(t, device="cuda", requires_grad=True)
+    ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), r1, r2, tr, go, **kw)
+    e1, e2 = (x.detach().clone().requires_grad_() for x in (x1, x2))
+    te = torch.tensor(t, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    eager_loss, eager_grads = _loss_and_grads(_ref(loss_name), e1, e2, te, go.bfloat16(), **kw)
+    tt = torch.tensor(t, device="cuda", requires_grad=True)
+    loss, grads = _loss_and_grads(_fn(loss_name, "triton"), x1, x2, tt, go, **kw)
+    floor = FLOORS[torch.bfloat16]
+    assert _err(loss, ref_loss) <= 2 * _err(eager_loss, ref_loss) + floor * max(1.0, abs(ref_loss.item()))
+    for g, e, r in zip(grads, eager_grads, ref_grads):
+        assert torch.isfinite(g).all()
+        assert _err(g, r) <= 2 * _err(e, r) + floor * r.abs().max().item()
+
+
+@pytest.mark.requires_cuda
+def test_gpu_column_slice_no_copy_and_fp16():
+    base = torch.randn(4096, 2048, device="cuda", dtype=torch.float16)
+    x1 = base[:, :768].requires_grad_()
+    x2 = torch.randn(4096, 768, device="cuda", dtype=torch.float16).requires_grad_()
+    _check_rule("ntxent", x1, x2, 0.07, {})
+    _check_rule("info_nce", x1, x2, 0.07, {"symmetric": True, "feature_dim": 256})
