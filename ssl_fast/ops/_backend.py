@@ -90,13 +90,19 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def resolve(device: torch.device, *, has_triton_impl: bool = True, requested: Optional[str] = None) -> str:
-    """Map the requested backend to the one that runs for tensors on ``device``."""
+def resolve(device: torch.device, *, has_triton_impl: bool = True, requested: Optional[str] = None,
+            dtype: Optional[torch.dtype] = None) -> str:
+    """Map the requested backend to the one that runs for tensors on ``device`` (of ``dtype``).
+
+    The Triton kernels take fp32 / bf16 / fp16; ``auto`` sends float64 CUDA tensors to the torch backend.
+    """
     from .. import _ext
 
     name = requested or get_backend()
     if name == "auto":
         if device.type == "cuda":
+            if dtype == torch.float64:
+                return "torch"
             if has_triton_impl and triton_available():
                 return "triton"
             _warn_once("auto-cuda", "ssl_fast: Triton is not available; CUDA tensors use the torch backend.")

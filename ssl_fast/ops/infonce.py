@@ -8,11 +8,11 @@ one contract, so the autograd code below is shared:
     info_nce_forward(q, k, inv_temp, normalize, symmetric, d)  -> (loss, saved)
     info_nce_backward(grad, q, k, saved, inv_temp, normalize, symmetric, d) -> (dq, dk, gz)
 
-``inv_temp`` is a 0-dim tensor (1/T) on the inputs' device, ``loss`` a 0-dim tensor (both float64 for
-float64 inputs, float32 otherwise), ``saved`` a
-tuple of tensors the backend wants back, ``grad`` the 0-dim upstream gradient (never read on the
-host), ``dz*`` have the inputs' shapes and dtypes (zero beyond column ``d``), and ``gz`` is the 0-dim
-sum over anchors of <dL/dz_hat, z_hat> (gradient with respect to the normalized rows, dotted with them).
+``inv_temp`` is a 0-dim tensor (1/T) on the inputs' device and ``loss`` a 0-dim tensor, both float64 for
+float64 inputs and float32 otherwise (the triton backend takes fp32 / bf16 / fp16 only). ``saved`` is a
+tuple of tensors the backend wants back, ``grad`` the 0-dim upstream gradient (the triton backend never
+reads it on the host). ``dz*`` have the inputs' shapes and dtypes (zero beyond column ``d``), and ``gz`` is
+the 0-dim sum over anchors of <dL/dz_hat, z_hat> (gradient w.r.t. the normalized rows, dotted with them).
 
 Temperature gradient. The logits are bilinear in the normalized rows: S = A B^T / T. Hence
 sum_k <dL/da_k, a_k> = sum_ij dL/dS_ij S_ij = -T dL/dT, and for NT-Xent (A = B = Z) the left side counts
@@ -182,7 +182,7 @@ def ntxent(
     _check_pair(z1, z2, "z1", "z2")
     d = _check_feature_dim(feature_dim, z1.shape[1])
     temp = _check_temperature(temperature, z1.device)
-    name = _backend.resolve(z1.device, requested=backend and _backend._check_name(backend))
+    name = _backend.resolve(z1.device, requested=backend and _backend._check_name(backend), dtype=z1.dtype)
     if name == "torch":
         return reference.ntxent_reference(z1, z2, temp, normalize=normalize, feature_dim=feature_dim).to(_acc_dtype(z1))
     return _NTXentFn.apply(_fix_last_stride(z1), _fix_last_stride(z2), temp, bool(normalize), d, name)
@@ -202,7 +202,8 @@ def info_nce(
     _check_pair(query, key, "query", "key")
     d = _check_feature_dim(feature_dim, query.shape[1])
     temp = _check_temperature(temperature, query.device)
-    name = _backend.resolve(query.device, requested=backend and _backend._check_name(backend))
+    name = _backend.resolve(query.device, requested=backend and _backend._check_name(backend),
+                            dtype=query.dtype)
     if name == "torch":
         return reference.info_nce_reference(query, key, temp, normalize=normalize, symmetric=symmetric,
                                             feature_dim=feature_dim).to(_acc_dtype(query))
