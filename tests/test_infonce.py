@@ -431,3 +431,12 @@ def test_cli_info(capsys):
     out = capsys.readouterr().out
     assert "ssl_fast" in out and "cpu" in out
     assert ("loaded" in out) == _ext.HAS_EXT
+
+
+def test_auto_resolution_per_device(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    cuda = torch.device("cuda", 0)  # resolve() only looks at the device type: no GPU needed
+    assert _backend.resolve(cuda, dtype=torch.float64) == "torch"
+    if _backend.triton_available():
+        assert _backend.resolve(cuda, dtype=torch.bfloat16) == "triton"
+    assert _backend.resolve(torch.device("cpu")) == ("cpp" if _ext.HAS_EXT else "torch")

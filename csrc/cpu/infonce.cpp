@@ -18,8 +18,8 @@
 // Normalization backward: dx = (g - z <z, g>) / |x| when |x| > eps, else g / eps.
 // Temperature: sum_k <dL/dz_k, z_k> = -c T dL/dT (c = 2 for NT-Xent, 1 cross-view); returned as gz.
 //
-// Scheduling without atomics or per-thread copies: tiles are processed in rounds in which no two tiles
-// touch the same block of rows. NT-Xent: a round-robin tournament over the nb row blocks (each round a
+// Scheduling without atomic updates of results or per-thread copies: tiles are processed in rounds in
+// which no two tiles touch the same block of rows (threads take a round's tiles from a shared counter). NT-Xent: a round-robin tournament over the nb row blocks (each round a
 // perfect matching of blocks, every unordered pair exactly once), then one round of diagonal tiles.
 // Cross-view: round r holds the tiles (I, (I + r) mod nb), a Latin square. Results do not depend on the
 // number of threads.
@@ -30,6 +30,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -233,6 +234,20 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(int64_t nb) {
   return rounds;
 }
 
+// Runs body(t, scratch) for t in [0, n) on the intra-op threads. Tasks are handed out one at a time from a
+// shared counter, so a thread slowed by a busy core does fewer tiles instead of stalling the round; every
+// worker owns `scratch_len` values of scratch. Which thread runs a task never changes its result.
+template <typename T, typename F>
+void parallel_tasks(int64_t n, int64_t scratch_len, const F& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<T> scratch(scratch_len);
+    for (int64_t t; (t = next.fetch_add(1)) < n;) body(t, scratch.data());
+  });
+}
+
 int64_t pick_block(int64_t rows, int64_t requested) {
   if (requested > 0) return requested;
   // 256-row tiles (measured best of 64/128/192/256 at M = 8192, d = 128, 2 threads: the tile and two
@@ -273,26 +288,21 @@ std::vector<at::Tensor> ntxent_fwd_impl(const at::Tensor& z1, const at::Tensor& 
   std::vector<acc_t> mx(M, neg_inf<acc_t>()), sm(M, 0);
 
   for (const auto& pairs : tournament(nb)) {
-    at::parallel_for(0, (int64_t)pairs.size(), 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> tile(B * B), buf(2 * B);
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
-        const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
-        gemm_rm<acc_t>(false, true, bi, bj, d, it, Z + i0 * d, d, Z + j0 * d, d, 0, tile.data(), bj);
-        for (int64_t a = 0; a < bi; ++a) lse_update(mx[i0 + a], sm[i0 + a], tile.data() + a * bj, bj);
-        lse_update_cols(mx.data() + j0, sm.data() + j0, tile.data(), bi, bj, buf.data());
-      }
+    parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, [&](int64_t t, acc_t* tile) {
+      acc_t* buf = tile + B * B;
+      const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
+      const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
+      gemm_rm<acc_t>(false, true, bi, bj, d, it, Z + i0 * d, d, Z + j0 * d, d, 0, tile, bj);
+      for (int64_t a = 0; a < bi; ++a) lse_update(mx[i0 + a], sm[i0 + a], tile + a * bj, bj);
+      lse_update_cols(mx.data() + j0, sm.data() + j0, tile, bi, bj, buf);
     });
   }
-  at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> tile(B * B);
-    for (int64_t I = b; I < e; ++I) {
-      const int64_t i0 = I * B, bi = std::min(B, M - i0);
-      gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, tile.data(), bi);
-      for (int64_t a = 0; a < bi; ++a) {
-        tile[a * bi + a] = neg_inf<acc_t>();
-        lse_update(mx[i0 + a], sm[i0 + a], tile.data() + a * bi, bi);
-      }
+  parallel_tasks<acc_t>(nb, B * B + 2 * B, [&](int64_t I, acc_t* tile) {
+    const int64_t i0 = I * B, bi = std::min(B, M - i0);
+    gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, tile, bi);
+    for (int64_t a = 0; a < bi; ++a) {
+      tile[a * bi + a] = neg_inf<acc_t>();
+      lse_update(mx[i0 + a], sm[i0 + a], tile + a * bi, bi);
     }
   });
 
@@ -330,41 +340,35 @@ std::vector<at::Tensor> ntxent_bwd_impl(double grad, const at::Tensor& z1, const
   const int64_t B = pick_block(M, block), nb = (M + B - 1) / B;
 
   for (const auto& pairs : tournament(nb)) {
-    at::parallel_for(0, (int64_t)pairs.size(), 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> tile(B * B);
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
-        const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
-        acc_t* S = tile.data();
-        gemm_rm<acc_t>(false, true, bi, bj, d, it, Z + i0 * d, d, Z + j0 * d, d, 0, S, bj);
-        for (int64_t a = 0; a < bi; ++a) {
-          acc_t* row = S + a * bj;
-          const acc_t la = L[i0 + a];
-          const acc_t* lb = L + j0;
+    parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, [&](int64_t t, acc_t* tile) {
+      const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
+      const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
+      acc_t* S = tile;
+      gemm_rm<acc_t>(false, true, bi, bj, d, it, Z + i0 * d, d, Z + j0 * d, d, 0, S, bj);
+      for (int64_t a = 0; a < bi; ++a) {
+        acc_t* row = S + a * bj;
+        const acc_t la = L[i0 + a];
+        const acc_t* lb = L + j0;
 #pragma omp simd
-          for (int64_t j = 0; j < bj; ++j) row[j] = vexp(row[j] - la) + vexp(row[j] - lb[j]);
-        }
-        gemm_rm<acc_t>(false, false, bi, d, bj, coef, S, bj, Z + j0 * d, d, 1, G + i0 * d, d);
-        gemm_rm<acc_t>(true, false, bj, d, bi, coef, S, bj, Z + i0 * d, d, 1, G + j0 * d, d);
+        for (int64_t j = 0; j < bj; ++j) row[j] = vexp(row[j] - la) + vexp(row[j] - lb[j]);
       }
+      gemm_rm<acc_t>(false, false, bi, d, bj, coef, S, bj, Z + j0 * d, d, 1, G + i0 * d, d);
+      gemm_rm<acc_t>(true, false, bj, d, bi, coef, S, bj, Z + i0 * d, d, 1, G + j0 * d, d);
     });
   }
-  at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> tile(B * B);
-    for (int64_t I = b; I < e; ++I) {
-      const int64_t i0 = I * B, bi = std::min(B, M - i0);
-      acc_t* S = tile.data();
-      gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, S, bi);
-      for (int64_t a = 0; a < bi; ++a) {
-        acc_t* row = S + a * bi;
-        const acc_t la = L[i0 + a];
-        const acc_t* lb = L + i0;
+  parallel_tasks<acc_t>(nb, B * B + 2 * B, [&](int64_t I, acc_t* tile) {
+    const int64_t i0 = I * B, bi = std::min(B, M - i0);
+    acc_t* S = tile;
+    gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, S, bi);
+    for (int64_t a = 0; a < bi; ++a) {
+      acc_t* row = S + a * bi;
+      const acc_t la = L[i0 + a];
+      const acc_t* lb = L + i0;
 #pragma omp simd
-        for (int64_t j = 0; j < bi; ++j) row[j] = vexp(row[j] - la) + vexp(row[j] - lb[j]);
-        row[a] = 0;
-      }
-      gemm_rm<acc_t>(false, false, bi, d, bi, coef, S, bi, Z + i0 * d, d, 1, G + i0 * d, d);
+      for (int64_t j = 0; j < bi; ++j) row[j] = vexp(row[j] - la) + vexp(row[j] - lb[j]);
+      row[a] = 0;
     }
+    gemm_rm<acc_t>(false, false, bi, d, bi, coef, S, bi, Z + i0 * d, d, 1, G + i0 * d, d);
   });
   // Positive pairs: -2 g/(M T) z_p(k).
   at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
@@ -403,15 +407,13 @@ std::vector<at::Tensor> info_nce_fwd_impl(const at::Tensor& q, const at::Tensor&
   const acc_t it = (acc_t)inv_temp;
   std::vector<acc_t> rmx(N, neg_inf<acc_t>()), rsm(N, 0), cmx(N, neg_inf<acc_t>()), csm(N, 0);
   for (int64_t r = 0; r < nb; ++r) {
-    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> tile(B * B), buf(2 * B);
-      for (int64_t I = b; I < e; ++I) {
-        const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
-        const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
-        gemm_rm<acc_t>(false, true, bi, bj, d, it, Q + i0 * d, d, K + j0 * d, d, 0, tile.data(), bj);
-        for (int64_t a = 0; a < bi; ++a) lse_update(rmx[i0 + a], rsm[i0 + a], tile.data() + a * bj, bj);
-        if (symmetric) lse_update_cols(cmx.data() + j0, csm.data() + j0, tile.data(), bi, bj, buf.data());
-      }
+    parallel_tasks<acc_t>(nb, B * B + 2 * B, [&](int64_t I, acc_t* tile) {
+      acc_t* buf = tile + B * B;
+      const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
+      const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
+      gemm_rm<acc_t>(false, true, bi, bj, d, it, Q + i0 * d, d, K + j0 * d, d, 0, tile, bj);
+      for (int64_t a = 0; a < bi; ++a) lse_update(rmx[i0 + a], rsm[i0 + a], tile + a * bj, bj);
+      if (symmetric) lse_update_cols(cmx.data() + j0, csm.data() + j0, tile, bi, bj, buf);
     });
   }
   at::Tensor lse_r = at::empty({N}, opts);
@@ -460,28 +462,25 @@ std::vector<at::Tensor> info_nce_bwd_impl(double grad, const at::Tensor& q, cons
   const int64_t B = pick_block(N, block), nb = (N + B - 1) / B;
 
   for (int64_t r = 0; r < nb; ++r) {
-    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> tile(B * B);
-      for (int64_t I = b; I < e; ++I) {
-        const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
-        const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
-        acc_t* S = tile.data();
-        gemm_rm<acc_t>(false, true, bi, bj, d, it, Q + i0 * d, d, K + j0 * d, d, 0, S, bj);
-        for (int64_t a = 0; a < bi; ++a) {
-          acc_t* row = S + a * bj;
-          const acc_t la = LR[i0 + a];
-          if (symmetric) {
-            const acc_t* lb = LC + j0;
+    parallel_tasks<acc_t>(nb, B * B + 2 * B, [&](int64_t I, acc_t* tile) {
+      const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
+      const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
+      acc_t* S = tile;
+      gemm_rm<acc_t>(false, true, bi, bj, d, it, Q + i0 * d, d, K + j0 * d, d, 0, S, bj);
+      for (int64_t a = 0; a < bi; ++a) {
+        acc_t* row = S + a * bj;
+        const acc_t la = LR[i0 + a];
+        if (symmetric) {
+          const acc_t* lb = LC + j0;
 #pragma omp simd
-            for (int64_t j = 0; j < bj; ++j) row[j] = cr * vexp(row[j] - la) + cc * vexp(row[j] - lb[j]);
-          } else {
+          for (int64_t j = 0; j < bj; ++j) row[j] = cr * vexp(row[j] - la) + cc * vexp(row[j] - lb[j]);
+        } else {
 #pragma omp simd
-            for (int64_t j = 0; j < bj; ++j) row[j] = cr * vexp(row[j] - la);
-          }
+          for (int64_t j = 0; j < bj; ++j) row[j] = cr * vexp(row[j] - la);
         }
-        gemm_rm<acc_t>(false, false, bi, d, bj, it, S, bj, K + j0 * d, d, 1, GQ + i0 * d, d);
-        gemm_rm<acc_t>(true, false, bj, d, bi, it, S, bj, Q + i0 * d, d, 1, GK + j0 * d, d);
       }
+      gemm_rm<acc_t>(false, false, bi, d, bj, it, S, bj, K + j0 * d, d, 1, GQ + i0 * d, d);
+      gemm_rm<acc_t>(true, false, bj, d, bi, it, S, bj, Q + i0 * d, d, 1, GK + j0 * d, d);
     });
   }
   const acc_t diag = (cr + cc) * it;  // identity targets: -(a + b) g / (N T)
