@@ -440,3 +440,9 @@ def test_auto_resolution_per_device(monkeypatch):
     if _backend.triton_available():
         assert _backend.resolve(cuda, dtype=torch.bfloat16) == "triton"
     assert _backend.resolve(torch.device("cpu")) == ("cpp" if _ext.HAS_EXT else "torch")
+
+
+def test_module_rejects_lightly_memory_bank_positional():
+    """lightly's NTXentLoss(temperature, memory_bank_size): a memory bank must not be silently ignored."""
+    with pytest.raises(TypeError):
+        ssl_fast.nn.NTXentLoss(0.5, 4096)

@@ -17,7 +17,8 @@ class NTXentLoss(nn.Module):
 
     Args:
         temperature: T > 0 (float or 0-dim tensor; a tensor that requires grad is learned).
-        normalize: l2-normalize the embeddings first.
+        normalize: l2-normalize the embeddings first (keyword-only: lightly's second positional argument is
+            ``memory_bank_size``, which this module does not take, so ``NTXentLoss(0.5, 4096)`` fails loudly).
 
     Shape:
         - out0, out1: (N, D), the two views' projections.
@@ -31,7 +32,7 @@ class NTXentLoss(nn.Module):
         >>> loss = criterion(projector(backbone(x0)), projector(backbone(x1)))
     """
 
-    def __init__(self, temperature: Temperature = 0.5, normalize: bool = True):
+    def __init__(self, temperature: Temperature = 0.5, *, normalize: bool = True):
         super().__init__()
         self.temperature = temperature
         self.normalize = normalize
@@ -60,7 +61,7 @@ class InfoNCELoss(nn.Module):
         >>> loss = criterion(image_features, text_features)
     """
 
-    def __init__(self, temperature: Temperature = 0.1, symmetric: bool = False, normalize: bool = True):
+    def __init__(self, temperature: Temperature = 0.1, symmetric: bool = False, *, normalize: bool = True):
         super().__init__()
         self.temperature = temperature
         self.symmetric = symmetric
