@@ -47,7 +47,14 @@ offsets int32; inv_temp and the upstream gradient are loaded in the kernels: no 
                     and, S being symmetric, its columns give part[I, rows of J]. Every (slot, row) entry is
                     written exactly once, so no atomics, no memset, deterministic results.
                     Cross-view: the full cdiv(N, B)^2 grid; column partials only when symmetric.
-  _finalize_kernel  grid (cdiv(rows, 128),): lse_k = logsumexp over the slots of part[:, k], the per-row loss
+                    Used while its nslots (2 cdiv(N, B) NT-Xent, cdiv(N, B) cross-view) <= SLOT_CAP = max(64, d).
+  _fwd_grouped_kernel  (above SLOT_CAP) grid (row blocks, G): program (I, g) sweeps a contiguous group of
+                    column blocks in a loop (same K loop, masks and logits as _fwd_kernel), keeps a running fp32
+                    (max, sum) per row and writes ONE partial part[g, row]: rows only. NT-Xent: one launch over
+                    the full M x M (diagonal masked). Cross-view: Q K^T rows into part[:, :N]; symmetric adds a
+                    launch with q and k swapped, whose rows are the column statistics (part[:, N:2N]).
+                    G = cdiv(2 SMs, row blocks) clamped to [1, SLOT_CAP] (~2 waves), no empty group.
+  _finalize_kernel  grid (cdiv(rows, 128),): lse_k = logsumexp over the nslots (or G) of part[:, k], the per-row loss
                     terms, one partial sum per program;  _sum_kernel (one program) adds the partials in a
                     fixed order: the loss is computed and reduced on the device.
   _bwd_kernel       grid (row blocks, D-chunks, column pieces): program (I, c, s) owns rows I and the D-chunk c
@@ -63,9 +70,12 @@ offsets int32; inv_temp and the upstream gradient are loaded in the kernels: no 
                     _bwd_epilogue_kernel adds them in a fixed order and finishes dx (deterministic).
 
 Cost model (MACs; M = 2N rows for NT-Xent, n = N cross-view; B_M = BLOCK_M; bytes for 16-bit inputs):
-  forward   NT-Xent 0.5 M^2 d (half the tiles: symmetry), M^2 exps; cross-view N^2 d, N^2 exps (2 N^2
-            symmetric). L2 reads 2 B d bytes per B^2 d MACs (B = 128: 1/64 byte per MAC). Extra memory: the
-            partials, 4 M^2 / B bytes (8 MiB at M = 16384, B = 128; 128 MiB at M = 65536), O(N) statistics.
+  forward   per-tile: NT-Xent 0.5 M^2 d (half the tiles: symmetry), M^2 exps; cross-view N^2 d, N^2 exps
+            (2 N^2 symmetric). Grouped (rows only, no symmetry): NT-Xent M^2 d, cross-view N^2 d (2 N^2 d
+            symmetric: two launches); the same exps. L2 reads 2 B d bytes per B^2 d MACs (B = 128: 1/64
+            byte per MAC) in both. Extra memory O(N d): part is nslots x 2N fp32 with nslots <= SLOT_CAP =
+            max(64, d), i.e. <= 8 N max(64, d) bytes (per-tile at M = 16384, B = 128, d = 128: 128 slots,
+            8 MiB; grouped at M = 65536: G = 1, 256 KiB, where per-tile would need 128 MiB), + O(N) stats.
             Eager torch: M^2 d and the M x M logits in memory (and 2 M^2 d with the backward's GEMMs).
   backward  per launch, nc = cdiv(d, BLOCK_D) D-chunks: (nc + 1) n^2 d = nc recomputes of S + the gradient
             GEMM; exps (1 or 2) n^2 nc. NT-Xent: one launch over M rows; cross-view: two over N rows.
@@ -249,6 +259,64 @@ def _fwd_kernel(
         lse_c = tl.where(lc > 0.0, mc + tl.log2(tl.maximum(lc, 1.0)), float("-inf"))
         # the diagonal tile of NT-Xent is symmetric: its rows already gave these statistics
         tl.store(part_ptr + bi * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask & (bi != bj))
+
+
+@triton.jit
+def _fwd_grouped_kernel(
+    r0_ptr, r1_ptr, c0_ptr, c1_ptr, nrm_ptr, inv_temp_ptr, part_ptr,
+    stride_r0, stride_r1, stride_c0, stride_c1, stride_part,
+    N, d, row_base, col_base, jpg,
+    NSEG: tl.constexpr, SELF_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program (I, g): rows of block I (row source I // cdiv(N, BLOCK) of NSEG) against the column blocks
+    [g jpg, (g + 1) jpg) of the NSEG cdiv(N, BLOCK) column blocks (column sources c0, c1), swept in a loop
+    with a running fp32 (max, sum) per row: part[g, row_base + s N + k] = base-2 LSE of row k over the
+    group. Norms of row source s at nrm[row_base + s N + k], of column source t at nrm[col_base + t N + j].
+    SELF_MASK (NT-Xent, rows = columns): the diagonal is -inf. Rows only: no column statistics."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_g = tl.program_id(1).to(tl.int64)
+    nb = tl.cdiv(N, BLOCK)
+    seg = pid_m // nb
+    row0 = (pid_m - seg * nb) * BLOCK  # int64, folded into the base pointer
+    ar = tl.arange(0, BLOCK)
+    rmask = ar < (N - row0).to(tl.int32)
+    stride_r = tl.where(seg == 0, stride_r0, stride_r1)
+    xr_ptr = tl.where(seg == 0, r0_ptr, r1_ptr) + row0 * stride_r
+    rstat = row_base + seg * N + row0
+
+    scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
+    ri = _rinv(tl.load(nrm_ptr + rstat + ar, mask=rmask, other=1.0), NORMALIZE)
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    for jb in range(pid_g * jpg, tl.minimum(pid_g * jpg + jpg, NSEG * nb)):
+        cseg = jb // nb
+        col0 = (jb - cseg * nb) * BLOCK  # int64
+        cmask = ar < (N - col0).to(tl.int32)
+        stride_c = tl.where(cseg == 0, stride_c0, stride_c1)
+        xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0 * stride_c
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            km = kk < d
+            xa = tl.load(xr_ptr + ar[:, None] * stride_r + kk[None, :], mask=rmask[:, None] & km[None, :],
+                         other=0.0)
+            xb = tl.load(xc_ptr + ar[:, None] * stride_c + kk[None, :], mask=cmask[:, None] & km[None, :],
+                         other=0.0)
+            acc = _mma(xa, tl.trans(xb), acc, UPCAST, IEEE)
+        rj = _rinv(tl.load(nrm_ptr + col_base + cseg * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
+        s2 = (acc * ri[:, None] * rj[None, :]) * scale2  # the same rounding order as _fwd_kernel / backward
+        valid = rmask[:, None] & cmask[None, :]
+        if SELF_MASK:
+            valid = valid & ((jb != pid_m) | (ar[:, None] != ar[None, :]))
+        s2 = tl.where(valid, s2, float("-inf"))
+        # online base-2 LSE; an all -inf row so far keeps (m, l) = (-inf, 0), never NaN
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+        m_i = m_new
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))  # l >= 1 when finite
+    tl.store(part_ptr + pid_g * stride_part + rstat + ar, lse, mask=rmask)
 
 
 @triton.jit
@@ -497,6 +565,7 @@ def _bwd_epilogue_kernel(
 # not multi-buffered and the backward spills ~64 bytes (correct, slower; e.g. d = 300).
 #
 #   forward tile (B x B, K-step BLOCK_K)   16-bit                                 fp32
+#     (both forward kernels; _fwd_plan picks per-tile while its slots <= max(64, d), else grouped)
 #     rows (M or N) >= 4096                B 128, K 64, 8 warps, 3 stages  (128 regs)   B 64, K 32, 4 warps
 #     smaller (4x more tiles)              B 64,  K 64, 4 warps, 3 stages  (70 regs)    B 64, K 32, 4 warps
 #   backward (BLOCK_M x BLOCK_N, K-step, D-chunk)
@@ -512,6 +581,7 @@ def _bwd_epilogue_kernel(
 #   summed in a fixed order by _bwd_epilogue_kernel. S = 1 (no workspace) for large problems.
 
 _SM_TARGET = 132  # programs per wave when there is no CUDA device to ask (the interpreter): an H100
+_SLOT_CAP_OVERRIDE = None  # tests only: an int replaces max(64, d) in _slot_cap (forces the grouped forward)
 
 
 def _pow2(d: int) -> int:
@@ -519,6 +589,8 @@ def _pow2(d: int) -> int:
 
 
 def _fwd_config(rows: int, d: int, dtype: torch.dtype) -> dict:
+    """Tile of both forward kernels. The buffer rule (per-tile vs grouped, slots <= max(64, d)) is in
+    _fwd_plan."""
     dp = _pow2(d)
     if dtype == torch.float32:
         return dict(BLOCK=64, BLOCK_K=min(dp, 32), num_warps=4, num_stages=2)
@@ -621,17 +693,55 @@ def _sum(x):
     return out
 
 
+def _slot_cap(d: int) -> int:
+    """Most partial-LSE slots per row: max(64, d), so part (slots x 2N fp32) stays O(N d)."""
+    return _SLOT_CAP_OVERRIDE if _SLOT_CAP_OVERRIDE is not None else max(64, d)
+
+
+def _fwd_plan(n: int, d: int, dtype: torch.dtype, ntxent: bool, device: torch.device) -> dict:
+    """The forward's launch plan, pure Python (no allocation): cfg (_fwd_config), nb1 = cdiv(N, BLOCK),
+    grouped (bool), nslots (rows of part), jpg (column blocks per group, grouped only).
+    Per-tile (symmetric) forward when its nslots = (2 if NT-Xent else 1) nb1 <= _slot_cap(d); otherwise
+    grouped, G = cdiv(2 SMs, row blocks) clamped to [1, cap], then G = cdiv(col blocks, cdiv(col blocks, G))
+    so that no group is empty."""
+    cfg = _fwd_config(2 * n if ntxent else n, d, dtype)
+    nb1 = triton.cdiv(n, cfg["BLOCK"])
+    blocks = (2 if ntxent else 1) * nb1  # row blocks = column blocks = per-tile slots
+    cap = _slot_cap(d)
+    if blocks <= cap:
+        return dict(cfg=cfg, nb1=nb1, grouped=False, nslots=blocks, jpg=None)
+    g = max(1, min(cap, blocks, triton.cdiv(2 * _sm_count(device), blocks)))
+    jpg = triton.cdiv(blocks, g)
+    return dict(cfg=cfg, nb1=nb1, grouped=True, nslots=triton.cdiv(blocks, jpg), jpg=jpg)
+
+
 def _forward(a, b, inv_temp, normalize, d, ntxent, col_stats):
     n = a.shape[0]
     nrm, cos = _prep(a, b, normalize, d)
-    cfg = _fwd_config(2 * n if ntxent else n, d, a.dtype)
-    nb1 = triton.cdiv(n, cfg["BLOCK"])
-    nslots = 2 * nb1 if ntxent else nb1
-    tiles = nslots * (nslots + 1) // 2 if ntxent else nb1 * nb1
+    plan = _fwd_plan(n, d, a.dtype, ntxent, a.device)
+    cfg, nb1, nslots = plan["cfg"], plan["nb1"], plan["nslots"]
     part = torch.empty((nslots, 2 * n), dtype=torch.float32, device=a.device)
-    _fwd_kernel[(tiles,)](
-        a, b, nrm, inv_temp, part, a.stride(0), b.stride(0), part.stride(0), n, d, nb1,
-        NTXENT=ntxent, COL_STATS=col_stats, NORMALIZE=normalize, **_flags(a), **cfg)
+    if not plan["grouped"]:
+        tiles = nslots * (nslots + 1) // 2 if ntxent else nb1 * nb1
+        _fwd_kernel[(tiles,)](
+            a, b, nrm, inv_temp, part, a.stride(0), b.stride(0), part.stride(0), n, d, nb1,
+            NTXENT=ntxent, COL_STATS=col_stats, NORMALIZE=normalize, **_flags(a), **cfg)
+        return nrm, cos, part, nslots
+    # grouped, rows only: NT-Xent one launch over the 2 nb1 row blocks of [z1; z2] (full M x M, diagonal
+    # masked); cross-view rows of q against k (part[:, :N]) and, symmetric, rows of k against q = the
+    # column statistics (part[:, N:2N], norms of k at N), as the per-tile kernel lays them out.
+    if ntxent:
+        launches = [((a, b), (a, b), 0, 0)]
+    else:
+        launches = [((a,), (b,), 0, n)] + ([((b,), (a,), n, 0)] if col_stats else [])
+    for rows, cols, row_base, col_base in launches:
+        nseg = len(rows)
+        r1, c1 = rows[-1], cols[-1]
+        _fwd_grouped_kernel[(nseg * nb1, nslots)](
+            rows[0], r1, cols[0], c1, nrm, inv_temp, part,
+            rows[0].stride(0), r1.stride(0), cols[0].stride(0), c1.stride(0), part.stride(0),
+            n, d, row_base, col_base, plan["jpg"],
+            NSEG=nseg, SELF_MASK=ntxent, NORMALIZE=normalize, **_flags(a), **cfg)
     return nrm, cos, part, nslots
 
 

@@ -190,6 +190,68 @@ def test_deterministic(loss_name, kw):
     assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
 
 
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,d,cap", [(70, 40, 1), (150, 100, 2)], ids=["n70-1group", "n150-2groups"])
+def test_grouped_forward_matches_reference(monkeypatch, loss_name, kw, dtype, n, d, cap):
+    """The grouped rows-only forward (forced by a small slot cap): values and gradients vs float64, a partial
+    last block, one or several groups (n = 150: 3 blocks per source, groups of 2 and 1 / 3 and 3 blocks)."""
+    x1, x2 = _inputs(n, d, dtype)
+    monkeypatch.setattr(K, "_SLOT_CAP_OVERRIDE", cap)
+    plan = K._fwd_plan(n, d, dtype, loss_name == "ntxent", x1.device)
+    assert plan["grouped"] and plan["nslots"] == cap
+    _check_rule(loss_name, x1, x2, 0.1, kw)
+
+
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+def test_grouped_and_per_tile_forward_agree(monkeypatch, loss_name, kw):
+    """Same loss and LSEs (~1e-6) from the per-tile symmetric forward and the grouped one, for every group
+    count (cap 0: always grouped, one group; NT-Xent cap 4: 3 groups, one straddling z1 / z2); raw dots."""
+    n, d = 150, 40
+    x1 = torch.randn(n, d + 8, device=DEV)[:, :d]  # strided rows: the strides reach the grouped kernel
+    x2 = torch.randn(n, d, device=DEV)
+    inv_t = torch.tensor(1 / 0.2, device=DEV)
+    for normalize in (True, False):
+        if loss_name == "ntxent":
+            fwd = lambda: K.ntxent_forward(x1, x2, inv_t, normalize, d)  # noqa: E731
+        else:
+            fwd = lambda: K.info_nce_forward(x1, x2, inv_t, normalize, kw["symmetric"], d)  # noqa: E731
+        rows = n if kw.get("symmetric") is False else 2 * n
+        assert not K._fwd_plan(n, d, x1.dtype, loss_name == "ntxent", x1.device)["grouped"]
+        tile_loss, (tile_lse, _, _) = fwd()
+        for cap in (0, 1, 2, 4):
+            monkeypatch.setattr(K, "_SLOT_CAP_OVERRIDE", cap)
+            if not K._fwd_plan(n, d, x1.dtype, loss_name == "ntxent", x1.device)["grouped"]:
+                continue
+            loss, (lse, _, _) = fwd()
+            assert abs(loss.item() - tile_loss.item()) <= 1e-6 * max(1.0, abs(tile_loss.item())), cap
+            torch.testing.assert_close(lse[:rows], tile_lse[:rows], rtol=1e-6, atol=1e-6)
+        monkeypatch.setattr(K, "_SLOT_CAP_OVERRIDE", None)
+
+
+def test_partial_buffer_bound():
+    """part is nslots x 2N fp32 with nslots <= max(64, d): extra memory O(N d) at any N (pure Python, the
+    launcher's plan; nothing allocated). Moderate sizes keep the per-tile (symmetric) forward."""
+    cpu = torch.device("cpu")
+    for dtype in DTYPES:
+        for d in (16, 128, 768, 2048):
+            for n in (1, 70, 8192, 32768, 1 << 20):  # M = 2N up to 2 * 2^20 rows
+                for ntxent in (True, False):
+                    plan = K._fwd_plan(n, d, dtype, ntxent, cpu)
+                    m = 2 * n
+                    assert 1 <= plan["nslots"] <= max(64, d)
+                    assert 4 * m * plan["nslots"] <= 4 * m * max(64, d)
+                    if plan["grouped"]:  # enough programs (>= 2 waves) unless the cap binds; no empty group
+                        blocks = (2 if ntxent else 1) * plan["nb1"]
+                        assert blocks * plan["nslots"] >= 2 * K._SM_TARGET or plan["nslots"] == max(64, d)
+                        assert (plan["nslots"] - 1) * plan["jpg"] < blocks <= plan["nslots"] * plan["jpg"]
+    # M = 65536, d = 128, bf16: per-tile would need 512 slots (128 MiB); grouped needs 1 (256 KiB)
+    plan = K._fwd_plan(32768, 128, torch.bfloat16, True, cpu)
+    assert plan["grouped"] and 4 * 65536 * plan["nslots"] <= 4 * 65536 * 128
+    # 2N = 16384, d = 128, bf16: 128 slots <= 128, the per-tile forward (8 MiB) stays
+    assert not K._fwd_plan(8192, 128, torch.bfloat16, True, cpu)["grouped"]
+
+
 def test_n_equals_one():
     x1, x2 = _inputs(1, 8, torch.float32)
     loss = ops.ntxent(x1, x2, 0.5, backend="triton")  # only the positive remains: loss 0, gradient 0
