@@ -75,7 +75,7 @@ def _check_feature_dim(feature_dim, d: int) -> int:
     return int(feature_dim)
 
 
-def _check_temperature(temperature, device: torch.device) -> torch.Tensor:
+def _check_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
     """Returns the temperature as a 0-dim tensor on ``device`` (keeping its autograd history)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
@@ -86,13 +86,15 @@ def _check_temperature(temperature, device: torch.device) -> torch.Tensor:
             value = float(temperature.detach())
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"temperature must be finite and > 0, got {value}")
-        return temperature.reshape(()).to(device)
+        return temperature.reshape(()).to(like.device)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
     value = float(temperature)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"temperature must be finite and > 0, got {value}")
-    return torch.tensor(value, dtype=torch.float64, device=device)
+    # a fill kernel, not a host-to-device copy: no synchronization on CUDA
+    exact = like.device.type == "cpu" or like.dtype == torch.float64
+    return torch.full((), value, dtype=torch.float64 if exact else torch.float32, device=like.device)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -181,7 +183,7 @@ def ntxent(
     """SimCLR NT-Xent loss over the 2N anchors of two views (see ``ssl_fast.functional.ntxent``)."""
     _check_pair(z1, z2, "z1", "z2")
     d = _check_feature_dim(feature_dim, z1.shape[1])
-    temp = _check_temperature(temperature, z1.device)
+    temp = _check_temperature(temperature, z1)
     name = _backend.resolve(z1.device, requested=backend and _backend._check_name(backend), dtype=z1.dtype)
     if name == "torch":
         return reference.ntxent_reference(z1, z2, temp, normalize=normalize, feature_dim=feature_dim).to(_acc_dtype(z1))
@@ -201,7 +203,7 @@ def info_nce(
     """Cross-view InfoNCE (see ``ssl_fast.functional.info_nce``)."""
     _check_pair(query, key, "query", "key")
     d = _check_feature_dim(feature_dim, query.shape[1])
-    temp = _check_temperature(temperature, query.device)
+    temp = _check_temperature(temperature, query)
     name = _backend.resolve(query.device, requested=backend and _backend._check_name(backend),
                             dtype=query.dtype)
     if name == "torch":
