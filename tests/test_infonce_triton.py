@@ -5,8 +5,7 @@ interpreter, with the block sizes the GPU uses (so shapes stay small: the interp
 The GPU tier (``requires_cuda``) runs real sizes. Every check calls through ``ssl_fast.ops.infonce`` with
 ``backend="triton"``, so the autograd Functions and the temperature gradient are covered too.
 
-Tolerance rule (flash-attention's): error against float64 <= 2x eager torch's error in the same dtype
-(eager = the reference run in that dtype), plus an atol floor relative to the largest reference value.
+Tolerance rule: see tests/infonce_helpers.py.
 """
 
 import os
@@ -16,6 +15,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from infonce_helpers import (  # noqa: E402
+    DTYPE_IDS, DTYPES, FLOORS, LOSS_IDS, LOSSES, check_rule, make_inputs, ours_fn)
+from infonce_helpers import err as _err  # noqa: E402
+from infonce_helpers import loss_and_grads as _loss_and_grads  # noqa: E402
+from infonce_helpers import ref_fn as _ref  # noqa: E402
 from ssl_fast import reference  # noqa: E402
 from ssl_fast.kernels import infonce as K  # noqa: E402
 from ssl_fast.ops import infonce as ops  # noqa: E402
@@ -25,71 +29,18 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
     pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-LOSSES = [("ntxent", {}), ("info_nce", {"symmetric": False}), ("info_nce", {"symmetric": True})]
-LOSS_IDS = ["ntxent", "info_nce", "info_nce_sym"]
-FLOORS = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}  # relative to max |ref|
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["fp32", "bf16", "fp16"]
-
 
 def _fn(loss_name, backend=None):
-    fn = ops.ntxent if loss_name == "ntxent" else ops.info_nce
-    return (lambda *a, **kw: fn(*a, backend=backend, **kw)) if backend else fn
-
-
-def _ref(loss_name):
-    return reference.ntxent_reference if loss_name == "ntxent" else reference.info_nce_reference
-
-
-def _loss_and_grads(fn, x1, x2, temperature, go, **kw):
-    """Loss and gradients w.r.t. x1, x2 and the temperature (a tensor that requires grad)."""
-    loss = fn(x1, x2, temperature, **kw)
-    grads = torch.autograd.grad(loss, [x1, x2, temperature], grad_outputs=go.to(loss.dtype))
-    return loss.detach(), [g.detach() for g in grads]
-
-
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
+    return ours_fn(loss_name, backend)
 
 
 def _check_rule(loss_name, x1, x2, t, kw, dtype=None, go=None):
-    """Triton vs float64 reference, within 2x eager's error in the inputs' dtype (+ floor).
-
-    x1, x2: leaf tensors (any layout) in the test dtype; t: python float temperature.
-    """
-    dtype = dtype or x1.dtype
-    go = torch.randn((), device=x1.device) if go is None else go
-    # float64 reference on the same (rounded) values, contiguous copies
-    r1, r2 = (x.detach().double().contiguous().requires_grad_() for x in (x1, x2))
-    tr = torch.tensor(t, dtype=torch.float64, device=x1.device, requires_grad=True)
-    ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), r1, r2, tr, go.double(), **kw)
-    # eager torch in the inputs' dtype
-    e1, e2 = (x.detach().contiguous().requires_grad_() for x in (x1, x2))
-    te = torch.tensor(t, dtype=dtype, device=x1.device, requires_grad=True)
-    eager_loss, eager_grads = _loss_and_grads(_ref(loss_name), e1, e2, te, go.to(dtype), **kw)
-    # ours (learnable fp32 temperature)
-    tt = torch.tensor(t, dtype=torch.float32, device=x1.device, requires_grad=True)
-    loss, grads = _loss_and_grads(_fn(loss_name, "triton"), x1, x2, tt, go, **kw)
-
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert grads[0].dtype == dtype and grads[0].shape == x1.shape
-    floor = FLOORS[dtype]
-    assert torch.isfinite(loss)
-    assert _err(loss, ref_loss) <= 2 * _err(eager_loss, ref_loss) + floor * max(1.0, abs(ref_loss.item())), \
-        (loss.item(), ref_loss.item(), eager_loss.item())
-    names = ["dx1", "dx2", "dtemp"]
-    for name, g, e, r in zip(names, grads, eager_grads, ref_grads):
-        assert torch.isfinite(g).all(), name
-        scale = r.abs().max().item() or 1.0 / t  # an exactly-zero reference (N = 1): the logits' scale
-        bound = 2 * _err(e, r) + floor * scale
-        assert _err(g, r) <= bound, (name, _err(g, r), _err(e, r))
-    return loss, grads
+    """Triton vs float64 reference, within 2x eager's error in the inputs' dtype (+ floor)."""
+    return check_rule(loss_name, "triton", x1, x2, t, kw, dtype=dtype, go=go)
 
 
 def _inputs(n, d, dtype, scale=1.0, device=DEV):
-    x1 = (scale * torch.randn(n, d, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
-    x2 = (scale * torch.randn(n, d, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
-    return x1, x2
+    return make_inputs(n, d, dtype, scale, device)
 
 
 # ----------------------------------------------------------------------------------------------------
