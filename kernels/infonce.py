@@ -679,7 +679,8 @@ def _prep(a, b, normalize, d):
 
 def _finalize(part, nslots, cos, inv_temp, n, rows, w0, w1):
     dev = part.device
-    lse = torch.empty(2 * n, dtype=torch.float32, device=dev)
+    # one-way cross-view (rows = n) leaves the column half unused: zeros, not garbage, in the saved tensor
+    lse = (torch.empty if rows == 2 * n else torch.zeros)(2 * n, dtype=torch.float32, device=dev)
     grid = triton.cdiv(rows, _FIN["BLOCK_R"])
     loss_part = torch.empty(grid, dtype=torch.float32, device=dev)
     _finalize_kernel[(grid,)](part, cos, inv_temp, lse, loss_part, part.stride(0), nslots, n, rows, w0, w1,

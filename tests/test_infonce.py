@@ -118,7 +118,7 @@ def test_cpp_tile_schedules(monkeypatch, block, n, loss_name, kw):
 def test_cpp_independent_of_thread_count(monkeypatch, loss_name, kw):
     """The round schedule has no atomics and no per-thread partial sums: bitwise equal across threads."""
     monkeypatch.setattr(_cpp_infonce, "BLOCK", 32)
-    z1, z2 = _inputs(300, 40, torch.float32)
+    z1, z2 = _inputs(600, 256, torch.float32)  # rounds big enough to run on the thread pool
     go = torch.tensor(1.0)
     prev = torch.get_num_threads()
     results = []
@@ -417,3 +417,44 @@ def test_module_rejects_lightly_memory_bank_positional():
     """lightly's NTXentLoss(temperature, memory_bank_size): a memory bank must not be silently ignored."""
     with pytest.raises(TypeError):
         ssl_fast.nn.NTXentLoss(0.5, 4096)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: the backend calls are torch.library custom ops with fake implementations
+
+
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="ssl_fast._C not built")
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_custom_ops_opcheck(symmetric):
+    x1, x2 = torch.randn(10, 12), torch.randn(10, 12)
+    inv_temp = torch.tensor(5.0)
+    fwd = torch.ops.ssl_fast.ntxent_fwd(x1, x2, inv_temp, True, 9, "cpp")
+    torch.library.opcheck(torch.ops.ssl_fast.ntxent_fwd.default, (x1, x2, inv_temp, True, 9, "cpp"))
+    torch.library.opcheck(torch.ops.ssl_fast.ntxent_bwd.default,
+                          (torch.tensor(1.0), x1, x2, fwd[1:], inv_temp, True, 9, "cpp"))
+    args = (x1, x2, inv_temp, True, symmetric, 9, "cpp")
+    fwd = torch.ops.ssl_fast.info_nce_fwd(*args)
+    torch.library.opcheck(torch.ops.ssl_fast.info_nce_fwd.default, args)
+    torch.library.opcheck(torch.ops.ssl_fast.info_nce_bwd.default,
+                          (torch.tensor(1.0), x1, x2, fwd[1:], inv_temp, True, symmetric, 9, "cpp"))
+
+
+def test_torch_compile_fullgraph():
+    """No graph break at the loss: the whole step (projector + both losses, learnable T) is one graph."""
+    lin = torch.nn.Linear(16, 8)
+    temp = torch.tensor(0.2, requires_grad=True)
+
+    def step(x1, x2):
+        a, b = lin(x1), lin(x2)
+        return ssl_fast.ntxent(a, b, 0.5) + ssl_fast.info_nce(a, b, temp, symmetric=True)
+
+    x1, x2 = torch.randn(32, 16), torch.randn(32, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x1, x2)
+    grads = torch.autograd.grad(loss, (lin.weight, temp))
+    want = step(x1, x2)
+    want_grads = torch.autograd.grad(want, (lin.weight, temp))
+    torch.testing.assert_close(loss, want)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)

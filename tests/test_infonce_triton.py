@@ -338,3 +338,19 @@ def test_gpu_column_slice_no_copy_and_fp16():
     x2 = torch.randn(4096, 768, device="cuda", dtype=torch.float16).requires_grad_()
     _check_rule("ntxent", x1, x2, 0.07, {})
     _check_rule("info_nce", x1, x2, 0.07, {"symmetric": True, "feature_dim": 256})
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_custom_ops_opcheck_triton(symmetric):
+    """The fake implementations (torch.compile) agree with what the triton backend really returns."""
+    x1, x2 = torch.randn(10, 12, device=DEV), torch.randn(10, 12, device=DEV)
+    inv_temp = torch.tensor(5.0, device=DEV)
+    one = torch.tensor(1.0, device=DEV)
+    fwd = torch.ops.ssl_fast.ntxent_fwd(x1, x2, inv_temp, True, 9, "triton")
+    torch.library.opcheck(torch.ops.ssl_fast.ntxent_fwd.default, (x1, x2, inv_temp, True, 9, "triton"))
+    torch.library.opcheck(torch.ops.ssl_fast.ntxent_bwd.default, (one, x1, x2, fwd[1:], inv_temp, True, 9, "triton"))
+    args = (x1, x2, inv_temp, True, symmetric, 9, "triton")
+    fwd = torch.ops.ssl_fast.info_nce_fwd(*args)
+    torch.library.opcheck(torch.ops.ssl_fast.info_nce_fwd.default, args)
+    torch.library.opcheck(torch.ops.ssl_fast.info_nce_bwd.default,
+                          (one, x1, x2, fwd[1:], inv_temp, True, symmetric, 9, "triton"))

@@ -66,6 +66,26 @@ void* blas_symbol<double>() {
   return fn;
 }
 
+// Our GEMMs are single tiles and the parallelism is ours: keep the BLAS single-threaded on the calling
+// thread (inside the intra-op pool it already is), or every small tile wakes its thread pool.
+class SerialBlas {
+ public:
+  SerialBlas() {
+    static auto fn = reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    set_ = fn;
+    if (set_ != nullptr) prev_ = set_(1);
+  }
+  ~SerialBlas() {
+    if (set_ != nullptr) set_(prev_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int (*set_)(int) = nullptr;
+  int prev_ = 0;
+};
+
 template <typename T>
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
              int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
@@ -157,13 +177,16 @@ inline void lse_update_cols(T* mx, T* sm, const T* s, int64_t bi, int64_t bj, T*
   }
 }
 
+// Rows per chunk of the O(rows * d) loops, so that a chunk is worth ~32K values.
+int64_t row_grain(int64_t d) { return std::max<int64_t>(64, (int64_t(1) << 15) / std::max<int64_t>(d, 1)); }
+
 // Copies rows [0, rows) of x (row stride `ld`, first d columns) into dst (rows x d, acc type),
 // normalized if asked; norms[k] = |x_k| (used by the backward).
 template <typename scalar_t, typename acc_t>
 void load_rows(const at::Tensor& x, int64_t d, bool normalize, acc_t* dst, acc_t* norms) {
   const scalar_t* src = x.data_ptr<scalar_t>();
   const int64_t ld = x.stride(0);
-  at::parallel_for(0, x.size(0), 64, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, x.size(0), row_grain(d), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const scalar_t* row = src + k * ld;
       acc_t* out = dst + k * d;
@@ -191,7 +214,7 @@ double store_grad(const acc_t* g, const acc_t* z, const acc_t* norms, int64_t ro
   scalar_t* dst = out.data_ptr<scalar_t>();
   const int64_t D = out.size(1);
   std::vector<double> dots(rows);
-  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const acc_t* gk = g + k * d;
       const acc_t* zk = z + k * d;
@@ -237,11 +260,21 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(int64_t nb) {
 // Runs body(t, scratch) for t in [0, n) on the intra-op threads. Tasks are handed out one at a time from a
 // shared counter, so a thread slowed by a busy core does fewer tiles instead of stalling the round; every
 // worker owns `scratch_len` values of scratch. Which thread runs a task never changes its result.
+// A round worth less than kMinParallelWork multiply-adds runs on the calling thread: waking the pool costs
+// more than it saves, and far more when another process holds a core.
+constexpr int64_t kMinParallelWork = int64_t(1) << 22;
+
 template <typename T, typename F>
-void parallel_tasks(int64_t n, int64_t scratch_len, const F& body) {
+void parallel_tasks(int64_t n, int64_t scratch_len, int64_t work_per_task, const F& body) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  const int64_t workers =
+      n * work_per_task < kMinParallelWork ? 1 : std::min<int64_t>(n, at::get_num_threads());
+  if (workers == 1) {
+    std::vector<T> scratch(scratch_len);
+    for (int64_t t = 0; t < n; ++t) body(t, scratch.data());
+    return;
+  }
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<T> scratch(scratch_len);
     for (int64_t t; (t = next.fetch_add(1)) < n;) body(t, scratch.data());
@@ -288,7 +321,7 @@ std::vector<at::Tensor> ntxent_fwd_impl(const at::Tensor& z1, const at::Tensor& 
   std::vector<acc_t> mx(M, neg_inf<acc_t>()), sm(M, 0);
 
   for (const auto& pairs : tournament(nb)) {
-    parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, [&](int64_t t, acc_t* tile) {
+    parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, B * B * d, [&](int64_t t, acc_t* tile) {
       acc_t* buf = tile + B * B;
       const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
       const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
@@ -297,7 +330,7 @@ std::vector<at::Tensor> ntxent_fwd_impl(const at::Tensor& z1, const at::Tensor& 
       lse_update_cols(mx.data() + j0, sm.data() + j0, tile, bi, bj, buf);
     });
   }
-  parallel_tasks<acc_t>(nb, B * B + 2 * B, [&](int64_t I, acc_t* tile) {
+  parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
     const int64_t i0 = I * B, bi = std::min(B, M - i0);
     gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, tile, bi);
     for (int64_t a = 0; a < bi; ++a) {
@@ -309,7 +342,7 @@ std::vector<at::Tensor> ntxent_fwd_impl(const at::Tensor& z1, const at::Tensor& 
   at::Tensor lse = at::empty({M}, opts);
   acc_t* L = lse.data_ptr<acc_t>();
   std::vector<double> row_loss(M);
-  at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, M, row_grain(d), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       L[k] = mx[k] + std::log(sm[k]);
       const acc_t* zk = Z + k * d;
@@ -340,7 +373,7 @@ std::vector<at::Tensor> ntxent_bwd_impl(double grad, const at::Tensor& z1, const
   const int64_t B = pick_block(M, block), nb = (M + B - 1) / B;
 
   for (const auto& pairs : tournament(nb)) {
-    parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, [&](int64_t t, acc_t* tile) {
+    parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, B * B * d, [&](int64_t t, acc_t* tile) {
       const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
       const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
       acc_t* S = tile;
@@ -356,7 +389,7 @@ std::vector<at::Tensor> ntxent_bwd_impl(double grad, const at::Tensor& z1, const
       gemm_rm<acc_t>(true, false, bj, d, bi, coef, S, bj, Z + i0 * d, d, 1, G + j0 * d, d);
     });
   }
-  parallel_tasks<acc_t>(nb, B * B + 2 * B, [&](int64_t I, acc_t* tile) {
+  parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
     const int64_t i0 = I * B, bi = std::min(B, M - i0);
     acc_t* S = tile;
     gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, S, bi);
@@ -371,7 +404,7 @@ std::vector<at::Tensor> ntxent_bwd_impl(double grad, const at::Tensor& z1, const
     gemm_rm<acc_t>(false, false, bi, d, bi, coef, S, bi, Z + i0 * d, d, 1, G + i0 * d, d);
   });
   // Positive pairs: -2 g/(M T) z_p(k).
-  at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, M, row_grain(d), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const acc_t* zp = Z + ((k + N) % M) * d;
       acc_t* gk = G + k * d;
@@ -407,7 +440,7 @@ std::vector<at::Tensor> info_nce_fwd_impl(const at::Tensor& q, const at::Tensor&
   const acc_t it = (acc_t)inv_temp;
   std::vector<acc_t> rmx(N, neg_inf<acc_t>()), rsm(N, 0), cmx(N, neg_inf<acc_t>()), csm(N, 0);
   for (int64_t r = 0; r < nb; ++r) {
-    parallel_tasks<acc_t>(nb, B * B + 2 * B, [&](int64_t I, acc_t* tile) {
+    parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
       acc_t* buf = tile + B * B;
       const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
       const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
@@ -421,7 +454,7 @@ std::vector<at::Tensor> info_nce_fwd_impl(const at::Tensor& q, const at::Tensor&
   acc_t* LR = lse_r.data_ptr<acc_t>();
   acc_t* LC = symmetric ? lse_c.data_ptr<acc_t>() : nullptr;
   std::vector<double> row_loss(N);
-  at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N, row_grain(d), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       double pos = 0;
       for (int64_t c = 0; c < d; ++c) pos += (double)Q[i * d + c] * K[i * d + c];
@@ -462,7 +495,7 @@ std::vector<at::Tensor> info_nce_bwd_impl(double grad, const at::Tensor& q, cons
   const int64_t B = pick_block(N, block), nb = (N + B - 1) / B;
 
   for (int64_t r = 0; r < nb; ++r) {
-    parallel_tasks<acc_t>(nb, B * B + 2 * B, [&](int64_t I, acc_t* tile) {
+    parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
       const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
       const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
       acc_t* S = tile;
@@ -484,7 +517,7 @@ std::vector<at::Tensor> info_nce_bwd_impl(double grad, const at::Tensor& q, cons
     });
   }
   const acc_t diag = (cr + cc) * it;  // identity targets: -(a + b) g / (N T)
-  at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N, row_grain(d), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       for (int64_t c = 0; c < d; ++c) {
         GQ[i * d + c] -= diag * K[i * d + c];
@@ -511,6 +544,7 @@ std::vector<at::Tensor> ntxent_fwd(const at::Tensor& z1, const at::Tensor& z2, d
   TORCH_CHECK(d >= 1 && d <= z1.size(1), "feature_dim must be in [1, D]");
   TORCH_CHECK(inv_temp > 0 && std::isfinite(inv_temp), "temperature must be finite and > 0");
   std::vector<at::Tensor> out;
+  SerialBlas serial_blas;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "ntxent_fwd", [&] {
     out = ntxent_fwd_impl<scalar_t>(z1, z2, inv_temp, normalize, d, block);
   });
@@ -524,6 +558,7 @@ std::vector<at::Tensor> ntxent_bwd(double grad, const at::Tensor& z1, const at::
   check_view(z2, "z2");
   TORCH_CHECK(zn.is_contiguous() && zn.size(0) == 2 * z1.size(0) && zn.size(1) == d, "zn: bad saved tensor");
   std::vector<at::Tensor> out;
+  SerialBlas serial_blas;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "ntxent_bwd", [&] {
     out = ntxent_bwd_impl<scalar_t>(grad, z1, z2, zn, norms, lse, inv_temp, normalize, d, block);
   });
@@ -539,6 +574,7 @@ std::vector<at::Tensor> info_nce_fwd(const at::Tensor& q, const at::Tensor& k, d
   TORCH_CHECK(d >= 1 && d <= q.size(1), "feature_dim must be in [1, D]");
   TORCH_CHECK(inv_temp > 0 && std::isfinite(inv_temp), "temperature must be finite and > 0");
   std::vector<at::Tensor> out;
+  SerialBlas serial_blas;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "info_nce_fwd", [&] {
     out = info_nce_fwd_impl<scalar_t>(q, k, inv_temp, normalize, symmetric, d, block);
   });
@@ -553,6 +589,7 @@ std::vector<at::Tensor> info_nce_bwd(double grad, const at::Tensor& q, const at:
   check_view(k, "key");
   TORCH_CHECK(qn.is_contiguous() && qn.size(0) == q.size(0) && qn.size(1) == d, "qn: bad saved tensor");
   std::vector<at::Tensor> out;
+  SerialBlas serial_blas;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "info_nce_bwd", [&] {
     out = info_nce_bwd_impl<scalar_t>(grad, q, k, qn, kn, qnorm, knorm, lse_r, lse_c, inv_temp, normalize,
                                       symmetric, d, block);

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -82,7 +82,8 @@ def _check_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
         if not temperature.is_floating_point():
             raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
-        if temperature.device.type == "cpu":  # checking a device tensor would be a host sync: skipped
+        # A device tensor's value is not checked (a host sync), nor is any under torch.compile (a graph break).
+        if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
             value = float(temperature.detach())
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"temperature must be finite and > 0, got {value}")
@@ -119,12 +120,80 @@ def _impl(name: str):
     return impl
 
 
+# torch.library custom ops: each backend call is one opaque node for torch.compile (no graph break); the
+# fake implementations give output shapes without running anything. Autograd stays in the Functions below.
+
+
+def _saved_meta(backend: str, a: torch.Tensor, d: int, ntxent: bool, symmetric: bool) -> List[torch.Tensor]:
+    """Shapes of each backend's ``saved`` tuple (the fake implementations; opcheck-tested)."""
+    n, acc = a.shape[0], _acc_dtype(a)
+
+    def new(*shape, dtype=acc):
+        return a.new_empty(shape, dtype=dtype)
+
+    if backend == "triton":  # (lse, norms, positive cosines), fp32
+        return [new(2 * n, dtype=torch.float32), new(2 * n, dtype=torch.float32), new(n, dtype=torch.float32)]
+    if ntxent:  # cpp: (lse, normalized rows, norms)
+        return [new(2 * n), new(2 * n, d), new(2 * n)]
+    return [new(n), new(n if symmetric else 0), new(n, d), new(n, d), new(n), new(n)]  # cpp cross-view
+
+
+def _grads_meta(a: torch.Tensor, b: torch.Tensor) -> List[torch.Tensor]:
+    return [a.new_empty(a.shape), b.new_empty(b.shape), a.new_empty((), dtype=_acc_dtype(a))]
+
+
+@torch.library.custom_op("ssl_fast::ntxent_fwd", mutates_args=())
+def _ntxent_fwd_op(z1: torch.Tensor, z2: torch.Tensor, inv_temp: torch.Tensor, normalize: bool, d: int,
+                   backend: str) -> List[torch.Tensor]:
+    loss, saved = _impl(backend).ntxent_forward(z1, z2, inv_temp, normalize, d)
+    return [loss, *saved]
+
+
+@_ntxent_fwd_op.register_fake
+def _(z1, z2, inv_temp, normalize, d, backend):
+    return [z1.new_empty((), dtype=_acc_dtype(z1)), *_saved_meta(backend, z1, d, True, False)]
+
+
+@torch.library.custom_op("ssl_fast::ntxent_bwd", mutates_args=())
+def _ntxent_bwd_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, saved: List[torch.Tensor],
+                   inv_temp: torch.Tensor, normalize: bool, d: int, backend: str) -> List[torch.Tensor]:
+    return list(_impl(backend).ntxent_backward(grad, z1, z2, tuple(saved), inv_temp, normalize, d))
+
+
+@_ntxent_bwd_op.register_fake
+def _(grad, z1, z2, saved, inv_temp, normalize, d, backend):
+    return _grads_meta(z1, z2)
+
+
+@torch.library.custom_op("ssl_fast::info_nce_fwd", mutates_args=())
+def _info_nce_fwd_op(q: torch.Tensor, k: torch.Tensor, inv_temp: torch.Tensor, normalize: bool, symmetric: bool,
+                     d: int, backend: str) -> List[torch.Tensor]:
+    loss, saved = _impl(backend).info_nce_forward(q, k, inv_temp, normalize, symmetric, d)
+    return [loss, *saved]
+
+
+@_info_nce_fwd_op.register_fake
+def _(q, k, inv_temp, normalize, symmetric, d, backend):
+    return [q.new_empty((), dtype=_acc_dtype(q)), *_saved_meta(backend, q, d, False, symmetric)]
+
+
+@torch.library.custom_op("ssl_fast::info_nce_bwd", mutates_args=())
+def _info_nce_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, saved: List[torch.Tensor],
+                     inv_temp: torch.Tensor, normalize: bool, symmetric: bool, d: int,
+                     backend: str) -> List[torch.Tensor]:
+    return list(_impl(backend).info_nce_backward(grad, q, k, tuple(saved), inv_temp, normalize, symmetric, d))
+
+
+@_info_nce_bwd_op.register_fake
+def _(grad, q, k, saved, inv_temp, normalize, symmetric, d, backend):
+    return _grads_meta(q, k)
+
+
 class _NTXentFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1, z2, temperature, normalize: bool, d: int, backend: str):
-        impl = _impl(backend)
         inv_temp = (1.0 / temperature.detach().to(_acc_dtype(z1))).reshape(())
-        loss, saved = impl.ntxent_forward(z1, z2, inv_temp, normalize, d)
+        loss, *saved = _ntxent_fwd_op(z1, z2, inv_temp, normalize, d, backend)
         ctx.save_for_backward(z1, z2, inv_temp, *saved)
         ctx.cfg = (normalize, d, backend)
         ctx.temp_dtype = temperature.dtype
@@ -134,8 +203,8 @@ class _NTXentFn(torch.autograd.Function):
     def backward(ctx, grad):
         z1, z2, inv_temp, *saved = ctx.saved_tensors
         normalize, d, backend = ctx.cfg
-        dz1, dz2, gz = _impl(backend).ntxent_backward(grad.to(inv_temp.dtype).reshape(()), z1, z2, tuple(saved),
-                                                       inv_temp, normalize, d)
+        dz1, dz2, gz = _ntxent_bwd_op(grad.to(inv_temp.dtype).reshape(()), z1, z2, saved, inv_temp, normalize, d,
+                                      backend)
         dtemp = None
         if ctx.needs_input_grad[2]:
             dtemp = (-0.5 * gz * inv_temp).to(ctx.temp_dtype)
@@ -146,9 +215,8 @@ class _NTXentFn(torch.autograd.Function):
 class _InfoNCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, temperature, normalize: bool, symmetric: bool, d: int, backend: str):
-        impl = _impl(backend)
         inv_temp = (1.0 / temperature.detach().to(_acc_dtype(q))).reshape(())
-        loss, saved = impl.info_nce_forward(q, k, inv_temp, normalize, symmetric, d)
+        loss, *saved = _info_nce_fwd_op(q, k, inv_temp, normalize, symmetric, d, backend)
         ctx.save_for_backward(q, k, inv_temp, *saved)
         ctx.cfg = (normalize, symmetric, d, backend)
         ctx.temp_dtype = temperature.dtype
@@ -158,8 +226,8 @@ class _InfoNCEFn(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, inv_temp, *saved = ctx.saved_tensors
         normalize, symmetric, d, backend = ctx.cfg
-        dq, dk, gz = _impl(backend).info_nce_backward(grad.to(inv_temp.dtype).reshape(()), q, k, tuple(saved), inv_temp,
-                                                      normalize, symmetric, d)
+        dq, dk, gz = _info_nce_bwd_op(grad.to(inv_temp.dtype).reshape(()), q, k, saved, inv_temp, normalize,
+                                      symmetric, d, backend)
         dtemp = None
         if ctx.needs_input_grad[2]:
             dtemp = (-gz * inv_temp).to(ctx.temp_dtype)
