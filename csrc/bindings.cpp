@@ -1,6 +1,7 @@
 // ssl_fast._C: one pybind module for every compiled kernel (CPU always; CUDA pieces when built).
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
 namespace ssl_fast {
@@ -15,6 +16,8 @@ std::vector<at::Tensor> info_nce_bwd(double grad, const at::Tensor& q, const at:
                                      const at::Tensor& kn, const at::Tensor& qnorm, const at::Tensor& knorm,
                                      const at::Tensor& lse_r, const at::Tensor& lse_c, double inv_temp,
                                      bool normalize, bool symmetric, int64_t d, int64_t block);
+std::string set_cpu_gemm(const std::string& which);
+std::string cpu_gemm();
 }  // namespace ssl_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("info_nce_fwd", &ssl_fast::info_nce_fwd,
         "cross-view InfoNCE forward -> (loss, lse_row, lse_col, qn, kn, qnorm, knorm)");
   m.def("info_nce_bwd", &ssl_fast::info_nce_bwd, "cross-view InfoNCE backward -> (dq, dk, gz)");
+  m.def("cpu_gemm", &ssl_fast::cpu_gemm, "tile GEMM of the CPU kernels: 'blas' (torch's sgemm_) or 'aten'");
+  m.def("set_cpu_gemm", &ssl_fast::set_cpu_gemm, "force 'blas' or 'aten' tile GEMMs; returns the previous");
 #ifdef SSL_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -18,7 +18,10 @@ def _info() -> int:
     from ssl_fast.ops import _backend
 
     print(f"ssl_fast {ssl_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}")
-    print(f"C++ extension ssl_fast._C: {'loaded' if _ext.HAS_EXT else 'missing (' + str(_ext.IMPORT_ERROR) + ')'}")
+    if _ext.HAS_EXT:
+        print(f"C++ extension ssl_fast._C: loaded (tile GEMM: {_ext._C.cpu_gemm()}, threads {torch.get_num_threads()})")
+    else:
+        print(f"C++ extension ssl_fast._C: missing ({_ext.IMPORT_ERROR})")
     if _backend.triton_available():
         import triton
 

@@ -458,3 +458,25 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss, want)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="ssl_fast._C not built")
+@pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
+def test_cpp_portable_gemm_path(monkeypatch, loss_name, kw):
+    """The at::addmm tile GEMM (used where torch's BLAS symbols are not found) gives the same answers."""
+    assert _ext._C.cpu_gemm() in ("blas", "aten")
+    monkeypatch.setattr(_cpp_infonce, "BLOCK", 48)
+    z1, z2 = _inputs(130, 24)
+    go = torch.randn((), dtype=torch.float64)
+    ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), z1, z2, 0.1, go, **kw)
+    prev = _ext._C.set_cpu_gemm("aten")
+    try:
+        assert _ext._C.cpu_gemm() == "aten"
+        loss, grads = _loss_and_grads(_ours(loss_name, "cpp"), z1, z2, 0.1, go, **kw)
+    finally:
+        _ext._C.set_cpu_gemm(prev)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-11)
+    with pytest.raises(RuntimeError, match="blas"):
+        _ext._C.set_cpu_gemm("mkl")

@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -53,25 +54,35 @@ using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, cons
                           const double*, const int*, const double*, const int*, const double*, double*,
                           const int*);
 
+// torch loads libtorch_cpu.so with RTLD_LOCAL, so its BLAS is not in the global scope: look there first.
+void* torch_symbol(const char* name) {
+  static void* handle = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+  void* fn = handle != nullptr ? dlsym(handle, name) : nullptr;
+  return fn != nullptr ? fn : dlsym(RTLD_DEFAULT, name);
+}
+
+std::atomic<bool> g_use_blas{true};  // false: at::addmm_out for every tile (tested; the portable path)
+
 template <typename T>
 void* blas_symbol();
 template <>
 void* blas_symbol<float>() {
-  static void* fn = dlsym(RTLD_DEFAULT, "sgemm_");
-  return fn;
+  static void* fn = torch_symbol("sgemm_");
+  return g_use_blas.load(std::memory_order_relaxed) ? fn : nullptr;
 }
 template <>
 void* blas_symbol<double>() {
-  static void* fn = dlsym(RTLD_DEFAULT, "dgemm_");
-  return fn;
+  static void* fn = torch_symbol("dgemm_");
+  return g_use_blas.load(std::memory_order_relaxed) ? fn : nullptr;
 }
 
-// Our GEMMs are single tiles and the parallelism is ours: keep the BLAS single-threaded on the calling
-// thread (inside the intra-op pool it already is), or every small tile wakes its thread pool.
+// For a round run on the calling thread (too small for the pool): keep the BLAS single-threaded there, or
+// every small tile wakes its thread pool. Not used around the parallel rounds: measured 1.5x slower at
+// M = 8192 (inside the intra-op pool the BLAS is single-threaded already).
 class SerialBlas {
  public:
   SerialBlas() {
-    static auto fn = reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    static auto fn = reinterpret_cast<int (*)(int)>(torch_symbol("MKL_Set_Num_Threads_Local"));
     set_ = fn;
     if (set_ != nullptr) prev_ = set_(1);
   }
@@ -271,6 +282,7 @@ void parallel_tasks(int64_t n, int64_t scratch_len, int64_t work_per_task, const
   const int64_t workers =
       n * work_per_task < kMinParallelWork ? 1 : std::min<int64_t>(n, at::get_num_threads());
   if (workers == 1) {
+    SerialBlas serial_blas;
     std::vector<T> scratch(scratch_len);
     for (int64_t t = 0; t < n; ++t) body(t, scratch.data());
     return;
@@ -535,6 +547,18 @@ std::vector<at::Tensor> info_nce_bwd_impl(double grad, const at::Tensor& q, cons
 // ------------------------------------------------------------------------------------------------
 // entry points (bound in csrc/bindings.cpp)
 
+// The tile GEMM in use: "blas" (torch's sgemm_/dgemm_, single-threaded per tile) or "aten" (at::addmm_out).
+// set_cpu_gemm("aten") forces the portable path (tests); returns the previous setting.
+std::string set_cpu_gemm(const std::string& which) {
+  TORCH_CHECK(which == "blas" || which == "aten", "cpu gemm must be 'blas' or 'aten', got ", which);
+  const bool prev = g_use_blas.exchange(which == "blas");
+  return prev ? "blas" : "aten";
+}
+
+std::string cpu_gemm() {
+  return blas_symbol<float>() != nullptr ? "blas" : "aten";
+}
+
 std::vector<at::Tensor> ntxent_fwd(const at::Tensor& z1, const at::Tensor& z2, double inv_temp, bool normalize,
                                    int64_t d, int64_t block) {
   check_view(z1, "z1");
@@ -544,7 +568,6 @@ std::vector<at::Tensor> ntxent_fwd(const at::Tensor& z1, const at::Tensor& z2, d
   TORCH_CHECK(d >= 1 && d <= z1.size(1), "feature_dim must be in [1, D]");
   TORCH_CHECK(inv_temp > 0 && std::isfinite(inv_temp), "temperature must be finite and > 0");
   std::vector<at::Tensor> out;
-  SerialBlas serial_blas;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "ntxent_fwd", [&] {
     out = ntxent_fwd_impl<scalar_t>(z1, z2, inv_temp, normalize, d, block);
   });
@@ -558,7 +581,6 @@ std::vector<at::Tensor> ntxent_bwd(double grad, const at::Tensor& z1, const at::
   check_view(z2, "z2");
   TORCH_CHECK(zn.is_contiguous() && zn.size(0) == 2 * z1.size(0) && zn.size(1) == d, "zn: bad saved tensor");
   std::vector<at::Tensor> out;
-  SerialBlas serial_blas;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "ntxent_bwd", [&] {
     out = ntxent_bwd_impl<scalar_t>(grad, z1, z2, zn, norms, lse, inv_temp, normalize, d, block);
   });
@@ -574,7 +596,6 @@ std::vector<at::Tensor> info_nce_fwd(const at::Tensor& q, const at::Tensor& k, d
   TORCH_CHECK(d >= 1 && d <= q.size(1), "feature_dim must be in [1, D]");
   TORCH_CHECK(inv_temp > 0 && std::isfinite(inv_temp), "temperature must be finite and > 0");
   std::vector<at::Tensor> out;
-  SerialBlas serial_blas;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "info_nce_fwd", [&] {
     out = info_nce_fwd_impl<scalar_t>(q, k, inv_temp, normalize, symmetric, d, block);
   });
@@ -589,7 +610,6 @@ std::vector<at::Tensor> info_nce_bwd(double grad, const at::Tensor& q, const at:
   check_view(k, "key");
   TORCH_CHECK(qn.is_contiguous() && qn.size(0) == q.size(0) && qn.size(1) == d, "qn: bad saved tensor");
   std::vector<at::Tensor> out;
-  SerialBlas serial_blas;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "info_nce_bwd", [&] {
     out = info_nce_bwd_impl<scalar_t>(grad, q, k, qn, kn, qnorm, knorm, lse_r, lse_c, inv_temp, normalize,
                                       symmetric, d, block);
