@@ -55,12 +55,13 @@ def repo_root() -> str:
 
 
 def git_commit(root: Optional[str] = None) -> str:
-    """``git rev-parse --short HEAD``, with ``+dirty`` when tracked files differ from HEAD."""
+    """``git rev-parse --short HEAD``, with ``+dirty`` when tracked files other than saved results differ."""
     root = root or repo_root()
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except Exception:
