@@ -76,7 +76,7 @@ def _check_feature_dim(feature_dim, d: int) -> int:
 
 
 def _check_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
-    """Returns the temperature as a 0-dim tensor on ``device`` (keeping its autograd history)."""
+    """The temperature as a 0-dim tensor on the device of ``like`` (keeping its autograd history)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
