@@ -188,6 +188,44 @@ inline void lse_update_cols(T* mx, T* sm, const T* s, int64_t bi, int64_t bj, T*
   }
 }
 
+// Forward of one tile: S = it * A B^T (bi x bj, row-major in `S`). Its rows update the row statistics
+// (rmx, rsm); its columns, when `cmx` is given, the statistics of the rows of B (buf: 2 * bj values).
+// diag: A and B are the same block of Z (NT-Xent), S_aa = -inf and the columns are the rows again.
+template <typename acc_t>
+void forward_tile(const acc_t* A, const acc_t* Bm, int64_t bi, int64_t bj, int64_t d, acc_t it, bool diag,
+                  acc_t* rmx, acc_t* rsm, acc_t* cmx, acc_t* csm, acc_t* S, acc_t* buf) {
+  gemm_rm<acc_t>(false, true, bi, bj, d, it, A, d, Bm, d, 0, S, bj);
+  for (int64_t a = 0; a < bi; ++a) {
+    if (diag) S[a * bj + a] = neg_inf<acc_t>();
+    lse_update(rmx[a], rsm[a], S + a * bj, bj);
+  }
+  if (cmx != nullptr) lse_update_cols(cmx, csm, S, bi, bj, buf);
+}
+
+// Backward of one recomputed tile S = it * A B^T: W = wr exp(S - lse_r[a]) + wc exp(S - lse_c[j]) (the row
+// and the column softmax of the same logits; wc = 0 skips the second exp), then GA += scale W B and
+// GB += scale W^T A. diag (NT-Xent block with itself): W_aa = 0 and, W being symmetric, one GEMM into GA.
+template <typename acc_t>
+void backward_tile(const acc_t* A, const acc_t* Bm, int64_t bi, int64_t bj, int64_t d, acc_t it, bool diag,
+                   const acc_t* lse_r, const acc_t* lse_c, acc_t wr, acc_t wc, acc_t scale, acc_t* GA, acc_t* GB,
+                   acc_t* S) {
+  gemm_rm<acc_t>(false, true, bi, bj, d, it, A, d, Bm, d, 0, S, bj);
+  for (int64_t a = 0; a < bi; ++a) {
+    acc_t* row = S + a * bj;
+    const acc_t la = lse_r[a];
+    if (wc != 0) {
+#pragma omp simd
+      for (int64_t j = 0; j < bj; ++j) row[j] = wr * vexp(row[j] - la) + wc * vexp(row[j] - lse_c[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < bj; ++j) row[j] = wr * vexp(row[j] - la);
+    }
+    if (diag) row[a] = 0;
+  }
+  gemm_rm<acc_t>(false, false, bi, d, bj, scale, S, bj, Bm, d, 1, GA, d);
+  if (!diag) gemm_rm<acc_t>(true, false, bj, d, bi, scale, S, bj, A, d, 1, GB, d);
+}
+
 // Rows per chunk of the O(rows * d) loops, so that a chunk is worth ~32K values.
 int64_t row_grain(int64_t d) { return std::max<int64_t>(64, (int64_t(1) << 15) / std::max<int64_t>(d, 1)); }
 
@@ -334,21 +372,16 @@ std::vector<at::Tensor> ntxent_fwd_impl(const at::Tensor& z1, const at::Tensor& 
 
   for (const auto& pairs : tournament(nb)) {
     parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, B * B * d, [&](int64_t t, acc_t* tile) {
-      acc_t* buf = tile + B * B;
       const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
       const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
-      gemm_rm<acc_t>(false, true, bi, bj, d, it, Z + i0 * d, d, Z + j0 * d, d, 0, tile, bj);
-      for (int64_t a = 0; a < bi; ++a) lse_update(mx[i0 + a], sm[i0 + a], tile + a * bj, bj);
-      lse_update_cols(mx.data() + j0, sm.data() + j0, tile, bi, bj, buf);
+      forward_tile<acc_t>(Z + i0 * d, Z + j0 * d, bi, bj, d, it, false, &mx[i0], &sm[i0], &mx[j0], &sm[j0], tile,
+                          tile + B * B);
     });
   }
   parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
     const int64_t i0 = I * B, bi = std::min(B, M - i0);
-    gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, tile, bi);
-    for (int64_t a = 0; a < bi; ++a) {
-      tile[a * bi + a] = neg_inf<acc_t>();
-      lse_update(mx[i0 + a], sm[i0 + a], tile + a * bi, bi);
-    }
+    forward_tile<acc_t>(Z + i0 * d, Z + i0 * d, bi, bi, d, it, true, &mx[i0], &sm[i0], nullptr, nullptr, tile,
+                        nullptr);
   });
 
   at::Tensor lse = at::empty({M}, opts);
@@ -388,32 +421,14 @@ std::vector<at::Tensor> ntxent_bwd_impl(double grad, const at::Tensor& z1, const
     parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, B * B * d, [&](int64_t t, acc_t* tile) {
       const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
       const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
-      acc_t* S = tile;
-      gemm_rm<acc_t>(false, true, bi, bj, d, it, Z + i0 * d, d, Z + j0 * d, d, 0, S, bj);
-      for (int64_t a = 0; a < bi; ++a) {
-        acc_t* row = S + a * bj;
-        const acc_t la = L[i0 + a];
-        const acc_t* lb = L + j0;
-#pragma omp simd
-        for (int64_t j = 0; j < bj; ++j) row[j] = vexp(row[j] - la) + vexp(row[j] - lb[j]);
-      }
-      gemm_rm<acc_t>(false, false, bi, d, bj, coef, S, bj, Z + j0 * d, d, 1, G + i0 * d, d);
-      gemm_rm<acc_t>(true, false, bj, d, bi, coef, S, bj, Z + i0 * d, d, 1, G + j0 * d, d);
+      backward_tile<acc_t>(Z + i0 * d, Z + j0 * d, bi, bj, d, it, false, L + i0, L + j0, 1, 1, coef, G + i0 * d,
+                           G + j0 * d, tile);
     });
   }
   parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
     const int64_t i0 = I * B, bi = std::min(B, M - i0);
-    acc_t* S = tile;
-    gemm_rm<acc_t>(false, true, bi, bi, d, it, Z + i0 * d, d, Z + i0 * d, d, 0, S, bi);
-    for (int64_t a = 0; a < bi; ++a) {
-      acc_t* row = S + a * bi;
-      const acc_t la = L[i0 + a];
-      const acc_t* lb = L + i0;
-#pragma omp simd
-      for (int64_t j = 0; j < bi; ++j) row[j] = vexp(row[j] - la) + vexp(row[j] - lb[j]);
-      row[a] = 0;
-    }
-    gemm_rm<acc_t>(false, false, bi, d, bi, coef, S, bi, Z + i0 * d, d, 1, G + i0 * d, d);
+    backward_tile<acc_t>(Z + i0 * d, Z + i0 * d, bi, bi, d, it, true, L + i0, L + i0, 1, 1, coef, G + i0 * d,
+                         nullptr, tile);
   });
   // Positive pairs: -2 g/(M T) z_p(k).
   at::parallel_for(0, M, row_grain(d), [&](int64_t b, int64_t e) {
@@ -453,12 +468,10 @@ std::vector<at::Tensor> info_nce_fwd_impl(const at::Tensor& q, const at::Tensor&
   std::vector<acc_t> rmx(N, neg_inf<acc_t>()), rsm(N, 0), cmx(N, neg_inf<acc_t>()), csm(N, 0);
   for (int64_t r = 0; r < nb; ++r) {
     parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
-      acc_t* buf = tile + B * B;
       const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
       const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
-      gemm_rm<acc_t>(false, true, bi, bj, d, it, Q + i0 * d, d, K + j0 * d, d, 0, tile, bj);
-      for (int64_t a = 0; a < bi; ++a) lse_update(rmx[i0 + a], rsm[i0 + a], tile + a * bj, bj);
-      if (symmetric) lse_update_cols(cmx.data() + j0, csm.data() + j0, tile, bi, bj, buf);
+      forward_tile<acc_t>(Q + i0 * d, K + j0 * d, bi, bj, d, it, false, &rmx[i0], &rsm[i0],
+                          symmetric ? &cmx[j0] : nullptr, symmetric ? &csm[j0] : nullptr, tile, tile + B * B);
     });
   }
   at::Tensor lse_r = at::empty({N}, opts);
@@ -510,22 +523,8 @@ std::vector<at::Tensor> info_nce_bwd_impl(double grad, const at::Tensor& q, cons
     parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
       const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
       const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
-      acc_t* S = tile;
-      gemm_rm<acc_t>(false, true, bi, bj, d, it, Q + i0 * d, d, K + j0 * d, d, 0, S, bj);
-      for (int64_t a = 0; a < bi; ++a) {
-        acc_t* row = S + a * bj;
-        const acc_t la = LR[i0 + a];
-        if (symmetric) {
-          const acc_t* lb = LC + j0;
-#pragma omp simd
-          for (int64_t j = 0; j < bj; ++j) row[j] = cr * vexp(row[j] - la) + cc * vexp(row[j] - lb[j]);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < bj; ++j) row[j] = cr * vexp(row[j] - la);
-        }
-      }
-      gemm_rm<acc_t>(false, false, bi, d, bj, it, S, bj, K + j0 * d, d, 1, GQ + i0 * d, d);
-      gemm_rm<acc_t>(true, false, bj, d, bi, it, S, bj, Q + i0 * d, d, 1, GK + j0 * d, d);
+      backward_tile<acc_t>(Q + i0 * d, K + j0 * d, bi, bj, d, it, false, LR + i0, symmetric ? LC + j0 : nullptr,
+                           cr, cc, it, GQ + i0 * d, GK + j0 * d, tile);
     });
   }
   const acc_t diag = (cr + cc) * it;  // identity targets: -(a + b) g / (N T)
