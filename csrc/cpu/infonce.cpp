@@ -19,8 +19,9 @@
 // Temperature: sum_k <dL/dz_k, z_k> = -c T dL/dT (c = 2 for NT-Xent, 1 cross-view); returned as gz.
 //
 // Scheduling without atomic updates of results or per-thread copies: tiles are processed in rounds in
-// which no two tiles touch the same block of rows (threads take a round's tiles from a shared counter). NT-Xent: a round-robin tournament over the nb row blocks (each round a
-// perfect matching of blocks, every unordered pair exactly once), then one round of diagonal tiles.
+// which no two tiles touch the same block of rows (threads take a round's tiles from a shared counter).
+// NT-Xent: a round-robin tournament over the nb row blocks (each round a perfect matching of blocks,
+// every unordered pair exactly once), then one round of diagonal tiles.
 // Cross-view: round r holds the tiles (I, (I + r) mod nb), a Latin square. Results do not depend on the
 // number of threads.
 
