@@ -146,6 +146,20 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_tile(a_ptr, b_ptr, stride_a, stride_b, ra, rb, amask, bmask, d, acc,
+              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + A B^T over the first d columns: rows ra of a_ptr (row stride stride_a) against rows rb of b_ptr,
+    in BLOCK_K steps (the logit tile of every kernel here)."""
+    for k0 in range(0, d, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < d
+        xa = tl.load(a_ptr + ra[:, None] * stride_a + kk[None, :], mask=amask[:, None] & km[None, :], other=0.0)
+        xb = tl.load(b_ptr + rb[:, None] * stride_b + kk[None, :], mask=bmask[:, None] & km[None, :], other=0.0)
+        acc = _mma(xa, tl.trans(xb), acc, UPCAST, IEEE)
+    return acc
+
+
+@triton.jit
 def _rinv(nrm, NORMALIZE: tl.constexpr):
     """1 / max(|x|, eps) (F.normalize), or 1 when rows are used raw."""
     if NORMALIZE:
@@ -229,13 +243,8 @@ def _fwd_kernel(
     xi_ptr = tl.where(seg_i == 0, x0_ptr, x1_ptr) + row0 * stride_i
     xj_ptr = tl.where(seg_j == 0, x0_ptr, x1_ptr) + col0 * stride_j
 
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < d
-        xa = tl.load(xi_ptr + ar[:, None] * stride_i + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-        xb = tl.load(xj_ptr + ar[:, None] * stride_j + kk[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
-        acc = _mma(xa, tl.trans(xb), acc, UPCAST, IEEE)
+    acc = _dot_tile(xi_ptr, xj_ptr, stride_i, stride_j, ar, ar, rmask, cmask, d,
+                    tl.zeros([BLOCK, BLOCK], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
 
     scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
     ri = _rinv(tl.load(nrm_ptr + seg_i * N + row0 + ar, mask=rmask, other=1.0), NORMALIZE)
@@ -295,15 +304,8 @@ def _fwd_grouped_kernel(
         cmask = ar < (N - col0).to(tl.int32)
         stride_c = tl.where(cseg == 0, stride_c0, stride_c1)
         xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0 * stride_c
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < d
-            xa = tl.load(xr_ptr + ar[:, None] * stride_r + kk[None, :], mask=rmask[:, None] & km[None, :],
-                         other=0.0)
-            xb = tl.load(xc_ptr + ar[:, None] * stride_c + kk[None, :], mask=cmask[:, None] & km[None, :],
-                         other=0.0)
-            acc = _mma(xa, tl.trans(xb), acc, UPCAST, IEEE)
+        acc = _dot_tile(xr_ptr, xc_ptr, stride_r, stride_c, ar, ar, rmask, cmask, d,
+                        tl.zeros([BLOCK, BLOCK], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
         rj = _rinv(tl.load(nrm_ptr + col_base + cseg * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
         s2 = (acc * ri[:, None] * rj[None, :]) * scale2  # the same rounding order as _fwd_kernel / backward
         valid = rmask[:, None] & cmask[None, :]
@@ -463,15 +465,8 @@ def _bwd_kernel(
                          other=0.0)
             dot = _mma(xr, tl.trans(xc), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
         else:
-            dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, d, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                km = kk < d
-                xa = tl.load(xr_ptr + am[:, None] * stride_r + kk[None, :], mask=rmask[:, None] & km[None, :],
-                             other=0.0)
-                xb = tl.load(xc_ptr + an[:, None] * stride_c + kk[None, :], mask=cmask[:, None] & km[None, :],
-                             other=0.0)
-                dot = _mma(xa, tl.trans(xb), dot, UPCAST, IEEE)
+            dot = _dot_tile(xr_ptr, xc_ptr, stride_r, stride_c, am, an, rmask, cmask, d,
+                            tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
         rinv_c = _rinv(tl.load(nrm_ptr + cstat + an, mask=cmask, other=1.0), NORMALIZE)
         cosv = dot * rinv_r[:, None] * rinv_c[None, :]
         valid = rmask[:, None] & cmask[None, :]
