@@ -20,7 +20,7 @@ BACKBONES = ("small_cnn", "resnet18", "resnet50")
 class SmallCNN(nn.Module):
     """A four-stage residual CNN for 32 x 32 inputs (the embedded digits default): 0.3 M parameters at width 16.
 
-    stem 3x3 conv (width) -> BasicBlock stages of widths (w, 2w, 4w, 8w) with strides (2, 2, 2, 2) ->
+    stem 3x3 stride-2 conv (width) -> BasicBlock stages of widths (w, 2w, 4w, 8w) with strides (1, 2, 2, 2) ->
     global average pool. The residual connections matter for DirectCLR (the rest of the representation
     learns through them).
 
@@ -44,9 +44,9 @@ class SmallCNN(nn.Module):
             return BasicBlock(cin, cout, stride, down)
 
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w),
                                   nn.ReLU(inplace=True))
-        self.layers = nn.Sequential(stage(w, w, 2), stage(w, 2 * w, 2), stage(2 * w, 4 * w, 2),
+        self.layers = nn.Sequential(stage(w, w, 1), stage(w, 2 * w, 2), stage(2 * w, 4 * w, 2),
                                     stage(4 * w, 8 * w, 2))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = 8 * w
