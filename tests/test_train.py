@@ -77,7 +77,8 @@ def test_loss_decreases_on_digits(method, tmp_path):
     out = tr.fit()
     losses = tr.losses()
     assert len(losses) == 16 and all(map(lambda v: v == v and abs(v) < 1e6, losses))
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    first = 1 if method == "moco" else 0  # MoCo v2: step 0 contrasts against the random initial queue
+    assert sum(losses[-4:]) / 4 < sum(losses[first:first + 4]) / 4, losses
     assert out["done"] and os.path.isfile(os.path.join(tmp_path, "backbone.pt"))
 
 

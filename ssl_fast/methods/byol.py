@@ -16,7 +16,7 @@ from .base import Method, Tower, mlp, require, std_of_normalized
 IMAGENET = dict(backbone="resnet50", image_size=224, batch_size=4096, epochs=300, optimizer="lars", lr=0.2,
                 weight_decay=1.5e-6, warmup_epochs=10, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096,
                 ema_momentum=0.996, ema_final_momentum=1.0, precision="bf16", channels_last=True)
-DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=25, optimizer="adamw", lr=2e-3,
+DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=12, optimizer="adamw", lr=2e-3,
               weight_decay=1e-4, warmup_epochs=2, proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256,
               ema_momentum=0.99, ema_final_momentum=1.0)
 

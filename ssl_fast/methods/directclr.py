@@ -13,7 +13,7 @@ from .base import Method, loss_kwargs, std_of_normalized
 IMAGENET = dict(backbone="resnet50", image_size=224, batch_size=4096, epochs=100, optimizer="lars", lr=0.3,
                 weight_decay=1e-6, warmup_epochs=10, temperature=0.1, d0=360, directclr_variant="official",
                 precision="bf16", channels_last=True)
-DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=25, optimizer="adamw", lr=2e-3,
+DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=12, optimizer="adamw", lr=2e-3,
               weight_decay=1e-4, warmup_epochs=2, temperature=0.2, d0=32, directclr_variant="official")
 
 

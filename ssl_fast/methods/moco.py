@@ -25,7 +25,7 @@ IMAGENET_V3 = dict(backbone="resnet50", image_size=224, batch_size=4096, epochs=
                    pred_hidden_dim=4096, queue_size=0, ema_momentum=0.99, ema_final_momentum=1.0,
                    moco_version="v3", precision="bf16", channels_last=True)
 IMAGENET = IMAGENET_V2
-DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=25, optimizer="adamw", lr=2e-3,
+DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=12, optimizer="adamw", lr=2e-3,
               weight_decay=1e-4, warmup_epochs=2, temperature=0.2, proj_hidden_dim=256, proj_dim=64,
               queue_size=1024, ema_momentum=0.99, ema_final_momentum=0.99, moco_version="v2")
 

@@ -14,7 +14,7 @@ IMAGENET = dict(backbone="resnet50", image_size=224, batch_size=4096, epochs=100
                 weight_decay=1e-6, warmup_epochs=10, temperature=0.1, proj_hidden_dim=2048, proj_dim=128,
                 precision="bf16", channels_last=True)
 # The embedded digits default (CPU, minutes).
-DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=25, optimizer="adamw", lr=2e-3,
+DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=12, optimizer="adamw", lr=2e-3,
               weight_decay=1e-4, warmup_epochs=2, temperature=0.2, proj_hidden_dim=256, proj_dim=64)
 
 

@@ -11,7 +11,7 @@ from .base import Method, mlp, require, std_of_normalized
 IMAGENET = dict(backbone="resnet50", image_size=224, batch_size=512, epochs=100, optimizer="sgd", lr=0.05,
                 weight_decay=1e-4, warmup_epochs=0, proj_hidden_dim=2048, proj_dim=2048, pred_hidden_dim=512,
                 precision="bf16", channels_last=True)
-DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=25, optimizer="adamw", lr=2e-3,
+DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=12, optimizer="adamw", lr=2e-3,
               weight_decay=1e-4, warmup_epochs=2, proj_hidden_dim=256, proj_dim=256, pred_hidden_dim=64)
 
 
