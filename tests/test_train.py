@@ -366,3 +366,38 @@ def test_resnet_backbone_exports_torchvision_keys():
     assert res.missing_keys == ["fc.weight", "fc.bias"] and not res.unexpected_keys
     small, _ = build_backbone("resnet18", 3, small_stem=True)
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_bf16_autocast_channels_last_steps(tmp_path):
+    tr = Trainer(make_config(tiny("simclr", tmp_path, precision="bf16", channels_last=True, max_steps=1,
+                                            batch_size=8)))
+    tr.fit()
+    assert all(v == v for v in tr.losses())
+
+
+def test_tensorboard_logs_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    Trainer(make_config(tiny("directclr", tmp_path, max_steps=2))).fit()
+    assert any(f.startswith("events.") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_imagefolder_and_cifar_from_disk(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ssl_fast.data import build_source
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "img" / split / c)
+            for i in range(4):
+                pixels = np.random.default_rng(i).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "img" / split / c / f"{i}.png")
+    src = build_source(str(tmp_path / "img"), load_size=20, workers=0)
+    assert (len(src), src.num_classes, src.channels) == (8, 2, 3)
+    assert next(src.train_batches(4, 0, 0)).shape == (4, 3, 20, 20)
+    out = Trainer(make_config(tiny("simclr", tmp_path / "run", data=str(tmp_path / "img"), batch_size=4, load_size=20,
+                                   workers=0, max_steps=2, knn=True))).fit()
+    assert out["done"] and 0 <= out["knn_final"] <= 1
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        build_source(str(tmp_path), dataset="cifar10")

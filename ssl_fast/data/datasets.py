@@ -143,12 +143,19 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        from torchvision.io import ImageReadMode, decode_image, read_file
-        from torchvision.transforms.v2 import functional as TF
+        import numpy as np
+        from PIL import Image
 
         path, label = self.samples[i]
-        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        img = TF.center_crop(TF.resize(img, self.size, antialias=True), [self.size, self.size])
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = self.size / min(w, h)
+            nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
+            im = im.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - self.size) // 2, (nh - self.size) // 2
+            im = im.crop((left, top, left + self.size, top + self.size))
+            img = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
         return img, label
 
 

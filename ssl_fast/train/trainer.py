@@ -25,6 +25,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -166,6 +167,8 @@ class Trainer:
         n_local = getattr(self.method, "n_local_views", 0)
         self.pipeline = build_pipeline(cfg, self.source, n_local)
         if cfg.sync_bn and self.world > 1:
+            if self.device.type != "cuda":
+                raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         self.method.to(self.device)
         if cfg.channels_last:
@@ -308,9 +311,7 @@ class Trainer:
             self.metrics["knn_init"] = self._knn()
             self.logger.log_eval({"step": 0, "epoch": 0, "knn_acc": self.metrics["knn_init"], "elapsed_s": 0.0})
         old = {}
-        in_main = sys.modules.get("threading") is None or __import__("threading").current_thread() is \
-            __import__("threading").main_thread()
-        if in_main:
+        if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 old[s] = signal.signal(s, self._signal)
         fault_step = int(os.environ.get("SSL_FAST_FAULT_STEP", "0") or 0)
