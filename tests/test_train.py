@@ -120,7 +120,9 @@ def test_byol_target_changes_only_by_ema():
     cfg = make_config(tiny("byol", "x", ema_momentum=0.9, ema_final_momentum=1.0))
     backbone, dim = build_backbone("small_cnn", 1, width=4)
     m = build_method(cfg, backbone, dim)
-    teacher = m.teacher.module
+    from ssl_fast.methods.base import teacher_of
+
+    teacher = teacher_of(m.teacher)
     t_params = list(teacher.parameters())
     assert all(not p.requires_grad for p in t_params)
     opt_ids = {id(p) for g in param_groups(m, 0.0) for p in g["params"]}

@@ -71,6 +71,15 @@ def require(name: str, owner: str = "ssl_fast.nn"):
     return obj
 
 
+def teacher_of(ema: nn.Module) -> nn.Module:
+    """The teacher network held by an ``ssl_fast.nn.EMA`` (``.module`` or ``.teacher``, whichever it has)."""
+    for name in ("module", "teacher"):
+        m = getattr(ema, name, None)
+        if isinstance(m, nn.Module):
+            return m
+    return ema
+
+
 class Tower(nn.Sequential):
     """backbone -> projector (the part a momentum teacher copies)."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, Tower, mlp, require, std_of_normalized
+from .base import Method, Tower, teacher_of, mlp, require, std_of_normalized
 
 # ResNet-50, ImageNet, 300 epochs: batch 4096, LARS lr 0.2 x B/256, wd 1.5e-6, 10 warmup epochs,
 # projector / predictor 4096-256, tau_base 0.996; asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2).
@@ -46,7 +46,7 @@ class BYOL(Method):
         z = self.online(x)
         p0, p1 = self.predictor(z).chunk(2)
         with torch.no_grad():
-            t0, t1 = self.teacher.module(x).chunk(2)
+            t0, t1 = teacher_of(self.teacher)(x).chunk(2)
         return self.criterion(p0, p1, t0, t1), {"std": std_of_normalized(z[: z.shape[0] // 2])}
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 
 import ssl_fast
 
-from .base import Method, Tower, loss_kwargs, mlp, require, std_of_normalized
+from .base import Method, Tower, teacher_of, loss_kwargs, mlp, require, std_of_normalized
 
 # MoCo v2, ResNet-50, 200 epochs: batch 256, SGD lr 0.03 (x B/256), wd 1e-4, cosine, T 0.2, queue 65536, m 0.999.
 IMAGENET_V2 = dict(backbone="resnet50", image_size=224, batch_size=256, epochs=200, optimizer="sgd", lr=0.03,
@@ -75,13 +75,13 @@ class MoCo(Method):
         if self.predictor is not None:
             q = self.predictor(q)
         with torch.no_grad():
-            k = self.teacher.module(x)
+            k = teacher_of(self.teacher)(x)
         q0, q1 = q.chunk(2)
         k0, k1 = k.chunk(2)
         if self.version == "v3":
             loss = (self.criterion(q0, k1) + self.criterion(q1, k0)) * (2 * self.temperature)
         elif self.queue is not None:
-            negatives = self.queue(torch.cat([k1, k0]), update=True)
+            negatives = self.queue(torch.cat([k1, k0]), update=True).to(q0.dtype)
             loss = 0.5 * (ssl_fast.info_nce(q0, k1, self.temperature, negatives=negatives)
                           + ssl_fast.info_nce(q1, k0, self.temperature, negatives=negatives))
         else:
