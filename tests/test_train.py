@@ -28,7 +28,8 @@ NEEDS = {"moco": ("EMA", "MemoryBank"), "byol": ("EMA", "BYOLLoss"), "simsiam": 
 
 
 def _missing(method):
-    return [n for n in NEEDS.get(method, ()) if not hasattr(ssl_fast.nn, n)]
+    alt = {"SwAVLoss": "SwaVLoss", "SwAVPrototypes": "SwaVPrototypes"}  # lightly's spelling
+    return [n for n in NEEDS.get(method, ()) if not hasattr(ssl_fast.nn, n) and not hasattr(ssl_fast.nn, alt.get(n, n))]
 
 
 def skip_if_missing(method):

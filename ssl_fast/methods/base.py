@@ -60,15 +60,17 @@ def loss_kwargs(cls, gather: bool) -> Dict[str, bool]:
     return {}
 
 
-def require(name: str, owner: str = "ssl_fast.nn"):
-    """The public ssl_fast object ``owner.name`` or a clear ImportError naming the missing op."""
+def require(*names: str, owner: str = "ssl_fast.nn"):
+    """The first of ``owner.<name>`` that exists (alternative spellings, e.g. SwAVLoss / SwaVLoss), or a clear
+    ImportError naming the missing op."""
     import importlib
 
     mod = importlib.import_module(owner)
-    obj = getattr(mod, name, None)
-    if obj is None:
-        raise ImportError(f"{owner}.{name} is not available in this build of ssl_fast (the method needs it)")
-    return obj
+    for name in names:
+        obj = getattr(mod, name, None)
+        if obj is not None:
+            return obj
+    raise ImportError(f"{owner}.{' / '.join(names)} is not available in this build of ssl_fast (the method needs it)")
 
 
 def teacher_of(ema: nn.Module) -> nn.Module:

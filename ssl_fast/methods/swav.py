@@ -50,9 +50,9 @@ class SwAV(Method):
         self.n_local_views = int(n_local_crops)
         self.needs_unused_parameters = freeze_prototypes_steps > 0
         self.projector = mlp((feature_dim, proj_hidden_dim, proj_dim))
-        self.prototypes = require("SwAVPrototypes")(proj_dim, n_prototypes,
+        self.prototypes = require("SwAVPrototypes", "SwaVPrototypes")(proj_dim, n_prototypes,
                                                     n_steps_frozen_prototypes=int(freeze_prototypes_steps))
-        self.criterion = require("SwAVLoss")(temperature=temperature, sinkhorn_iterations=sinkhorn_iterations,
+        self.criterion = require("SwAVLoss", "SwaVLoss")(temperature=temperature, sinkhorn_iterations=sinkhorn_iterations,
                                              sinkhorn_epsilon=sinkhorn_epsilon,
                                              sinkhorn_gather_distributed=gather_distributed)
         MemoryBank = require("MemoryBank") if queue_size > 0 else None
