@@ -130,7 +130,7 @@ def _row_pass_kernel(x_ptr, u_ptr, part_ptr, stride_x, B, K, rows_per_chunk, c2,
             mx = tl.where(mx == float("-inf"), 0.0, mx)
             e = tl.exp2(t - mx[:, None])
             l = tl.sum(e, axis=1)
-            inv = tl.where(l > 0, 1.0 / l, 0.0)
+            inv = 1.0 / tl.where(l > 0, l, 1.0)
             acc += tl.sum(e * inv[:, None], axis=0)
         tl.store(part_ptr + pid * K + cols, acc, mask=cmask)
     else:  # row LSE online over K tiles, then a second sweep of the tiles adds p into part (zeroed)
@@ -138,7 +138,7 @@ def _row_pass_kernel(x_ptr, u_ptr, part_ptr, stride_x, B, K, rows_per_chunk, c2,
             rows = r0 + tl.arange(0, BLOCK_B)
             rmask = rows < r_end
             mx, l = _row_stats(x_ptr, u_ptr, rows, rmask, stride_x, K, c2, BLOCK_B, BLOCK_K)
-            inv = tl.where(l > 0, 1.0 / l, 0.0)
+            inv = 1.0 / tl.where(l > 0, l, 1.0)
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 cmask = cols < K
@@ -180,12 +180,12 @@ def _apply_kernel(x_ptr, u_ptr, q_ptr, stride_x, stride_q, B, K, c2,
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         e = tl.exp2(t - mx[:, None])
         l = tl.sum(e, axis=1)
-        inv = tl.where(l > 0, 1.0 / l, 0.0)
+        inv = 1.0 / tl.where(l > 0, l, 1.0)
         qp = q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :]
         tl.store(qp, e * inv[:, None], mask=rmask[:, None] & cmask[None, :])
     else:
         mx, l = _row_stats(x_ptr, u_ptr, rows, rmask, stride_x, K, c2, BLOCK_B, BLOCK_K)
-        inv = tl.where(l > 0, 1.0 / l, 0.0)
+        inv = 1.0 / tl.where(l > 0, l, 1.0)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             cmask = cols < K

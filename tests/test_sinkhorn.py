@@ -181,6 +181,25 @@ def test_public_exports():
     assert ssl_fast.nn.SwaVLoss is not None and ssl_fast.nn.SwaVPrototypes is not None
 
 
+def test_first_call_fresh_process():
+    """The first call imports nothing heavy (no sympy / torch._dynamo: ops are plain library definitions)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, ssl_fast\n"
+            "before = set(sys.modules)\n"
+            "q = ssl_fast.sinkhorn_knopp(torch.randn(8, 4))\n"
+            "q = ssl_fast.nn.SwaVLoss()([torch.randn(8, 4)] * 2, [])\n"
+            "new = set(sys.modules) - before\n"
+            "bad = sorted(m for m in new if m.startswith(('sympy', 'torch._dynamo', 'torch._inductor')))\n"
+            "print('BAD', bad)\n")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BAD []" in out.stdout, out.stdout
+
+
 # ----------------------------------------------------------------------------------------------------
 # bad input
 
@@ -430,3 +449,32 @@ def test_swav_prototypes_normalize_each_step_and_freeze():
     (s1.sum() + s2.sum()).backward()
     assert w.requires_grad and w.grad is not None
     torch.testing.assert_close(w.norm(dim=1), torch.ones(6))
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmark smoke test (no timing assertions)
+
+
+def test_bench_smoke(tmp_path):
+    import csv
+    import math
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_sinkhorn.py"), "--b", "64", "--k", "30",
+                           "--providers", "torch", "ssl_fast", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                           "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(tmp_path / "sinkhorn.csv", newline="") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["ssl_fast", "torch"]
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        for col in ("median_ms", "peak_mem_mib", "speedup", "gbps", "max_err"):
+            assert math.isfinite(float(r[col])), (col, r)
+        assert float(r["max_err"]) < 1e-5
+    assert rows["ssl_fast"]["backend"] == ("cpp" if HAS_EXT else "torch")
+    assert "| b | k | mode | torch | ssl_fast |" in (tmp_path / "sinkhorn.md").read_text()
