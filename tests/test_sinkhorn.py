@@ -8,7 +8,6 @@ in the inputs' dtype) + an absolute floor.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -298,19 +297,12 @@ def test_passes_match_torch_passes():
 # distributed: 2 gloo processes with different scores == one process on the concatenated scores
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank, world, port, backends, check_lightly):
+def _dist_worker(rank, world, init_file, backends, check_lightly):
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no port to pick (another process on the machine may take a "free" port first)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(1234)
         sizes = [13, 29]  # different per-rank batch sizes
@@ -345,7 +337,7 @@ def _dist_worker(rank, world, port, backends, check_lightly):
         dist.destroy_process_group()
 
 
-def test_distributed_two_gloo_processes():
+def test_distributed_two_gloo_processes(tmp_path):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -357,7 +349,7 @@ def test_distributed_two_gloo_processes():
     except ImportError:
         check_lightly = False
     backends = ["torch"] + (["cpp"] if HAS_EXT else [])
-    mp.spawn(_dist_worker, args=(2, _free_port(), backends, check_lightly), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "rendezvous"), backends, check_lightly), nprocs=2, join=True)
 
 
 # ----------------------------------------------------------------------------------------------------
