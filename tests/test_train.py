@@ -46,7 +46,8 @@ def skip_if_missing(method):
 def tiny(method, run_dir, **kw):
     """Overrides for a few-second run: 16 px digits, width-4 CNN, batch 32."""
     base = dict(method=method, data="digits", image_size=16, width=4, batch_size=32, proj_hidden_dim=32,
-                proj_dim=16, pred_hidden_dim=16, d0=8, n_prototypes=10, queue_size=64, local_size=8,
+                proj_dim=16, pred_hidden_dim=16, d0=8, n_prototypes=10, queue_size=64 if method == "moco" else 0,
+                local_size=8,
                 n_local_crops=2, max_steps=6, warmup_epochs=0, knn=False, progress=False, run_dir=str(run_dir),
                 ckpt_every=100, log_every=1, threads=1)
     base.update(kw)
