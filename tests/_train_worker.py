@@ -17,7 +17,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     trainer = Trainer(make_config(overrides))
     summary = trainer.fit()
-    state = {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
+    state = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in trainer.method.state_dict().items()}
     torch.save({"state": state, "losses": trainer.losses(), "summary": {k: v for k, v in summary.items()
                                                                         if isinstance(v, (int, float, str))}},
                os.path.join(out_dir, f"rank{summary['rank']}.pt"))
