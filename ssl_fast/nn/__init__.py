@@ -2,4 +2,7 @@
 
 from .infonce import DirectCLRLoss, InfoNCELoss, NTXentLoss
 
+from .memory_bank import MemoryBank  # queues of negatives (distributed branch)
+
 __all__ = ["DirectCLRLoss", "InfoNCELoss", "NTXentLoss"]
+__all__ += ["MemoryBank"]
