@@ -1,9 +1,9 @@
 """Process-group helpers of the distributed losses: group resolution, the equal-batch check, and the three
 collectives a distributed InfoNCE / NT-Xent step uses.
 
-Communication of one step (see ``ssl_fast.ops.infonce_rect``): forward ONE ``all_gather_into_tensor`` of the
+Communication of one step (see ``ssl_fast.ops.infonce_rect``): forward ONE single-tensor all_gather (``all_gather_single``, formerly ``all_gather_into_tensor``) of the
 local candidates (N_local x d per rank) and ONE scalar ``all_reduce`` of the loss; backward ONE
-``reduce_scatter`` of the candidates' gradient (N_global x d). No host synchronization: the collectives take
+single-tensor ``reduce_scatter`` of the candidates' gradient (N_global x d). No host synchronization: the collectives take
 device tensors and nothing is read back, except the one-time batch-size check per new local shape.
 
 ``process_group`` arguments accept a ``torch.distributed.ProcessGroup``, ``True`` or ``"world"`` (the default
@@ -47,7 +47,13 @@ def world_and_rank(group) -> Tuple[int, int]:
 
 def check_equal_batch(group, x: torch.Tensor, name: str) -> None:
     """Every rank of ``group`` must pass the same batch size: checked once per (group, shape, device) with
-    a small all_gather of the sizes (a host read, once), ValueError naming ``name`` otherwise."""
+    a small all_gather of the sizes (a host read, once), ValueError naming ``name`` otherwise.
+
+    The check is collective and cached per rank: it runs when a rank meets a local shape for the first time.
+    Ranks change shape together in practice (a DistributedSampler gives every rank the same batch size);
+    a rank that alone switches to a new shape while the others keep a checked one is not caught here and
+    the gather itself then fails (gloo / NCCL report a size mismatch).
+    """
     if group is None:
         return
     key = (id(group), name, tuple(x.shape), str(x.device))
@@ -56,7 +62,7 @@ def check_equal_batch(group, x: torch.Tensor, name: str) -> None:
     world = dist.get_world_size(group)
     mine = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
     sizes = torch.empty(world, dtype=torch.int64, device=x.device)
-    dist.all_gather_into_tensor(sizes, mine, group=group)
+    _all_gather_fn()(sizes, mine, group=group)
     sizes = sizes.tolist()
     if len(set(sizes)) != 1:
         raise ValueError(f"{name}: every rank of process_group must pass the same batch size N (the positives "
@@ -64,12 +70,17 @@ def check_equal_batch(group, x: torch.Tensor, name: str) -> None:
     _checked.add(key)
 
 
+def _all_gather_fn():
+    # torch >= 2.14 names the single-tensor collectives *_single; older releases *_into_tensor / *_tensor
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """(n, d) on every rank -> (world n, d), rank-major; one collective."""
     world = dist.get_world_size(group)
     x = x.contiguous()
     out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_fn()(out, x, group=group)
     return out
 
 
