@@ -16,7 +16,8 @@ Every ``bench/bench_<op>.py`` uses the same protocol:
   :func:`cpu_peak_extra_mib` (peak RSS growth read from ``/proc/self/status`` after resetting the kernel's
   high-water mark through ``/proc/self/clear_refs``; the child pins glibc's mmap threshold first, and
   measures memory BEFORE timing, see :func:`pin_malloc_to_mmap`).
-* rows are appended to ``bench/results/<op>.csv``; :func:`render_markdown` turns the CSV into tables
+* rows are appended to ``<out>/<op>.csv`` (:func:`results_dir`: ``bench/results/_scratch``, ignored by git,
+  unless the user saves to the committed ``bench/results/`` with ``--save``); :func:`render_markdown` turns the CSV into tables
   (latest row per key, providers side by side).
 
 Nothing in this module imports CUDA or triton at import time.
@@ -66,6 +67,13 @@ def git_commit(root: Optional[str] = None) -> str:
         return sha + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
+
+
+def results_dir(save: bool = False) -> str:
+    """Where a benchmark writes: ``bench/results`` (the committed measurements) only when ``save``; otherwise
+    ``bench/results/_scratch`` (ignored by git, so a user's runs leave the checkout clean)."""
+    base = os.path.join(repo_root(), "bench", "results")
+    return base if save else os.path.join(base, "_scratch")
 
 
 def cpu_name() -> str:
@@ -171,6 +179,21 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def process_rss_mark() -> int:
+    """Start a whole-process measurement: reset the kernel's high-water mark (``/proc/self/clear_refs``) and
+    return the current VmRSS (KiB). :func:`process_rss_growth_mib` then gives the peak growth since."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
+def process_rss_growth_mib(mark: int) -> float:
+    """Peak resident-set growth (MiB) of the process since :func:`process_rss_mark`: everything a user's
+    process pays for a call, the allocator's buffers AND what the call loads (modules, libraries, caches,
+    thread pools). Measured around the FIRST call of a fresh process, it is the cost a user sees."""
+    return (_status_kib("VmHWM") - mark) / 1024.0
 
 
 _M_TRIM_THRESHOLD = -1
@@ -451,14 +474,15 @@ def render_markdown(rows: List[Dict], *, title: str, section_cols: Sequence[str]
             lines.setdefault(tuple(r.get(c, "") for c in shape_cols) + (r.get("mode", ""),), {})[r["provider"]] = r
         order = sorted(lines, key=lambda k: tuple(sort_key_num(v) for v in k[:-1]) + (mode_rank.get(k[-1], 9),))
         hdr = list(shape_cols) + ["mode"] + provs
-        t_body, m_body = [], []
+        t_body, m_body, p_body = [], [], []
         for k in order:
-            cells_t, cells_m = [], []
+            cells_t, cells_m, cells_p = [], [], []
             for p in provs:
                 r = lines[k].get(p)
                 if r is None:
                     cells_t.append("")
                     cells_m.append("")
+                    cells_p.append("")
                     continue
                 t, sp = to_float(r.get("median_ms")), to_float(r.get("speedup"))
                 cell = fmt_num(t)
@@ -468,10 +492,17 @@ def render_markdown(rows: List[Dict], *, title: str, section_cols: Sequence[str]
                     cell += f" [{r.get('status')}]"
                 cells_t.append(cell)
                 cells_m.append(fmt_num(r.get("peak_mem_mib")))
+                cells_p.append(f"{fmt_num(r.get('process_rss_mib'))} / {fmt_num(r.get('first_call_ms'))}"
+                               if not math.isnan(to_float(r.get("process_rss_mib"))) else "")
             t_body.append(list(k) + cells_t)
             m_body.append(list(k) + cells_m)
+            p_body.append(list(k) + cells_p)
         out += ["**Time, median ms** (speedup vs torch eager in the same run)", "", md_table(hdr, t_body), ""]
         out += ["**Peak extra memory, MiB** (above the inputs)", "", md_table(hdr, m_body), ""]
+        if any(c for row in p_body for c in row[len(k):]):
+            out += ["**What a fresh process pays: peak RSS growth over its first call, MiB / that first call, ms** "
+                    "(imports, libraries and caches the call loads included; torch_compile: its compile)", "",
+                    md_table(hdr, p_body), ""]
         comp = [(k, p, to_float(lines[k][p].get("compile_ms"))) for k in order for p in provs if p in lines[k]]
         comp = [(k, p, c) for k, p, c in comp if not math.isnan(c)]
         if comp:

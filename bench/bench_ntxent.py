@@ -22,8 +22,12 @@ Modes: ``fwd`` (forward with inputs that require grad, i.e. a training forward t
 Every (provider, shape, dtype, mode) runs in a fresh child process (see ``bench/_harness.py``): time is the
 median of ``--repeats`` after a warm-up (``triton.testing.do_bench`` on CUDA, an explicit median on CPU);
 memory is the peak above the inputs (plus, in ``bwd`` mode, the saved forward graph) during one call:
-``torch.cuda.max_memory_allocated`` on CUDA, peak RSS growth on CPU. Rows go to ``<out>/ntxent.csv``;
-``<out>/ntxent.md`` and the PNG plots (``bench/plot.py``) are rendered from the whole CSV.
+``torch.cuda.max_memory_allocated`` on CUDA, peak RSS growth on CPU. Beside it, ``process_rss_mib``: the whole
+process's peak resident-memory growth over its FIRST call (what a user's fresh process pays: the modules,
+libraries and caches the call loads, included), with ``first_call_ms``. Rows go to ``<out>/ntxent.csv``
+(``<out>`` = ``bench/results/_scratch``, ignored by git, unless ``--out DIR``; ``--save`` writes the
+committed ``bench/results/``); ``<out>/ntxent.md`` and the PNG plots (``bench/plot.py``) are rendered
+from the whole CSV.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ DEFAULT_TEMPERATURE = {"ntxent": 0.5, "info_nce": 0.1}  # the ssl_fast defaults
 COLUMNS = [
     "timestamp", "commit", "device", "device_name", "threads", "torch", "triton", "loss", "provider",
     "backend", "mode", "n2", "dim", "dtype", "temperature", "repeats", "median_ms", "min_ms", "peak_mem_mib",
-    "speedup", "tflops", "first_call_ms", "compile_ms", "loss_value", "status", "note",
+    "speedup", "tflops", "first_call_ms", "compile_ms", "loss_value", "status", "note", "process_rss_mib",
 ]
 
 # Shapes per preset: a list of jobs; explicit CLI options override the same field in every job.
@@ -194,8 +198,11 @@ def child_main(spec: Dict) -> Dict:
         def run():
             held.pop("loss").backward()
 
-    # First call: compiles (torch.compile, triton JIT / autotune) and gives the loss value.
+    # First call: compiles (torch.compile, triton JIT / autotune) and gives the loss value. Around it, the
+    # whole process's resident-memory growth: what a user's fresh process pays (modules, libraries, caches).
     sync()
+    gc.collect()
+    rss_mark = H.process_rss_mark()
     t0 = time.perf_counter()
     clear_grads()
     loss = fn(a, b)
@@ -203,6 +210,7 @@ def child_main(spec: Dict) -> Dict:
         loss.backward()
     sync()
     first_call_ms = 1e3 * (time.perf_counter() - t0)
+    process_rss_mib = H.process_rss_growth_mib(rss_mark)
     loss_value = float(loss.detach().float())
     del loss
     clear_grads()
@@ -224,6 +232,7 @@ def child_main(spec: Dict) -> Dict:
 
     flops = _nominal_flops(spec["loss"], n2, dim, mode)
     return dict(status="ok", median_ms=median_ms, min_ms=min_ms, peak_mem_mib=peak, first_call_ms=first_call_ms,
+                process_rss_mib=process_rss_mib,
                 compile_ms=(first_call_ms - median_ms) if spec["provider"] == "torch_compile" else H.NAN,
                 tflops=flops / (median_ms * 1e-3) / 1e12, loss_value=loss_value, backend=backend, note="")
 
@@ -266,8 +275,11 @@ def _parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch.set_num_threads in the children (default 2)")
     p.add_argument("--temperature", type=float, help="default 0.5 for ntxent, 0.1 for info_nce")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (auto: cuda when present)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                   help="results folder (default bench/results)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default bench/results/_scratch, ignored by git: a user's runs leave the "
+                        "checkout clean)")
+    p.add_argument("--save", action="store_true",
+                   help="append to the committed results in bench/results/ (the project's saved measurements)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per child before a NaN row")
     p.add_argument("--mem-budget-gib", type=float, default=None,
                    help="CPU: skip (NaN row) a run whose estimated peak exceeds this, and cap each child's "
@@ -348,10 +360,11 @@ def _summary(rows: List[Dict]) -> str:
             body.append([r["provider"] + (f" ({r['backend']})" if r["backend"] else ""), H.fmt_num(r["median_ms"]),
                          H.fmt_num(r["peak_mem_mib"]), H.fmt_num(r["speedup"]),
                          "" if r is fast else H.fmt_num(ssl_vs), "" if r is fast else H.fmt_num(mem_vs),
-                         H.fmt_num(r["tflops"]), H.fmt_num(r["loss_value"], 6), note])
+                         H.fmt_num(r["tflops"]), H.fmt_num(r.get("process_rss_mib", H.NAN)),
+                         H.fmt_num(r["first_call_ms"]), H.fmt_num(r["loss_value"], 6), note])
         out.append(f"\n{loss}  2N={n2}  D={dim}  {dtype}  mode={mode}  [{device}]")
         out.append(H.text_table(["provider", "ms", "MiB", "x vs torch", "ssl_fast x faster", "ssl_fast x less mem",
-                                 "TFLOP/s", "loss", "note"], body))
+                                 "TFLOP/s", "process MiB", "1st call ms", "loss", "note"], body))
     return "\n".join(out)
 
 
@@ -383,7 +396,7 @@ def main(argv=None) -> int:
     jobs = _jobs(args)
     loss = args.loss
     temperature = args.temperature if args.temperature is not None else DEFAULT_TEMPERATURE[loss]
-    out_dir = os.path.abspath(args.out)
+    out_dir = os.path.abspath(args.out or H.results_dir(save=args.save))
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     commit = H.git_commit()
@@ -470,6 +483,7 @@ def main(argv=None) -> int:
                    backend="", mode=s["mode"], n2=s["n2"], dim=s["dim"], dtype=s["dtype"],
                    temperature=temperature, repeats=s["repeats"], median_ms=H.NAN, min_ms=H.NAN,
                    peak_mem_mib=H.NAN, speedup=H.NAN, tflops=H.NAN, first_call_ms=H.NAN, compile_ms=H.NAN,
+                   process_rss_mib=H.NAN,
                    loss_value=H.NAN, status="", note="")
         ok = [r for r in rs if r.get("status") == "ok"]
         res = dict(rs[-1] if not ok else ok[0])
@@ -478,6 +492,7 @@ def main(argv=None) -> int:
             res.update(median_ms=med, min_ms=min(r["min_ms"] for r in ok),
                        peak_mem_mib=statistics.median(r["peak_mem_mib"] for r in ok),
                        first_call_ms=statistics.median(r["first_call_ms"] for r in ok),
+                       process_rss_mib=statistics.median(r["process_rss_mib"] for r in ok),
                        tflops=ok[0]["tflops"] * ok[0]["median_ms"] / med)
             if s["provider"] == "torch_compile":
                 res["compile_ms"] = statistics.median(r["compile_ms"] for r in ok)

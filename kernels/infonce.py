@@ -252,7 +252,7 @@ def _fwd_kernel(
     s2 = (acc * ri[:, None] * rj[None, :]) * scale2  # the backward's rounding order: same logits, same dot
     valid = rmask[:, None] & cmask[None, :]
     if NTXENT:
-        valid = valid & ((bi != bj) | (ar[:, None] != ar[None, :]))
+        valid = valid & ((bi * BLOCK + ar)[:, None] != (bj * BLOCK + ar)[None, :])  # block-shaped, no scalar
     s2 = tl.where(valid, s2, float("-inf"))
 
     # rows: a row whose every entry is masked (a 1-row diagonal tile) gets -inf, never NaN
@@ -266,8 +266,10 @@ def _fwd_kernel(
         mc = tl.where(mc == float("-inf"), 0.0, mc)
         lc = tl.sum(tl.exp2(s2 - mc[None, :]), axis=0)
         lse_c = tl.where(lc > 0.0, mc + tl.log2(tl.maximum(lc, 1.0)), float("-inf"))
-        # the diagonal tile of NT-Xent is symmetric: its rows already gave these statistics
-        tl.store(part_ptr + bi * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask & (bi != bj))
+        # the diagonal tile of NT-Xent is symmetric: its rows already gave these statistics. A branch, not
+        # a mask: a scalar condition combined with a block mask is an int32 mask to triton 3.9's interpreter.
+        if bi != bj:
+            tl.store(part_ptr + bi * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask)
 
 
 @triton.jit
@@ -310,7 +312,7 @@ def _fwd_grouped_kernel(
         s2 = (acc * ri[:, None] * rj[None, :]) * scale2  # the same rounding order as _fwd_kernel / backward
         valid = rmask[:, None] & cmask[None, :]
         if SELF_MASK:
-            valid = valid & ((jb != pid_m) | (ar[:, None] != ar[None, :]))
+            valid = valid & ((pid_m * BLOCK + ar)[:, None] != (jb * BLOCK + ar)[None, :])
         s2 = tl.where(valid, s2, float("-inf"))
         # online base-2 LSE; an all -inf row so far keeps (m, l) = (-inf, 0), never NaN
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
@@ -404,7 +406,8 @@ def _bwd_finish(
     o_ptr = tl.where(seg == 0, o0_ptr, o1_ptr) + row0 * stride_o
     tl.store(o_ptr + am[:, None] * stride_o + dcols[None, :], dx.to(o0_ptr.dtype.element_ty), mask=m2)
     if WRITE_GZ:
-        tl.store(gz_part_ptr + pid_m, tl.sum(tl.where(rmask, gdot, 0.0), axis=0), mask=pid_d == 0)
+        if pid_d == 0:  # a branch, not a scalar mask (see _fwd_kernel)
+            tl.store(gz_part_ptr + pid_m, tl.sum(tl.where(rmask, gdot, 0.0), axis=0))
 
 
 @triton.jit
@@ -501,7 +504,8 @@ def _bwd_kernel(
         wrow = seg * N + row0  # first workspace row of this block (int64)
         wbase = ws_ptr + pid_s.to(tl.int64) * ws_stride + wrow * d
         tl.store(wbase + am[:, None] * d + dcols[None, :], acc, mask=rmask[:, None] & dmask[None, :])
-        tl.store(wsd_ptr + pid_s.to(tl.int64) * (ws_stride // d) + wrow + am, rowdot, mask=rmask & (pid_d == 0))
+        if pid_d == 0:  # a branch, not a scalar in the mask (see _fwd_kernel)
+            tl.store(wsd_ptr + pid_s.to(tl.int64) * (ws_stride // d) + wrow + am, rowdot, mask=rmask)
     else:
         _bwd_finish(acc, rowdot, am, rmask, dcols, dmask, row0, seg, pid_m, pid_d,
                     r0_ptr, r1_ptr, c0_ptr, c1_ptr, o0_ptr, o1_ptr,
@@ -787,7 +791,7 @@ def _grad_buffers(x, d):
 
 
 def ntxent_forward(z1, z2, inv_temp, normalize, d):
-    """NT-Xent loss (0-dim fp32) and saved = (lse (2N), norms (2N), positive cosines (N)), all fp32."""
+    """[loss (0-dim fp32), lse (2N), norms (2N), positive cosines (N)], all fp32."""
     _check(z1, z2, "z1", "z2", d)
     _check_scalar(inv_temp, "inv_temp", z1)
     normalize = bool(normalize)
@@ -796,14 +800,13 @@ def ntxent_forward(z1, z2, inv_temp, normalize, d):
         nrm, cos, part, nslots = _forward(z1, z2, inv_temp, normalize, d, ntxent=True, col_stats=True)
         w = 1.0 / (2 * n)
         loss, lse = _finalize(part, nslots, cos, inv_temp, n, 2 * n, w, w)
-    return loss, (lse, nrm, cos)
+    return [loss, lse, nrm, cos]
 
 
-def ntxent_backward(grad, z1, z2, saved, inv_temp, normalize, d):
+def ntxent_backward(grad, z1, z2, lse, nrm, cos, inv_temp, normalize, d):
     """(dz1, dz2, gz): gradients in the inputs' dtype (zero beyond column d), gz = sum_k <z_k, dL/dz_k>."""
     _check(z1, z2, "z1", "z2", d)
     _check_scalar(grad, "grad", z1)
-    lse, nrm, cos = saved
     n = z1.shape[0]
     with _device_ctx(z1):
         dz1, dz2 = _grad_buffers(z1, d), _grad_buffers(z2, d)
@@ -812,12 +815,12 @@ def ntxent_backward(grad, z1, z2, saved, inv_temp, normalize, d):
         _backward_launch(grad, (z1, z2), (z1, z2), (dz1, dz2), nrm, lse, cos, inv_temp, gz_part, n, d, 0, 0,
                          1.0 / (2 * n), True, 1.0, 1.0, bool(normalize))
         gz = _sum(gz_part)
-    return dz1, dz2, gz
+    return [dz1, dz2, gz]
 
 
 def info_nce_forward(q, k, inv_temp, normalize, symmetric, d):
-    """Cross-view InfoNCE loss (0-dim fp32) and saved = (lse (2N: rows, then columns when symmetric),
-    norms (2N: q, then k), positive cosines (N)), all fp32."""
+    """[loss (0-dim fp32), lse (2N: rows, then columns when symmetric), norms (2N: q, then k), positive
+    cosines (N)], all fp32."""
     _check(q, k, "query", "key", d)
     _check_scalar(inv_temp, "inv_temp", q)
     normalize, symmetric = bool(normalize), bool(symmetric)
@@ -826,14 +829,13 @@ def info_nce_forward(q, k, inv_temp, normalize, symmetric, d):
         nrm, cos, part, nslots = _forward(q, k, inv_temp, normalize, d, ntxent=False, col_stats=symmetric)
         wa = (0.5 if symmetric else 1.0) / n
         loss, lse = _finalize(part, nslots, cos, inv_temp, n, 2 * n if symmetric else n, wa, wa)
-    return loss, (lse, nrm, cos)
+    return [loss, lse, nrm, cos]
 
 
-def info_nce_backward(grad, q, k, saved, inv_temp, normalize, symmetric, d):
+def info_nce_backward(grad, q, k, lse, nrm, cos, inv_temp, normalize, symmetric, d):
     """(dq, dk, gz) with gz = sum_i <qhat_i, dL/dqhat_i> (the queries only: c = 1 in ops.infonce)."""
     _check(q, k, "query", "key", d)
     _check_scalar(grad, "grad", q)
-    lse, nrm, cos = saved
     normalize, symmetric = bool(normalize), bool(symmetric)
     n = q.shape[0]
     a, b = (0.5, 0.5) if symmetric else (1.0, 0.0)
@@ -847,7 +849,7 @@ def info_nce_backward(grad, q, k, saved, inv_temp, normalize, symmetric, d):
         _backward_launch(grad, (k,), (q,), (dk,), nrm, lse, cos, inv_temp, None, n, d, n, 0, 1.0 / n, False,
                          b, a, normalize)
         gz = _sum(gz_part)
-    return dq, dk, gz
+    return [dq, dk, gz]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -169,12 +169,12 @@ def _run_case(c):
         _CASE.clear()
         _CASE.update(dtype=label, d=d, n=n, loss=c["loss"])
         if c["loss"] == "ntxent":
-            _, saved = K.ntxent_forward(a, b, t, c["normalize"], d)
-            K.ntxent_backward(g, a, b, saved, t, c["normalize"], d)
+            _, *saved = K.ntxent_forward(a, b, t, c["normalize"], d)
+            K.ntxent_backward(g, a, b, *saved, t, c["normalize"], d)
         else:
             sym = c["loss"] == "info_nce_sym"
-            _, saved = K.info_nce_forward(a, b, t, c["normalize"], sym, d)
-            K.info_nce_backward(g, a, b, saved, t, c["normalize"], sym, d)
+            _, *saved = K.info_nce_forward(a, b, t, c["normalize"], sym, d)
+            K.info_nce_backward(g, a, b, *saved, t, c["normalize"], sym, d)
     finally:
         torch.set_float32_matmul_precision(old)
 
@@ -382,7 +382,7 @@ def main(argv=None):
         print(f"  sm_{arch} {name:<21} {dtl:<4} d={dl:<7} {row['n']:>3} variants | regs {regs[0]:>3}-{regs[-1]:<3} | "
               f"spill {row['spill']:>3}B | smem {row['smem']:>6} | tc {'/'.join(sorted(row['tc']))}")
     print(f"compiled {sum(compiled.values())}/{len(jobs)} variants of {len(compiled)}/{len(kernel_names)} kernels "
-          f"in {time.time() - t0:.0f}s; {len(errors)} error(s), {len(warnings)} warning(s)"
+          f"with triton {triton.__version__} in {time.time() - t0:.0f}s; {len(errors)} error(s), {len(warnings)} warning(s)"
           + ("" if args.strict else " (warnings do not fail; --strict makes them)"))
     for w in warnings:
         print(f"  warning: {w}")

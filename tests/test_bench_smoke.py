@@ -40,7 +40,8 @@ def test_csv_rows(smoke_out):
     for r in rows:
         assert r["status"] == "ok", r
         assert (r["loss"], r["n2"], r["dim"], r["dtype"], r["device"]) == ("ntxent", "64", "16", "fp32", "cpu")
-        for col in ("median_ms", "min_ms", "peak_mem_mib", "speedup", "loss_value", "first_call_ms"):
+        for col in ("median_ms", "min_ms", "peak_mem_mib", "speedup", "loss_value", "first_call_ms",
+                    "process_rss_mib"):
             assert math.isfinite(float(r[col])), (col, r)
         assert float(r["median_ms"]) > 0 and float(r["peak_mem_mib"]) >= 0
         assert r["commit"] and r["torch"] and r["device_name"]
@@ -56,11 +57,12 @@ def test_markdown_and_stdout(smoke_out):
     md = (out / "ntxent.md").read_text()
     assert "| n2 | dim | mode | torch | ssl_fast |" in md
     body = [ln for ln in md.splitlines() if ln.startswith("| 64 | 16 |")]
-    assert len(body) == 4  # (fwd, full) x (time table, memory table)
+    assert len(body) == 6  # (fwd, full) x (time, memory, fresh-process RSS / first call tables)
     for ln in body:
         cells = [c.strip() for c in ln.strip("|").split("|")][3:]
         assert all(c and not c.startswith("nan") for c in cells), ln
-    assert "ssl_fast x faster" in stdout
+    assert "What a fresh process pays" in md
+    assert "ssl_fast x faster" in stdout and "1st call ms" in stdout
     assert list(out.glob("ntxent_*.png")), "plot.py wrote no PNG"
 
 
@@ -88,3 +90,20 @@ def test_cpu_peak_rss_sees_a_known_allocation():
     assert proc.returncode == 0, proc.stderr[-2000:]
     extra = float(proc.stdout.strip().splitlines()[-1])
     assert 30 <= extra <= 40, extra  # a 32 MiB tensor, allocated after a warm-up that freed one
+
+
+def test_default_results_folder_is_ignored_by_git():
+    """A user's runs (no --save) go to a folder git ignores, so the checkout stays clean; --save writes the
+    committed bench/results/."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import _harness as H
+
+    scratch, saved = H.results_dir(), H.results_dir(save=True)
+    assert saved == os.path.join(ROOT, "bench", "results") and scratch.startswith(saved + os.sep)
+    probe = os.path.join(scratch, "ntxent.csv")
+    res = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT)
+    if res.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert res.returncode == 0, f"{probe} is not ignored by git"
+    res = subprocess.run(["git", "check-ignore", "-q", os.path.join(saved, "ntxent.csv")], cwd=ROOT)
+    assert res.returncode == 1, "the committed results must not be ignored"

@@ -15,7 +15,7 @@ from infonce_helpers import loss_and_grads as _loss_and_grads
 from infonce_helpers import ours_fn as _ours
 from infonce_helpers import ref_fn as _ref
 from ssl_fast import _ext, reference
-from ssl_fast.ops import _backend, _cpp_infonce
+from ssl_fast.ops import _backend
 from ssl_fast.ops import infonce as ops
 
 CPU_BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not _ext.HAS_EXT, reason="ssl_fast._C not built")),
@@ -103,7 +103,7 @@ def test_column_slice_is_not_copied():
 @pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
 def test_cpp_tile_schedules(monkeypatch, block, n, loss_name, kw):
     """Many tiles, an odd number of row blocks (the tournament's bye), a partial last block."""
-    monkeypatch.setattr(_cpp_infonce, "BLOCK", block)
+    monkeypatch.setattr(ops, "CPU_BLOCK", block)
     z1, z2 = _inputs(n, 24)
     go = torch.randn((), dtype=torch.float64)
     ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), z1, z2, 0.1, go, **kw)
@@ -117,7 +117,7 @@ def test_cpp_tile_schedules(monkeypatch, block, n, loss_name, kw):
 @pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
 def test_cpp_independent_of_thread_count(monkeypatch, loss_name, kw):
     """The round schedule has no atomics and no per-thread partial sums: bitwise equal across threads."""
-    monkeypatch.setattr(_cpp_infonce, "BLOCK", 32)
+    monkeypatch.setattr(ops, "CPU_BLOCK", 32)
     z1, z2 = _inputs(600, 256, torch.float32)  # rounds big enough to run on the thread pool
     go = torch.tensor(1.0)
     prev = torch.get_num_threads()
@@ -426,17 +426,17 @@ def test_module_rejects_lightly_memory_bank_positional():
 @pytest.mark.skipif(not _ext.HAS_EXT, reason="ssl_fast._C not built")
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_custom_ops_opcheck(symmetric):
+    """The C++ ops (TORCH_LIBRARY in csrc/cpu/infonce.cpp) agree with their fake implementations."""
+    ops = torch.ops.ssl_fast
     x1, x2 = torch.randn(10, 12), torch.randn(10, 12)
-    inv_temp = torch.tensor(5.0)
-    fwd = torch.ops.ssl_fast.ntxent_fwd(x1, x2, inv_temp, True, 9, "cpp")
-    torch.library.opcheck(torch.ops.ssl_fast.ntxent_fwd.default, (x1, x2, inv_temp, True, 9, "cpp"))
-    torch.library.opcheck(torch.ops.ssl_fast.ntxent_bwd.default,
-                          (torch.tensor(1.0), x1, x2, fwd[1:], inv_temp, True, 9, "cpp"))
-    args = (x1, x2, inv_temp, True, symmetric, 9, "cpp")
-    fwd = torch.ops.ssl_fast.info_nce_fwd(*args)
-    torch.library.opcheck(torch.ops.ssl_fast.info_nce_fwd.default, args)
-    torch.library.opcheck(torch.ops.ssl_fast.info_nce_bwd.default,
-                          (torch.tensor(1.0), x1, x2, fwd[1:], inv_temp, True, symmetric, 9, "cpp"))
+    inv_temp, one = torch.tensor(5.0), torch.tensor(1.0)
+    fwd = ops.ntxent_fwd_cpp(x1, x2, inv_temp, True, 9, 0)
+    torch.library.opcheck(ops.ntxent_fwd_cpp.default, (x1, x2, inv_temp, True, 9, 0))
+    torch.library.opcheck(ops.ntxent_bwd_cpp.default, (one, x1, x2, *fwd[1:], inv_temp, True, 9, 0))
+    args = (x1, x2, inv_temp, True, symmetric, 9, 0)
+    fwd = ops.info_nce_fwd_cpp(*args)
+    torch.library.opcheck(ops.info_nce_fwd_cpp.default, args)
+    torch.library.opcheck(ops.info_nce_bwd_cpp.default, (one, x1, x2, *fwd[1:], inv_temp, True, symmetric, 9, 0))
 
 
 def test_torch_compile_fullgraph():
@@ -465,7 +465,7 @@ def test_torch_compile_fullgraph():
 def test_cpp_portable_gemm_path(monkeypatch, loss_name, kw):
     """The at::addmm tile GEMM (used where torch's BLAS symbols are not found) gives the same answers."""
     assert _ext._C.cpu_gemm() in ("blas", "aten")
-    monkeypatch.setattr(_cpp_infonce, "BLOCK", 48)
+    monkeypatch.setattr(ops, "CPU_BLOCK", 48)
     z1, z2 = _inputs(130, 24)
     go = torch.randn((), dtype=torch.float64)
     ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), z1, z2, 0.1, go, **kw)

@@ -169,12 +169,12 @@ def test_grouped_and_per_tile_forward_agree(monkeypatch, loss_name, kw):
             fwd = lambda: K.info_nce_forward(x1, x2, inv_t, normalize, kw["symmetric"], d)  # noqa: E731
         rows = n if kw.get("symmetric") is False else 2 * n
         assert not K._fwd_plan(n, d, x1.dtype, loss_name == "ntxent", x1.device)["grouped"]
-        tile_loss, (tile_lse, _, _) = fwd()
+        tile_loss, tile_lse, _, _ = fwd()
         for cap in (0, 1, 2, 4):
             monkeypatch.setattr(K, "_SLOT_CAP_OVERRIDE", cap)
             if not K._fwd_plan(n, d, x1.dtype, loss_name == "ntxent", x1.device)["grouped"]:
                 continue
-            loss, (lse, _, _) = fwd()
+            loss, lse, _, _ = fwd()
             assert abs(loss.item() - tile_loss.item()) <= 1e-6 * max(1.0, abs(tile_loss.item())), cap
             torch.testing.assert_close(lse[:rows], tile_lse[:rows], rtol=1e-6, atol=1e-6)
         monkeypatch.setattr(K, "_SLOT_CAP_OVERRIDE", None)
@@ -247,10 +247,10 @@ def test_contract_direct():
     n, D, d = 10, 24, 20
     z1, z2 = torch.randn(n, D, device=DEV), torch.randn(n, D, device=DEV)
     inv_t = torch.tensor(1 / 0.3, device=DEV)
-    loss, saved = K.ntxent_forward(z1, z2, inv_t, True, d)
-    assert loss.shape == () and loss.dtype == torch.float32 and isinstance(saved, tuple)
+    loss, *saved = K.ntxent_forward(z1, z2, inv_t, True, d)
+    assert loss.shape == () and loss.dtype == torch.float32 and len(saved) == 3
     assert all(s.dtype == torch.float32 for s in saved)
-    dz1, dz2, gz = K.ntxent_backward(torch.tensor(1.0, device=DEV), z1, z2, saved, inv_t, True, d)
+    dz1, dz2, gz = K.ntxent_backward(torch.tensor(1.0, device=DEV), z1, z2, *saved, inv_t, True, d)
     assert dz1.shape == z1.shape and dz2.shape == z2.shape and gz.shape == ()
     assert torch.all(dz1[:, d:] == 0) and torch.all(dz2[:, d:] == 0)
     # gz = sum_k <dL/dz_hat_k, z_hat_k>: check against autograd through the reference
@@ -262,8 +262,8 @@ def test_contract_direct():
     (g,) = torch.autograd.grad(ref, zh)
     assert abs(gz.item() - (g * zh).sum().item()) < 1e-5
     assert abs(loss.item() - ref.item()) < 1e-5
-    loss, saved = K.info_nce_forward(z1, z2, inv_t, False, True, d)
-    dq, dk, gz = K.info_nce_backward(torch.tensor(2.0, device=DEV), z1, z2, saved, inv_t, False, True, d)
+    loss, *saved = K.info_nce_forward(z1, z2, inv_t, False, True, d)
+    dq, dk, gz = K.info_nce_backward(torch.tensor(2.0, device=DEV), z1, z2, *saved, inv_t, False, True, d)
     assert dq.shape == z1.shape and dk.dtype == z2.dtype and gz.shape == ()
 
 
@@ -346,11 +346,11 @@ def test_custom_ops_opcheck_triton(symmetric):
     x1, x2 = torch.randn(10, 12, device=DEV), torch.randn(10, 12, device=DEV)
     inv_temp = torch.tensor(5.0, device=DEV)
     one = torch.tensor(1.0, device=DEV)
-    fwd = torch.ops.ssl_fast.ntxent_fwd(x1, x2, inv_temp, True, 9, "triton")
-    torch.library.opcheck(torch.ops.ssl_fast.ntxent_fwd.default, (x1, x2, inv_temp, True, 9, "triton"))
-    torch.library.opcheck(torch.ops.ssl_fast.ntxent_bwd.default, (one, x1, x2, fwd[1:], inv_temp, True, 9, "triton"))
-    args = (x1, x2, inv_temp, True, symmetric, 9, "triton")
-    fwd = torch.ops.ssl_fast.info_nce_fwd(*args)
-    torch.library.opcheck(torch.ops.ssl_fast.info_nce_fwd.default, args)
-    torch.library.opcheck(torch.ops.ssl_fast.info_nce_bwd.default,
-                          (one, x1, x2, fwd[1:], inv_temp, True, symmetric, 9, "triton"))
+    ops = torch.ops.ssl_fast
+    fwd = ops.ntxent_fwd_triton(x1, x2, inv_temp, True, 9)
+    torch.library.opcheck(ops.ntxent_fwd_triton.default, (x1, x2, inv_temp, True, 9))
+    torch.library.opcheck(ops.ntxent_bwd_triton.default, (one, x1, x2, *fwd[1:], inv_temp, True, 9))
+    args = (x1, x2, inv_temp, True, symmetric, 9)
+    fwd = ops.info_nce_fwd_triton(*args)
+    torch.library.opcheck(ops.info_nce_fwd_triton.default, args)
+    torch.library.opcheck(ops.info_nce_bwd_triton.default, (one, x1, x2, *fwd[1:], inv_temp, True, symmetric, 9))

@@ -846,4 +846,62 @@ std::vector<at::Tensor> info_nce_bwd(double grad, const at::Tensor& q, const at:
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Dispatcher ops (torch.ops.ssl_fast.*_cpp): schema and CPU kernels registered when ssl_fast._C loads;
+// their fake implementations are in ssl_fast/ops/infonce.py. 1/T and the upstream gradient come as 0-dim
+// CPU tensors (read here, no device sync on CPU).
+
+namespace {
+
+double scalar_arg(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), name, " must be a 1-element CPU tensor");
+  return t.item<double>();
+}
+
+std::vector<at::Tensor> ntxent_fwd_op(const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& inv_temp,
+                                      bool normalize, int64_t d, int64_t block) {
+  return ntxent_fwd(z1, z2, scalar_arg(inv_temp, "inv_temp"), normalize, d, block);
+}
+
+std::vector<at::Tensor> ntxent_bwd_op(const at::Tensor& grad, const at::Tensor& z1, const at::Tensor& z2,
+                                      const at::Tensor& lse, const at::Tensor& zn, const at::Tensor& norms,
+                                      const at::Tensor& inv_temp, bool normalize, int64_t d, int64_t block) {
+  return ntxent_bwd(scalar_arg(grad, "grad"), z1, z2, zn, norms, lse, scalar_arg(inv_temp, "inv_temp"),
+                    normalize, d, block);
+}
+
+std::vector<at::Tensor> info_nce_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_temp,
+                                        bool normalize, bool symmetric, int64_t d, int64_t block) {
+  return info_nce_fwd(q, k, scalar_arg(inv_temp, "inv_temp"), normalize, symmetric, d, block);
+}
+
+std::vector<at::Tensor> info_nce_bwd_op(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& lse_r, const at::Tensor& lse_c, const at::Tensor& qn,
+                                        const at::Tensor& kn, const at::Tensor& qnorm, const at::Tensor& knorm,
+                                        const at::Tensor& inv_temp, bool normalize, bool symmetric, int64_t d,
+                                        int64_t block) {
+  return info_nce_bwd(scalar_arg(grad, "grad"), q, k, qn, kn, qnorm, knorm, lse_r, lse_c,
+                      scalar_arg(inv_temp, "inv_temp"), normalize, symmetric, d, block);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ssl_fast, m) {
+  // saved tensors follow the loss in the forward's output and come back in the same order
+  m.def("ntxent_fwd_cpp(Tensor z1, Tensor z2, Tensor inv_temp, bool normalize, int d, int block) -> Tensor[]");
+  m.def("ntxent_bwd_cpp(Tensor grad, Tensor z1, Tensor z2, Tensor lse, Tensor zn, Tensor norms, Tensor inv_temp, "
+        "bool normalize, int d, int block) -> Tensor[]");
+  m.def("info_nce_fwd_cpp(Tensor q, Tensor k, Tensor inv_temp, bool normalize, bool symmetric, int d, "
+        "int block) -> Tensor[]");
+  m.def("info_nce_bwd_cpp(Tensor grad, Tensor q, Tensor k, Tensor lse_r, Tensor lse_c, Tensor qn, Tensor kn, "
+        "Tensor qnorm, Tensor knorm, Tensor inv_temp, bool normalize, bool symmetric, int d, int block) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(ssl_fast, CPU, m) {
+  m.impl("ntxent_fwd_cpp", &ntxent_fwd_op);
+  m.impl("ntxent_bwd_cpp", &ntxent_bwd_op);
+  m.impl("info_nce_fwd_cpp", &info_nce_fwd_op);
+  m.impl("info_nce_bwd_cpp", &info_nce_bwd_op);
+}
+
 }  // namespace ssl_fast

@@ -1,18 +1,19 @@
 """InfoNCE / NT-Xent: argument checks, backend dispatch and autograd.
 
-Every fused backend (``cpp`` in ``csrc/cpu/infonce.cpp``, ``triton`` in ``kernels/infonce.py``) follows
-one contract, so the autograd code below is shared:
+Every fused backend (``cpp`` in ``csrc/cpu/infonce.cpp``, ``triton`` in ``kernels/infonce.py``) is a set of
+dispatcher ops ``torch.ops.ssl_fast.<op>_<backend>`` with one contract, so the autograd code below is shared:
 
-    ntxent_forward(z1, z2, inv_temp, normalize, d)            -> (loss, saved)
-    ntxent_backward(grad, z1, z2, saved, inv_temp, normalize, d) -> (dz1, dz2, gz)
-    info_nce_forward(q, k, inv_temp, normalize, symmetric, d)  -> (loss, saved)
-    info_nce_backward(grad, q, k, saved, inv_temp, normalize, symmetric, d) -> (dq, dk, gz)
+    ntxent_fwd(z1, z2, inv_temp, normalize, d)                          -> [loss, *saved]
+    ntxent_bwd(grad, z1, z2, *saved, inv_temp, normalize, d)            -> [dz1, dz2, gz]
+    info_nce_fwd(q, k, inv_temp, normalize, symmetric, d)               -> [loss, *saved]
+    info_nce_bwd(grad, q, k, *saved, inv_temp, normalize, symmetric, d) -> [dq, dk, gz]
 
-``inv_temp`` is a 0-dim tensor (1/T) on the inputs' device and ``loss`` a 0-dim tensor, both float64 for
-float64 inputs and float32 otherwise (the triton backend takes fp32 / bf16 / fp16 only). ``saved`` is a
-tuple of tensors the backend wants back, ``grad`` the 0-dim upstream gradient (the triton backend never
-reads it on the host). ``dz*`` have the inputs' shapes and dtypes (zero beyond column ``d``), and ``gz`` is
-the 0-dim sum over anchors of <dL/dz_hat, z_hat> (gradient w.r.t. the normalized rows, dotted with them).
+(the cpp ops take the tile size ``block`` last). ``inv_temp`` is a 0-dim tensor (1/T) on the inputs'
+device and ``loss`` a 0-dim tensor, both float64 for float64 inputs and float32 otherwise (the triton
+backend takes fp32 / bf16 / fp16 only). ``saved`` are the tensors the backend wants back, ``grad`` the
+0-dim upstream gradient (the triton backend never reads it on the host). ``dz*`` have the inputs' shapes
+and dtypes (zero beyond column ``d``), and ``gz`` is the 0-dim sum over anchors of <dL/dz_hat, z_hat>
+(gradient w.r.t. the normalized rows, dotted with them).
 
 Temperature gradient. The logits are bilinear in the normalized rows: S = A B^T / T. Hence
 sum_k <dL/da_k, a_k> = sum_ij dL/dS_ij S_ij = -T dL/dT, and for NT-Xent (A = B = Z) the left side counts
@@ -24,12 +25,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Union
+import os
+from typing import Optional, Union
 
 import torch
 
 from .. import reference
-from . import _backend
+from . import _backend, _library
 
 Temperature = Union[float, torch.Tensor]
 
@@ -112,88 +114,90 @@ def _fix_last_stride(x: torch.Tensor) -> torch.Tensor:
 # fused backends
 
 
-def _impl(name: str):
-    if name == "cpp":
-        from . import _cpp_infonce as impl
-    else:
-        from ssl_fast.kernels import infonce as impl  # the triton kernels
-    return impl
+# Each backend call is one dispatcher op (torch.ops.ssl_fast.*) with a fake implementation, so torch.compile
+# sees one opaque node (no graph break). The cpp ops are defined in csrc/cpu/infonce.cpp (TORCH_LIBRARY),
+# the triton ones here (their impls import the kernels on first use). Autograd stays in the Functions below.
+# Forward ops return [loss, *saved]; the backward op takes (grad, a, b, *saved, ...) -> [da, db, gz].
+
+CPU_BLOCK = int(os.environ.get("SSL_FAST_CPU_BLOCK", "0"))  # cpp rows per tile; 0: the kernel chooses
 
 
-# torch.library custom ops: each backend call is one opaque node for torch.compile (no graph break); the
-# fake implementations give output shapes without running anything. Autograd stays in the Functions below.
+def _triton():
+    from ssl_fast.kernels import infonce as kernels
+
+    return kernels
 
 
-def _saved_meta(backend: str, a: torch.Tensor, d: int, ntxent: bool, symmetric: bool) -> List[torch.Tensor]:
-    """Shapes of each backend's ``saved`` tuple (the fake implementations; opcheck-tested)."""
-    n, acc = a.shape[0], _acc_dtype(a)
-
-    def new(*shape, dtype=acc):
-        return a.new_empty(shape, dtype=dtype)
-
-    if backend == "triton":  # (lse, norms, positive cosines), fp32
-        return [new(2 * n, dtype=torch.float32), new(2 * n, dtype=torch.float32), new(n, dtype=torch.float32)]
-    if ntxent:  # cpp: (lse, normalized rows, norms)
-        return [new(2 * n), new(2 * n, d), new(2 * n)]
-    return [new(n), new(n if symmetric else 0), new(n, d), new(n, d), new(n), new(n)]  # cpp cross-view
+def _fake_loss(a):
+    return a.new_empty((), dtype=_acc_dtype(a))
 
 
-def _grads_meta(a: torch.Tensor, b: torch.Tensor) -> List[torch.Tensor]:
+def _fake_grads(a, b):
     return [a.new_empty(a.shape), b.new_empty(b.shape), a.new_empty((), dtype=_acc_dtype(a))]
 
 
-@torch.library.custom_op("ssl_fast::ntxent_fwd", mutates_args=())
-def _ntxent_fwd_op(z1: torch.Tensor, z2: torch.Tensor, inv_temp: torch.Tensor, normalize: bool, d: int,
-                   backend: str) -> List[torch.Tensor]:
-    loss, saved = _impl(backend).ntxent_forward(z1, z2, inv_temp, normalize, d)
-    return [loss, *saved]
+def _fake_triton_saved(a):  # (lse (2N), norms (2N), positive cosines (N)), fp32
+    n = a.shape[0]
+    return [a.new_empty(2 * n, dtype=torch.float32), a.new_empty(2 * n, dtype=torch.float32),
+            a.new_empty(n, dtype=torch.float32)]
 
 
-@_ntxent_fwd_op.register_fake
-def _(z1, z2, inv_temp, normalize, d, backend):
-    return [z1.new_empty((), dtype=_acc_dtype(z1)), *_saved_meta(backend, z1, d, True, False)]
+def _fake_ntxent_fwd_cpp(z1, z2, inv_temp, normalize, d, block):  # (lse, normalized rows, norms)
+    n, acc = z1.shape[0], _acc_dtype(z1)
+    return [_fake_loss(z1), z1.new_empty(2 * n, dtype=acc), z1.new_empty((2 * n, d), dtype=acc),
+            z1.new_empty(2 * n, dtype=acc)]
 
 
-@torch.library.custom_op("ssl_fast::ntxent_bwd", mutates_args=())
-def _ntxent_bwd_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, saved: List[torch.Tensor],
-                   inv_temp: torch.Tensor, normalize: bool, d: int, backend: str) -> List[torch.Tensor]:
-    return list(_impl(backend).ntxent_backward(grad, z1, z2, tuple(saved), inv_temp, normalize, d))
+def _fake_info_nce_fwd_cpp(q, k, inv_temp, normalize, symmetric, d, block):  # (lse_r, lse_c, qn, kn, qnorm, knorm)
+    n, acc = q.shape[0], _acc_dtype(q)
+    return [_fake_loss(q), q.new_empty(n, dtype=acc), q.new_empty(n if symmetric else 0, dtype=acc),
+            q.new_empty((n, d), dtype=acc), q.new_empty((n, d), dtype=acc), q.new_empty(n, dtype=acc),
+            q.new_empty(n, dtype=acc)]
 
 
-@_ntxent_bwd_op.register_fake
-def _(grad, z1, z2, saved, inv_temp, normalize, d, backend):
-    return _grads_meta(z1, z2)
+_OPS = {
+    "cpp": dict(
+        ntxent_fwd=_library.fake_for("ntxent_fwd_cpp", _fake_ntxent_fwd_cpp),
+        ntxent_bwd=_library.fake_for("ntxent_bwd_cpp", lambda g, a, b, *rest: _fake_grads(a, b)),
+        info_nce_fwd=_library.fake_for("info_nce_fwd_cpp", _fake_info_nce_fwd_cpp),
+        info_nce_bwd=_library.fake_for("info_nce_bwd_cpp", lambda g, a, b, *rest: _fake_grads(a, b)),
+    ),
+    "triton": dict(
+        ntxent_fwd=_library.define(
+            "ntxent_fwd_triton(Tensor z1, Tensor z2, Tensor inv_temp, bool normalize, int d) -> Tensor[]",
+            lambda z1, z2, inv_temp, normalize, d: [_fake_loss(z1), *_fake_triton_saved(z1)],
+            cpu=lambda *a: _triton().ntxent_forward(*a), cuda=lambda *a: _triton().ntxent_forward(*a)),
+        ntxent_bwd=_library.define(
+            "ntxent_bwd_triton(Tensor grad, Tensor z1, Tensor z2, Tensor lse, Tensor norms, Tensor cos, "
+            "Tensor inv_temp, bool normalize, int d) -> Tensor[]",
+            lambda g, a, b, *rest: _fake_grads(a, b),
+            cpu=lambda *a: _triton().ntxent_backward(*a), cuda=lambda *a: _triton().ntxent_backward(*a)),
+        info_nce_fwd=_library.define(
+            "info_nce_fwd_triton(Tensor q, Tensor k, Tensor inv_temp, bool normalize, bool symmetric, int d) "
+            "-> Tensor[]",
+            lambda q, k, inv_temp, normalize, symmetric, d: [_fake_loss(q), *_fake_triton_saved(q)],
+            cpu=lambda *a: _triton().info_nce_forward(*a), cuda=lambda *a: _triton().info_nce_forward(*a)),
+        info_nce_bwd=_library.define(
+            "info_nce_bwd_triton(Tensor grad, Tensor q, Tensor k, Tensor lse, Tensor norms, Tensor cos, "
+            "Tensor inv_temp, bool normalize, bool symmetric, int d) -> Tensor[]",
+            lambda g, a, b, *rest: _fake_grads(a, b),
+            cpu=lambda *a: _triton().info_nce_backward(*a), cuda=lambda *a: _triton().info_nce_backward(*a)),
+    ),
+}
 
 
-@torch.library.custom_op("ssl_fast::info_nce_fwd", mutates_args=())
-def _info_nce_fwd_op(q: torch.Tensor, k: torch.Tensor, inv_temp: torch.Tensor, normalize: bool, symmetric: bool,
-                     d: int, backend: str) -> List[torch.Tensor]:
-    loss, saved = _impl(backend).info_nce_forward(q, k, inv_temp, normalize, symmetric, d)
-    return [loss, *saved]
-
-
-@_info_nce_fwd_op.register_fake
-def _(q, k, inv_temp, normalize, symmetric, d, backend):
-    return [q.new_empty((), dtype=_acc_dtype(q)), *_saved_meta(backend, q, d, False, symmetric)]
-
-
-@torch.library.custom_op("ssl_fast::info_nce_bwd", mutates_args=())
-def _info_nce_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, saved: List[torch.Tensor],
-                     inv_temp: torch.Tensor, normalize: bool, symmetric: bool, d: int,
-                     backend: str) -> List[torch.Tensor]:
-    return list(_impl(backend).info_nce_backward(grad, q, k, tuple(saved), inv_temp, normalize, symmetric, d))
-
-
-@_info_nce_bwd_op.register_fake
-def _(grad, q, k, saved, inv_temp, normalize, symmetric, d, backend):
-    return _grads_meta(q, k)
+def _call(backend: str, op: str, *args):
+    """One fused op of ``backend``; the cpp ops take the tile size last."""
+    if backend == "cpp":
+        return _OPS["cpp"][op](*args, CPU_BLOCK)
+    return _OPS["triton"][op](*args)
 
 
 class _NTXentFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1, z2, temperature, normalize: bool, d: int, backend: str):
         inv_temp = (1.0 / temperature.detach().to(_acc_dtype(z1))).reshape(())
-        loss, *saved = _ntxent_fwd_op(z1, z2, inv_temp, normalize, d, backend)
+        loss, *saved = _call(backend, "ntxent_fwd", z1, z2, inv_temp, normalize, d)
         ctx.save_for_backward(z1, z2, inv_temp, *saved)
         ctx.cfg = (normalize, d, backend)
         ctx.temp_dtype = temperature.dtype
@@ -203,8 +207,8 @@ class _NTXentFn(torch.autograd.Function):
     def backward(ctx, grad):
         z1, z2, inv_temp, *saved = ctx.saved_tensors
         normalize, d, backend = ctx.cfg
-        dz1, dz2, gz = _ntxent_bwd_op(grad.to(inv_temp.dtype).reshape(()), z1, z2, saved, inv_temp, normalize, d,
-                                      backend)
+        dz1, dz2, gz = _call(backend, "ntxent_bwd", grad.to(inv_temp.dtype).reshape(()), z1, z2, *saved, inv_temp,
+                             normalize, d)
         dtemp = None
         if ctx.needs_input_grad[2]:
             dtemp = (-0.5 * gz * inv_temp).to(ctx.temp_dtype)
@@ -216,7 +220,7 @@ class _InfoNCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, temperature, normalize: bool, symmetric: bool, d: int, backend: str):
         inv_temp = (1.0 / temperature.detach().to(_acc_dtype(q))).reshape(())
-        loss, *saved = _info_nce_fwd_op(q, k, inv_temp, normalize, symmetric, d, backend)
+        loss, *saved = _call(backend, "info_nce_fwd", q, k, inv_temp, normalize, symmetric, d)
         ctx.save_for_backward(q, k, inv_temp, *saved)
         ctx.cfg = (normalize, symmetric, d, backend)
         ctx.temp_dtype = temperature.dtype
@@ -226,8 +230,8 @@ class _InfoNCEFn(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, inv_temp, *saved = ctx.saved_tensors
         normalize, symmetric, d, backend = ctx.cfg
-        dq, dk, gz = _info_nce_bwd_op(grad.to(inv_temp.dtype).reshape(()), q, k, saved, inv_temp, normalize,
-                                      symmetric, d, backend)
+        dq, dk, gz = _call(backend, "info_nce_bwd", grad.to(inv_temp.dtype).reshape(()), q, k, *saved, inv_temp,
+                           normalize, symmetric, d)
         dtemp = None
         if ctx.needs_input_grad[2]:
             dtemp = (-gz * inv_temp).to(ctx.temp_dtype)

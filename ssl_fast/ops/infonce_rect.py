@@ -30,6 +30,7 @@ between ranks and its average over ranks is the global loss); the gradients are 
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -124,7 +125,7 @@ def _cpp_op(name, fake):
 
 _CPP_FWD = _cpp_op("infonce_rect_fwd_cpp", _cpp_fwd_fake)
 _CPP_BWD = _cpp_op("infonce_rect_bwd_cpp", _cpp_bwd_fake)
-CPU_BLOCK = 0  # 0: the kernel picks (see pick_block in the C++ file)
+CPU_BLOCK = int(os.environ.get("SSL_FAST_CPU_BLOCK", "0"))  # cpp tile rows; 0: the kernel picks (pick_block)
 
 
 def _cpp_fwd(rows, cands, pos, excl, inv_temp, normalize):
@@ -139,43 +140,44 @@ def _cpp_bwd(w, rows, cands, saved, lse, pos, excl, inv_temp, normalize, grad_co
 
 
 # ----------------------------------------------------------------------------------------------------
-# triton backend (kernels/infonce.py, section "Rectangular"), registered lazily (imports triton)
-
-_TRITON_OPS: list = []
+# triton backend (kernels/infonce.py, section "Rectangular"); the impls import the kernels on first use
 
 
-def _triton_ops():
-    if not _TRITON_OPS:
-        from ssl_fast.kernels import infonce as k
+def _kernels():
+    from ssl_fast.kernels import infonce as kernels
 
-        def fwd_fake(rows, cands, pos, excl, inv_temp, normalize):
-            r, cn = rows.shape[0], cands.shape[0]
-            f = lambda *s: rows.new_empty(s, dtype=torch.float32)  # noqa: E731
-            return [f(r), f(r), f(r), f(cn)]
+    return kernels
 
-        def bwd_fake(w, rows, cands, row_norms, cand_norms, lse, pos, excl, inv_temp, normalize, grad_cols):
-            f = lambda *s: rows.new_empty(s, dtype=torch.float32)  # noqa: E731
-            return [f(*rows.shape), f(grad_cols, rows.shape[1]), f()]
 
-        fwd = _library.define(
-            "infonce_rect_fwd_triton(Tensor rows, Tensor cands, Tensor pos, Tensor excl, Tensor inv_temp, "
-            "bool normalize) -> Tensor[]", fwd_fake, cpu=k.rect_forward, cuda=k.rect_forward)
-        bwd = _library.define(
-            "infonce_rect_bwd_triton(Tensor w, Tensor rows, Tensor cands, Tensor row_norms, Tensor cand_norms, "
-            "Tensor lse, Tensor pos, Tensor excl, Tensor inv_temp, bool normalize, int grad_cols) -> Tensor[]",
-            bwd_fake, cpu=k.rect_backward, cuda=k.rect_backward)
-        _TRITON_OPS.extend([fwd, bwd])
-    return _TRITON_OPS
+def _triton_fwd_fake(rows, cands, pos, excl, inv_temp, normalize):
+    r, cn = rows.shape[0], cands.shape[0]
+    f = lambda *s: rows.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return [f(r), f(r), f(r), f(cn)]
+
+
+def _triton_bwd_fake(w, rows, cands, row_norms, cand_norms, lse, pos, excl, inv_temp, normalize, grad_cols):
+    f = lambda *s: rows.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return [f(*rows.shape), f(grad_cols, rows.shape[1]), f()]
+
+
+_TRITON_FWD = _library.define(
+    "infonce_rect_fwd_triton(Tensor rows, Tensor cands, Tensor pos, Tensor excl, Tensor inv_temp, bool normalize) "
+    "-> Tensor[]", _triton_fwd_fake,
+    cpu=lambda *a: _kernels().rect_forward(*a), cuda=lambda *a: _kernels().rect_forward(*a))
+_TRITON_BWD = _library.define(
+    "infonce_rect_bwd_triton(Tensor w, Tensor rows, Tensor cands, Tensor row_norms, Tensor cand_norms, Tensor lse, "
+    "Tensor pos, Tensor excl, Tensor inv_temp, bool normalize, int grad_cols) -> Tensor[]", _triton_bwd_fake,
+    cpu=lambda *a: _kernels().rect_backward(*a), cuda=lambda *a: _kernels().rect_backward(*a))
 
 
 def _triton_fwd(rows, cands, pos, excl, inv_temp, normalize):
-    terms, lse, rnorm, cnorm = _triton_ops()[0](rows, cands, pos, excl, inv_temp, normalize)
+    terms, lse, rnorm, cnorm = _TRITON_FWD(rows, cands, pos, excl, inv_temp, normalize)
     return terms, lse, [rnorm, cnorm]
 
 
 def _triton_bwd(w, rows, cands, saved, lse, pos, excl, inv_temp, normalize, grad_cols):
     rnorm, cnorm = saved
-    da, dc, gz = _triton_ops()[1](w, rows, cands, rnorm, cnorm, lse, pos, excl, inv_temp, normalize, grad_cols)
+    da, dc, gz = _TRITON_BWD(w, rows, cands, rnorm, cnorm, lse, pos, excl, inv_temp, normalize, grad_cols)
     return da, dc, gz
 
 
