@@ -863,7 +863,11 @@ def info_nce_backward(grad, q, k, lse, nrm, cos, inv_temp, normalize, symmetric,
 # Backward for per-row weights w_i = dL/dt_i:
 #   W_ij = w_i (P_ij - [j == p(i)]),  P_ij = 2^(s2_ij - lse2_i)  (0 at e(i) and beyond Cn)
 #   G^a_i = dL/da_i = (1/T) sum_j W_ij c_j,   G^c_j = dL/dc_j = (1/T) sum_i W_ij a_i
-#   <a_i, G^a_i> = sum_j W_ij S_ij   (from the recomputed logits; same for c_j over i)
+#   <a_i, G^a_i> = sum_j W_ij S_ij from the recomputed logits (fp32; gz, and dx when d spans several
+#   D-chunks), or from G itself when one program holds the whole d (then it cancels exactly in dx).
+#   The gradient GEMMs take W in fp32 and the rows / candidates upcast to fp32 (TF32 on tensor cores unless
+#   IEEE): rounding W to bf16 (as the NT-Xent kernels round P) costs ~2^-9 relative per gradient element,
+#   which the rectangular op's few-column cases (a queue-only row, tiny local batches) do not average away.
 #   dx_i = r_i (G^a_i - a_i <a_i, G^a_i>) if |x_i| > eps, else G^a_i / eps (F.normalize); dx = G^a raw.
 #   gz = sum_i <a_i, G^a_i> = -T dL/dT (temperature gradient).
 # Kernels (fp32 statistics and accumulators, -inf masks, int64 row offsets):
@@ -922,7 +926,7 @@ def _rect_bwd_rows_kernel(
     stride_x, stride_y,
     R, Cn, d,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     cid = tl.program_id(1)
@@ -954,11 +958,15 @@ def _rect_bwd_rows_kernel(
         dot += tl.sum(tl.where(keep | (cols[None, :] == p[:, None]), wm * s2, 0.0), axis=1)
         yj = tl.load(y_ptr + cols[:, None] * stride_y + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
                      other=0.0)
-        acc = _mma((wm * rj[None, :]).to(yj.dtype), yj, acc, UPCAST, IEEE)
+        acc = _mma(wm * rj[None, :], yj.to(tl.float32), acc, False, IEEE)
     g = acc * it
-    dotn = dot * 0.6931471805599453  # <a_i, G_i> = sum_j W_ij S_ij
     xa = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
                  other=0.0).to(tl.float32)
+    gzn = dot * 0.6931471805599453  # <a_i, G_i> = sum_j W_ij S_ij from the logits (fp32)
+    if SINGLE:  # the whole d in this chunk: <a_i, G_i> from G itself, so that it cancels exactly in dx
+        dotn = tl.sum(xa * ri[:, None] * g, axis=1)
+    else:  # this program holds one D-chunk of G only
+        dotn = gzn
     if NORMALIZE:
         a = xa * ri[:, None]
         dx = tl.where((nrm > 1e-12)[:, None], (g - a * dotn[:, None]) * ri[:, None], g * ri[:, None])
@@ -966,7 +974,7 @@ def _rect_bwd_rows_kernel(
         dx = g
     tl.store(dx_ptr + rows[:, None] * d + dcols[None, :], dx, mask=rmask[:, None] & dmask[None, :])
     if cid == 0:
-        tl.store(gz_ptr + pid, tl.sum(tl.where(rmask, dotn, 0.0), axis=0))
+        tl.store(gz_ptr + pid, tl.sum(tl.where(rmask, gzn, 0.0), axis=0))
 
 
 @triton.jit
@@ -975,7 +983,7 @@ def _rect_bwd_cols_kernel(
     stride_x, stride_y,
     R, grad_cols, d,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     cid = tl.program_id(1)
@@ -1008,11 +1016,14 @@ def _rect_bwd_cols_kernel(
         dot += tl.sum(tl.where(keep | ispos, wt * s2, 0.0), axis=1)
         xi = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
                      other=0.0)
-        acc = _mma((wt * ri[None, :]).to(xi.dtype), xi, acc, UPCAST, IEEE)
+        acc = _mma(wt * ri[None, :], xi.to(tl.float32), acc, False, IEEE)
     g = acc * it
-    dotn = dot * 0.6931471805599453
     yc = tl.load(y_ptr + cols[:, None] * stride_y + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
                  other=0.0).to(tl.float32)
+    if SINGLE:
+        dotn = tl.sum(yc * rj[:, None] * g, axis=1)
+    else:
+        dotn = dot * 0.6931471805599453
     if NORMALIZE:
         c = yc * rj[:, None]
         dy = tl.where((nrm > 1e-12)[:, None], (g - c * dotn[:, None]) * rj[:, None], g * rj[:, None])
@@ -1068,6 +1079,7 @@ def rect_backward(w, rows, cands, row_norms, cand_norms, lse, pos, excl, inv_tem
     common = dict(NORMALIZE=bool(normalize), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], **_flags(rows))
     chunks = triton.cdiv(d, cfg["BLOCK_D"])
+    common["SINGLE"] = chunks == 1
     w = w.to(torch.float32).contiguous()
     with _device_ctx(rows):
         dx = torch.empty((r, d), dtype=torch.float32, device=rows.device)

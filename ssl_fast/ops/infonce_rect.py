@@ -206,6 +206,8 @@ class _RectFn(torch.autograd.Function):
         acc = _acc_dtype(rows)
         inv_temp = (1.0 / temperature.detach().to(acc)).reshape(())
         world, _ = _dist.world_and_rank(group)
+        ctx.own_is_rows = own is None  # NT-Xent / symmetric: the rows are the candidates (one input: dynamo
+        own = rows if own is None else own  # rejects the same tensor passed twice to a Function)
         g = _dist.all_gather(own, group) if group is not None else own
         block = own.shape[0]
         fwd = _FWD[backend]
@@ -246,6 +248,8 @@ class _RectFn(torch.autograd.Function):
         dg = dg.view(world * block, d)
         down = _dist.reduce_scatter(dg, ctx.group) if ctx.group is not None else dg
         dtemp = (-gz * inv_temp).to(temp_dtype) if ctx.needs_input_grad[3] else None
+        if ctx.own_is_rows:
+            return (drows.add_(down.view(drows.shape)).to(rows_dtype), None, None, dtemp, None, None, None, None)
         return (drows.to(rows_dtype) if ctx.needs_input_grad[0] else None,
                 down.to(own_dtype).view(own_shape) if ctx.needs_input_grad[1] else None,
                 None, dtemp, None, None, None, None)
@@ -309,7 +313,8 @@ def ntxent_global(z1, z2, temperature=0.5, *, normalize=True, feature_dim=None, 
     i = _arange(m, z1.device)
     excl = i + rank * m
     pos = (i + n) % m + rank * m
-    terms = _RectFn.apply(x, x, None, temp, [Problem(0, m, 0, m, False, pos, excl)], group, bool(normalize), name)
+    terms = _RectFn.apply(x, None, None, temp, [Problem(0, m, 0, m, False, pos, excl)], group, bool(normalize),
+                          name)
     return _finish(terms, m, world, group, local_loss)
 
 
@@ -337,7 +342,7 @@ def info_nce_global(query, key, temperature=0.1, *, normalize=True, symmetric=Fa
         return _finish(terms, n, world, group, local_loss)
     x = torch.cat([query[:, :d], key[:, :d]])
     problems = [Problem(0, n, n, 2 * n, has_neg, pos, excl), Problem(n, 2 * n, 0, n, False, pos, excl)]
-    terms = _RectFn.apply(x, x, neg, temp, problems, group, bool(normalize), name)
+    terms = _RectFn.apply(x, None, neg, temp, problems, group, bool(normalize), name)
     return _finish(terms, n, world, group, local_loss, weight=0.5)
 
 
