@@ -217,6 +217,8 @@ class _RectFn(torch.autograd.Function):
             r = rows[p.r0:p.r1]
             t, lse, saved = fwd(r, cands, p.pos, p.excl, inv_temp, normalize)
             terms.append(t)
+            if backend == "cpp":  # its saved tensors hold the normalized copies: the inputs are not needed
+                r, cands = r.new_empty(0), cands.new_empty(0)
             flat += [r, cands, lse, *saved]
             layout.append(3 + len(saved))
         ctx.save_for_backward(inv_temp, *flat)
