@@ -1035,16 +1035,18 @@ def _rect_bwd_cols_kernel(
 def _rect_config(d: int, dtype: torch.dtype) -> dict:
     """Tiles of the rectangular kernels (a first table, not tuned on a GPU yet)."""
     dp = _pow2(d)
+    # backward: 8 warps (with 4, sm_90 needs 250-255 registers for the 64 x 128 fp32 accumulator and the
+    # column kernel spills; measured with scripts/check_triton_compile.py)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=min(dp, 32), BLOCK_D=min(dp, 64), num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(dp, 64), BLOCK_D=min(dp, 128), num_warps=4)
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=min(dp, 32), BLOCK_D=min(dp, 64), num_warps=4, bwd_warps=8)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(dp, 64), BLOCK_D=min(dp, 128), num_warps=4, bwd_warps=8)
 
 
 def _rect_inputs(rows, cands, d_check=True):
     for x, name in ((rows, "rows"), (cands, "cands")):
         if x.dim() != 2 or x.dtype not in _DTYPES:
             raise TypeError(f"{name}: the triton backend takes 2-D float32 / bfloat16 / float16 tensors")
-        if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
+        if x.device.type not in ("cuda", "meta") and not (x.device.type == "cpu" and _interpreting()):
             raise RuntimeError(f"{name}: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
     if rows.shape[1] != cands.shape[1] or rows.dtype != cands.dtype:
         raise ValueError("rows and cands must have the same width and dtype")
@@ -1077,7 +1079,7 @@ def rect_backward(w, rows, cands, row_norms, cand_norms, lse, pos, excl, inv_tem
     cn = cands.shape[0]
     cfg = _rect_config(d, rows.dtype)
     common = dict(NORMALIZE=bool(normalize), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], **_flags(rows))
+                  BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["bwd_warps"], **_flags(rows))
     chunks = triton.cdiv(d, cfg["BLOCK_D"])
     common["SINGLE"] = chunks == 1
     w = w.to(torch.float32).contiguous()
