@@ -188,3 +188,31 @@ def test_compile_fullgraph(backend):
     assert err(compiled, eager) < 1e-6
     for a, b in zip(gc, ge):
         assert err(a, b) < 1e-6
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C (cpp backend)")
+def test_first_call_negatives_is_cheap():
+    """A fresh process's first info_nce(negatives=...) imports nothing heavy (no sympy / dynamo)."""
+    import json
+    import subprocess
+    import sys
+
+    import test_first_call as tfc
+
+    child = tfc.CHILD.replace("fn = getattr(ssl_fast, sys.argv[1])",
+                              "fn = lambda a, b: ssl_fast.info_nce(a, b, negatives=2 * b.detach()[:16])")
+    assert child != tfc.CHILD
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env.pop("TRITON_INTERPRET", None)
+    runs = []
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", child, "x"], cwd=tfc.ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert r["heavy"] == [] and r["grad_ok"], r
+        runs.append(r)
+        if r["ms"] < 50.0 and r["mib"] < 20.0:
+            break
+    assert min(r["mib"] for r in runs) < 20.0, runs
+    assert min(r["ms"] for r in runs) < 50.0, runs
