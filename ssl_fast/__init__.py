@@ -30,3 +30,8 @@ __all__ = [
     "set_backend",
 ]
 __all__ += ["GradCache", "distributed", "gradcache"]
+
+# Sinkhorn-Knopp (SwAV codes)
+from .functional import sinkhorn_knopp  # noqa: E402
+
+__all__ += ["sinkhorn_knopp"]

@@ -6,3 +6,8 @@ from .memory_bank import MemoryBank  # queues of negatives (distributed branch)
 
 __all__ = ["DirectCLRLoss", "InfoNCELoss", "NTXentLoss"]
 __all__ += ["MemoryBank"]
+
+# SwAV
+from .swav import SwaVLoss, SwaVPrototypes  # noqa: E402
+
+__all__ += ["SwaVLoss", "SwaVPrototypes"]
