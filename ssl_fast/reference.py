@@ -119,6 +119,9 @@ def info_nce_negatives_reference(
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy((k @ q.t()) / temperature, target))
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp (SwAV's equal-partition codes)
 
 
