@@ -14,7 +14,7 @@ Several checks share one spawn to keep the file quick.
 """
 
 import os
-import socket
+import tempfile
 import traceback
 
 import pytest
@@ -29,16 +29,11 @@ from ssl_fast.ops import infonce_rect as rect
 N, D = 3, 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, fn, args):
+def _worker(rank, world, init_file, fn, args):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file rendezvous: no port to pick (another process on the machine may take a "free" port first)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     except Exception:
@@ -49,7 +44,8 @@ def _worker(rank, world, port, fn, args):
 
 
 def spawn(fn, world, *args):
-    mp.spawn(_worker, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world, join=True)
 
 
 def _inputs(world, n=N, d=D, dtype=torch.float64, seed=0):
