@@ -26,3 +26,8 @@ __all__ = [
     "reference",
     "set_backend",
 ]
+
+# EMA teacher update (issue 10)
+from .functional import ema_update_, update_momentum  # noqa: E402
+
+__all__ += ["ema_update_", "update_momentum"]
