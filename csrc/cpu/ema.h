@@ -9,7 +9,9 @@
 // Every check runs before anything is written: a call that fails modifies nothing.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <map>
