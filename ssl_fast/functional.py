@@ -164,7 +164,7 @@ def byol_loss(p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Te
             the target network's outputs (computed under ``torch.no_grad`` or ``.detach()``-ed).
 
     Returns:
-        0-dim tensor in the inputs' dtype.
+        0-dim tensor, float32 (float64 for float64 inputs).
 
     Raises:
         ValueError: inputs that are not 2-D or do not all have the same shape.
