@@ -1,8 +1,9 @@
 """Triton kernel of the multi-tensor EMA (teacher) update: the fallback of ``csrc/cuda/ema.cu``.
 
 Math (as in ``csrc/cpu/ema.cpp``). For every pair (e, o) = (ema[i], online[i]) and element j, w = 1 - m:
-    e_j <- m e_j + (1 - m) o_j  =  e_j + w (o_j - e_j)
-both operands converted to ACC (fp32; fp64 for fp64 tensors), one rounding in ACC, one round-to-nearest-
+    e_j <- m e_j + (1 - m) o_j  =  e_j + w (o_j - e_j)  =  o_j - m (o_j - e_j)
+(torch.lerp's two-sided form: the first when w < 1/2, the second otherwise; exact at m = 1, m = 0 and
+where o == e), both operands converted to ACC (fp32; fp64 for fp64 tensors), one rounding in ACC, one round-to-nearest-
 even rounding to e's dtype on the store. No gradient (in-place update under no_grad).
 
 Bandwidth bound: per element sizeof(E) + sizeof(O) bytes read and sizeof(E) written (12 B fp32, 6 B
@@ -56,8 +57,30 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat
 
 
 @triton.jit
-def _ema_kernel(tab_ptr, e_base, o_base, m_ptr, w, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                M_FROM_PTR: tl.constexpr, E_VEC: tl.constexpr, O_VEC: tl.constexpr):
+def _rne_bf16(x):
+    """fp32 -> bf16 rounded to nearest even, in integer ops (NaN -> quiet NaN). Used only under the
+    interpreter, whose ``.to(tl.bfloat16)`` truncates (on a GPU the conversion is cvt.rn, nearest even)."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _lerp_store(e_ptrs, e, o, w, m, mask, RNE_BF16: tl.constexpr):
+    # torch.lerp's two-sided form: exact at m = 1, m = 0 and where o == e (w is uniform: one side is used)
+    d = o - e
+    r = tl.where(w < 0.5, e + w * d, o - m * d)
+    if RNE_BF16:
+        tl.store(e_ptrs, _rne_bf16(r.to(tl.float32)), mask=mask)
+    else:
+        tl.store(e_ptrs, r.to(e_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ema_kernel(tab_ptr, e_base, o_base, m_ptr, m_arg, w_arg, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                ACC: tl.constexpr, M_FROM_PTR: tl.constexpr, E_VEC: tl.constexpr, O_VEC: tl.constexpr,
+                RNE_BF16: tl.constexpr):
     """Program c updates chunk c. Row c of tab (int64 [n_chunks, 3]) = (ema offset, online offset, length):
     the chunk's ema elements start at e_base + ema offset (offsets in elements from the group's first
     tensor, so the compiler keeps e_base's 16-byte alignment when E_VEC / O_VEC > 1 promise that every
@@ -69,22 +92,24 @@ def _ema_kernel(tab_ptr, e_base, o_base, m_ptr, w, CHUNK: tl.constexpr, BLOCK: t
     e_ptr = e_base + e_off
     o_ptr = o_base + o_off
     if M_FROM_PTR:
-        wt = 1.0 - tl.load(m_ptr).to(ACC)
-    else:
-        wt = w  # an fp32 scalar argument (ACC is fp32 here: fp64 momentum always comes through m_ptr)
+        m = tl.load(m_ptr).to(ACC)
+        w = 1.0 - m
+    else:  # fp32 scalar arguments (ACC is fp32 here: an fp64 momentum always comes through m_ptr)
+        m = m_arg
+        w = w_arg
     offs = tl.arange(0, BLOCK)
-    if n == CHUNK:
+    if n == CHUNK:  # a full chunk: no mask, so the accesses vectorize
         for start in tl.static_range(0, CHUNK, BLOCK):
             e = tl.load(e_ptr + start + offs).to(ACC)
             o = tl.load(o_ptr + start + offs).to(ACC)
-            tl.store(e_ptr + start + offs, (e + wt * (o - e)).to(e_base.dtype.element_ty))
+            _lerp_store(e_ptr + start + offs, e, o, w, m, None, RNE_BF16)
     else:
         for start in tl.static_range(0, CHUNK, BLOCK):
             idx = start + offs
             mask = idx < n
             e = tl.load(e_ptr + idx, mask=mask, other=0.0).to(ACC)
             o = tl.load(o_ptr + idx, mask=mask, other=0.0).to(ACC)
-            tl.store(e_ptr + idx, (e + wt * (o - e)).to(e_base.dtype.element_ty), mask=mask)
+            _lerp_store(e_ptr + idx, e, o, w, m, mask, RNE_BF16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,8 +202,9 @@ def ema_update_(ema: List[torch.Tensor], online: List[torch.Tensor], momentum: f
                 m_t, from_ptr = tab, False
             e0, o0 = pairs[0]
             _ema_kernel[(tab.shape[0],)](
-                tab, e0, o0, m_t, 1.0 - momentum, CHUNK=CHUNK, BLOCK=BLOCK, ACC=_TL_DTYPES[acc],
+                tab, e0, o0, m_t, momentum, 1.0 - momentum, CHUNK=CHUNK, BLOCK=BLOCK, ACC=_TL_DTYPES[acc],
                 M_FROM_PTR=from_ptr, E_VEC=16 // e0.element_size() if aligned else 1,
-                O_VEC=16 // o0.element_size() if aligned else 1, num_warps=NUM_WARPS)
+                O_VEC=16 // o0.element_size() if aligned else 1, RNE_BF16=_INTERPRET and edt == torch.bfloat16,
+                num_warps=NUM_WARPS)
     for e, ew in backs:
         e.copy_(ew)

@@ -130,11 +130,11 @@ for arch in (80, 90):
             for from_ptr in ((True,) if acc == torch.float64 else (False, True)):
                 meta = dict(device="meta")
                 args = (torch.empty(8, 3, dtype=torch.int64, **meta), torch.empty(64, dtype=ed, **meta),
-                        torch.empty(64, dtype=od, **meta), torch.empty((), dtype=acc, **meta), 0.004)
+                        torch.empty(64, dtype=od, **meta), torch.empty((), dtype=acc, **meta), 0.996, 0.004)
                 e_size, o_size = args[1].element_size(), args[2].element_size()
                 kw = dict(CHUNK=K.CHUNK, BLOCK=K.BLOCK, ACC=K._TL_DTYPES[acc], M_FROM_PTR=from_ptr,
                           E_VEC=16 // e_size if aligned else 1, O_VEC=16 // o_size if aligned else 1,
-                          num_warps=K.NUM_WARPS)
+                          RNE_BF16=False, num_warps=K.NUM_WARPS)
                 sig = chk._specialize(api, K._ema_kernel, arch, args, kw)
                 ptx = chk._compile(api, K._ema_kernel, arch, *sig).asm["ptx"]
                 print(json.dumps(dict(arch=arch, e=str(ed), o=str(od), aligned=aligned, from_ptr=from_ptr,

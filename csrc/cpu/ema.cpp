@@ -1,9 +1,11 @@
 // Multi-tensor EMA (teacher) update on the CPU, and the schema of the op ssl_fast::ema_update_.
 //
 // Math. For every pair (e, o) = (ema[i], online[i]) of the same shape and every element j:
-//     e_j <- m e_j + (1 - m) o_j  =  e_j + w (o_j - e_j),   w = 1 - m,  m in [0, 1].
-// The lerp form is used: one subtraction and one multiply-add per element, and e_j stays exactly e_j
-// when o_j == e_j (a converged teacher does not drift by rounding). Both operands are converted to the
+//     e_j <- m e_j + (1 - m) o_j  =  e_j + w (o_j - e_j)  =  o_j - m (o_j - e_j),   w = 1 - m,  m in [0, 1].
+// The lerp form is used, with torch.lerp's choice of side: e + w (o - e) when w < 1/2 (every EMA in
+// practice), o - m (o - e) otherwise. One subtraction and one multiply-add per element; e_j stays exactly
+// e_j when o_j == e_j (a converged teacher does not drift by rounding), m = 1 leaves e unchanged and m = 0
+// copies o exactly, and the fp32 result equals torch._foreach_lerp_'s. Both operands are converted to the
 // accumulation type A (fp32; fp64 when either tensor is fp64), the update is one rounding of
 // e + w (o - e) in A, then one rounding to e's dtype on the store. Compared with the eager pair
 // `e.mul_(m); e.add_(o, alpha=1 - m)` in bf16 / fp16, which rounds to the 16-bit type twice per step, the
@@ -121,11 +123,22 @@ inline void store<c10::Half, float>(c10::Half* p, const float* in, int64_t n) {
 
 // ---- one contiguous span ---------------------------------------------------------------------------
 
-template <typename E, typename O, typename A>
-inline void lerp_span(E* e, const O* o, int64_t n, A w) {
-  if constexpr (std::is_same_v<E, A> && std::is_same_v<O, A>) {
+// e <- e + w (o - e) (FROM_E: w < 1/2) or o - m (o - e) (otherwise), over n contiguous elements.
+template <bool FROM_E, typename A>
+inline void lerp_acc(A* __restrict e, const A* __restrict o, int64_t n, A w, A m) {
+  if constexpr (FROM_E) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) e[i] = e[i] + w * (o[i] - e[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) e[i] = o[i] - m * (o[i] - e[i]);
+  }
+}
+
+template <bool FROM_E, typename E, typename O, typename A>
+inline void lerp_span(E* e, const O* o, int64_t n, A w, A m) {
+  if constexpr (std::is_same_v<E, A> && std::is_same_v<O, A>) {
+    lerp_acc<FROM_E, A>(e, o, n, w, m);
   } else {
     alignas(64) A eb[kBlock];
     alignas(64) A ob[kBlock];
@@ -133,8 +146,7 @@ inline void lerp_span(E* e, const O* o, int64_t n, A w) {
       const int64_t len = std::min(kBlock, n - s);
       load<E, A>(e + s, eb, len);
       load<O, A>(o + s, ob, len);
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) eb[i] = eb[i] + w * (ob[i] - eb[i]);
+      lerp_acc<FROM_E, A>(eb, ob, len, w, m);
       store<E, A>(e + s, eb, len);
     }
   }
@@ -155,12 +167,18 @@ void run_group(const ema::Group& g, double momentum) {
     offs[i + 1] = offs[i] + g.pairs[i].ema_work.numel();
   }
   const A w = static_cast<A>(1.0 - momentum);
+  const A m = static_cast<A>(momentum);
+  const bool from_e = w < A(0.5);
   at::parallel_for(0, offs[n], kGrain, [&](int64_t begin, int64_t end) {
     size_t t = static_cast<size_t>(std::upper_bound(offs.begin(), offs.end(), begin) - offs.begin()) - 1;
     while (begin < end) {
       const int64_t stop = std::min(end, offs[t + 1]);
       const int64_t off = begin - offs[t];
-      lerp_span<E, O, A>(ep[t] + off, op[t] + off, stop - begin, w);
+      if (from_e) {
+        lerp_span<true, E, O, A>(ep[t] + off, op[t] + off, stop - begin, w, m);
+      } else {
+        lerp_span<false, E, O, A>(ep[t] + off, op[t] + off, stop - begin, w, m);
+      }
       begin = stop;
       ++t;
     }

@@ -2,8 +2,9 @@
 // kernel in csrc/cpu/ema.cpp; argument checks, layouts and dtype grouping shared in csrc/cpu/ema.h).
 //
 // Math. For every pair (e, o) = (ema[i], online[i]) and element j, with w = 1 - m:
-//     e_j <- m e_j + (1 - m) o_j  =  e_j + w (o_j - e_j)        (lerp: exact when o_j == e_j)
-// in the accumulation type A = fp32 (fp64 when a tensor is fp64): both operands are converted to A, one
+//     e_j <- m e_j + (1 - m) o_j  =  e_j + w (o_j - e_j)  =  o_j - m (o_j - e_j)
+// (torch.lerp's two-sided form: the first when w < 1/2, as in every EMA, the second otherwise; exact when
+// o_j == e_j, at m = 1 and at m = 0) in the accumulation type A = fp32 (fp64 when a tensor is fp64): both operands are converted to A, one
 // rounding of e + w (o - e) in A, one rounding (round-to-nearest-even) to e's dtype on the store. No
 // gradient (an in-place optimizer-like update under no_grad).
 //
@@ -60,7 +61,8 @@ struct Table {
   int64_t numel[kMaxTensors];
   int32_t chunk_start[kMaxTensors + 1];
   const void* momentum_ptr;  // 0-dim tensor of the accumulation dtype, or nullptr: use w
-  double w;                  // 1 - momentum when momentum_ptr is null
+  double m;                  // momentum when momentum_ptr is null
+  double w;                  // 1 - momentum (formed in double: 1 - 0.996 is exact there, not in fp32)
   int32_t n;
 };
 static_assert(sizeof(Table) <= 32764, "Table exceeds the 32764-byte kernel parameter limit");
@@ -93,14 +95,16 @@ __device__ __forceinline__ A to_acc(T x) {
 }
 
 template <typename E, typename O, typename A>
-__device__ __forceinline__ E lerp(E e, O o, A w) {
+__device__ __forceinline__ E lerp(E e, O o, A w, A m) {
   const A a = to_acc<A>(e);
-  return static_cast<E>(a + w * (to_acc<A>(o) - a));
+  const A b = to_acc<A>(o);
+  return static_cast<E>(w < A(0.5) ? a + w * (b - a) : b - m * (b - a));  // w is uniform: no divergence
 }
 
 template <typename E, typename O, typename A, int V>
 __global__ void __launch_bounds__(kThreads) ema_multi_tensor_kernel(const __grid_constant__ Table tab) {
-  const A w = tab.momentum_ptr != nullptr ? A(1) - *static_cast<const A*>(tab.momentum_ptr) : static_cast<A>(tab.w);
+  const A m = tab.momentum_ptr != nullptr ? *static_cast<const A*>(tab.momentum_ptr) : static_cast<A>(tab.m);
+  const A w = tab.momentum_ptr != nullptr ? A(1) - m : static_cast<A>(tab.w);
   const int total = tab.chunk_start[tab.n];
   for (int c = blockIdx.x; c < total; c += gridDim.x) {
     int lo = 0, hi = tab.n - 1;  // the last t with chunk_start[t] <= c (tensors in the table are non-empty)
@@ -135,14 +139,14 @@ __global__ void __launch_bounds__(kThreads) ema_multi_tensor_kernel(const __grid
           const int64_t i = base + u * kThreads;
           if (i < nvec) {
 #pragma unroll
-            for (int k = 0; k < V; ++k) eb[u].v[k] = lerp<E, O, A>(eb[u].v[k], ob[u].v[k], w);
+            for (int k = 0; k < V; ++k) eb[u].v[k] = lerp<E, O, A>(eb[u].v[k], ob[u].v[k], w, m);
             ev[i] = eb[u];
           }
         }
       }
       done = nvec * V;
     }
-    for (int64_t i = done + threadIdx.x; i < len; i += kThreads) e[i] = lerp<E, O, A>(e[i], o[i], w);
+    for (int64_t i = done + threadIdx.x; i < len; i += kThreads) e[i] = lerp<E, O, A>(e[i], o[i], w, m);
   }
 }
 
@@ -165,6 +169,7 @@ void launch_group(const ema::Group& g, double momentum, const c10::optional<at::
     Table tab;
     tab.n = static_cast<int32_t>(std::min(count - first, static_cast<size_t>(kMaxTensors)));
     tab.momentum_ptr = m_ptr;
+    tab.m = momentum;
     tab.w = 1.0 - momentum;
     int64_t chunks = 0;
     for (int t = 0; t < tab.n; ++t) {
