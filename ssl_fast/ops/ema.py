@@ -122,6 +122,8 @@ def check_pairs(ema: Sequence, online: Sequence) -> None:
 
 def _resolve(device: torch.device, requested: Optional[str]) -> str:
     name = _backend._check_name(requested) if requested else _backend.get_backend()
+    if device.type == "cpu" and name in ("auto", "cpp") and _CPP_OP is not None:
+        return "cpp"  # the common case, without the generic resolution's per-call imports
     if device.type == "cuda" and name in ("auto", "cpp"):
         if HAS_CUDA_KERNEL:
             return "cpp"
@@ -167,14 +169,17 @@ def _torch_update(ema: List[torch.Tensor], online: List[torch.Tensor], value: fl
 
 
 def _run(ema, online, value, mt, device, backend_name: str) -> None:
-    value, mt = _momentum_for(device, value, mt, backend_name)
-    with torch.no_grad():
-        if backend_name == "cpp":
-            _CPP_OP(ema, online, value, mt)
-        elif backend_name == "triton":
-            _triton_op()(ema, online, value, mt)
-        else:
-            _torch_update(ema, online, value, mt)
+    if mt is not None:
+        value, mt = _momentum_for(device, value, mt, backend_name)
+    if torch.is_grad_enabled():  # an in-place update of tensors that may require grad (model parameters)
+        with torch.no_grad():
+            return _run(ema, online, value, mt, device, backend_name)
+    if backend_name == "cpp":
+        _CPP_OP(ema, online, value, mt)
+    elif backend_name == "triton":
+        _triton_op()(ema, online, value, mt)
+    else:
+        _torch_update(ema, online, value, mt)
 
 
 # ----------------------------------------------------------------------------------------------------
