@@ -211,6 +211,9 @@ def _parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K")
     p.add_argument("--out", default=None, help=f"results folder (default {os.path.relpath(SCRATCH)})")
     p.add_argument("--save", action="store_true", help="also append the rows to bench/results/ema.csv (committed)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list K times, interleaving the providers, and keep each setting's median "
+                        "round (robust to a busy machine)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--_child", help=argparse.SUPPRESS)
@@ -307,25 +310,34 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     commit = H.git_commit()
     dev_name = H.device_name(device)
+    by_key: Dict[tuple, List[Dict]] = {}
+    for rnd in range(max(1, args.rounds)):
+        for model in args.models:
+            for dtype in args.dtypes:
+                for prov in providers:
+                    spec = dict(model=model, dtype=dtype, provider=prov, device=device, threads=args.threads,
+                                repeats=args.repeats, cuda_rep_ms=args.cuda_rep_ms)
+                    res = H.run_child([sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)],
+                                      timeout=args.timeout)
+                    row = {c: "" for c in COLUMNS}
+                    row.update(timestamp=stamp, commit=commit, device=device, device_name=dev_name,
+                               threads=args.threads, torch=torch.__version__, triton=H.package_version("triton"),
+                               model=model, dtype=dtype, mode="update", provider=prov, repeats=args.repeats,
+                               median_ms=H.NAN, min_ms=H.NAN, peak_mem_mib=H.NAN, gbps=H.NAN, copy_gbps=H.NAN,
+                               pct_copy=H.NAN)
+                    row.update({k: v for k, v in res.items() if k in COLUMNS})
+                    by_key.setdefault((model, dtype, prov), []).append(row)
+                    print(f"[round {rnd + 1}] {model:9s} {dtype:9s} {prov:16s} {H.fmt_num(row['median_ms']):>8s} ms "
+                          f"{H.fmt_num(row['gbps']):>6s} GB/s ({H.fmt_num(row['pct_copy'])}% of copy) "
+                          f"{H.fmt_num(row['peak_mem_mib'])} MiB {row['status']} {row.get('note', '')}", flush=True)
     rows = []
-    for model in args.models:
-        for dtype in args.dtypes:
-            for prov in providers:
-                spec = dict(model=model, dtype=dtype, provider=prov, device=device, threads=args.threads,
-                            repeats=args.repeats, cuda_rep_ms=args.cuda_rep_ms)
-                res = H.run_child([sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)],
-                                  timeout=args.timeout)
-                row = {c: "" for c in COLUMNS}
-                row.update(timestamp=stamp, commit=commit, device=device, device_name=dev_name,
-                           threads=args.threads, torch=torch.__version__, triton=H.package_version("triton"),
-                           model=model, dtype=dtype, mode="update", provider=prov, repeats=args.repeats,
-                           median_ms=H.NAN, min_ms=H.NAN, peak_mem_mib=H.NAN, gbps=H.NAN, copy_gbps=H.NAN,
-                           pct_copy=H.NAN)
-                row.update({k: v for k, v in res.items() if k in COLUMNS})
-                rows.append(row)
-                print(f"{model:9s} {dtype:9s} {prov:16s} {H.fmt_num(row['median_ms']):>8s} ms "
-                      f"{H.fmt_num(row['gbps']):>6s} GB/s ({H.fmt_num(row['pct_copy'])}% of copy) "
-                      f"{H.fmt_num(row['peak_mem_mib'])} MiB {row['status']} {row.get('note', '')}", flush=True)
+    for runs in by_key.values():  # the median round of each setting (by time; NaN rows sort last)
+        runs = sorted(runs, key=lambda r: (math.isnan(H.to_float(r["median_ms"])), H.to_float(r["median_ms"])))
+        row = dict(runs[(len(runs) - 1) // 2])
+        if len(runs) > 1:
+            row["note"] = (row.get("note") or "") + f" median of {len(runs)} rounds: " + ", ".join(
+                H.fmt_num(r["median_ms"]) for r in runs) + " ms"
+        rows.append(row)
     _speedups(rows)
     targets = [out_dir] + ([RESULTS] if args.save and os.path.abspath(RESULTS) != out_dir else [])
     for d in targets:

@@ -23,8 +23,9 @@
 // (csrc/cpu/ema.h). Per group, the tensors are seen as one virtual array of sum(numel) elements (prefix
 // offsets); ONE at::parallel_for splits that range evenly over the threads, and each thread walks its
 // [begin, end) through the tensors it overlaps (binary search for the first). Inner loop: fp32 / fp64
-// operands directly (`omp simd`); bf16 / fp16 in blocks of 256 elements converted to fp32 in L1-resident
-// buffers (bf16: bit shifts, round-to-nearest-even on the way back; fp16: F16C vcvtph2ps / vcvtps2ph when
+// operands directly (`omp simd`); fp32 / bf16 mixes in the same single loop with the bf16 conversions
+// inlined (bit shifts, round-to-nearest-even on the store); fp16 (and fp64 mixes) in blocks of 256
+// elements converted to the accumulation type in L1-resident buffers (fp16: F16C vcvtph2ps / vcvtps2ph when
 // the compiler targets it, c10's scalar conversion otherwise), so every loop vectorizes.
 // Strided views: see csrc/cpu/ema.h (flat layouts in place, others through a contiguous copy).
 
@@ -121,6 +122,39 @@ inline void store<c10::Half, float>(c10::Half* p, const float* in, int64_t n) {
   for (; i < n; ++i) p[i] = static_cast<c10::Half>(in[i]);
 }
 
+// ---- fused fp32 / bf16 path: conversions inside the one vectorized loop (no L1 round trips) --------
+
+template <typename T>
+struct Raw {
+  using type = T;
+};
+template <>
+struct Raw<c10::BFloat16> {
+  using type = uint16_t;
+};
+
+inline float to_f(float x) { return x; }
+inline float to_f(uint16_t bf16_bits) { return __builtin_bit_cast(float, static_cast<uint32_t>(bf16_bits) << 16); }
+inline void from_f(float& dst, float v) { dst = v; }
+inline void from_f(uint16_t& dst, float v) {  // round to nearest even; NaN stays a quiet NaN
+  const uint32_t x = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  dst = static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+template <typename T>
+constexpr bool kFusable = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+template <bool FROM_E, typename RE, typename RO>
+inline void lerp_fused(RE* __restrict e, const RO* __restrict o, int64_t n, float w, float m) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = to_f(e[i]);
+    const float b = to_f(o[i]);
+    from_f(e[i], FROM_E ? a + w * (b - a) : b - m * (b - a));
+  }
+}
+
 // ---- one contiguous span ---------------------------------------------------------------------------
 
 // e <- e + w (o - e) (FROM_E: w < 1/2) or o - m (o - e) (otherwise), over n contiguous elements.
@@ -139,6 +173,9 @@ template <bool FROM_E, typename E, typename O, typename A>
 inline void lerp_span(E* e, const O* o, int64_t n, A w, A m) {
   if constexpr (std::is_same_v<E, A> && std::is_same_v<O, A>) {
     lerp_acc<FROM_E, A>(e, o, n, w, m);
+  } else if constexpr (std::is_same_v<A, float> && kFusable<E> && kFusable<O>) {
+    lerp_fused<FROM_E>(reinterpret_cast<typename Raw<E>::type*>(e), reinterpret_cast<const typename Raw<O>::type*>(o),
+                       n, w, m);
   } else {
     alignas(64) A eb[kBlock];
     alignas(64) A ob[kBlock];
