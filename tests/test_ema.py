@@ -583,3 +583,49 @@ def test_bench_smoke(tmp_path):
         assert math.isnan(float(by["timm"]["median_ms"])) and by["timm"]["note"]
     md = (tmp_path / "ema.md").read_text()
     assert "ssl_fast_cpp" in md and "Effective bandwidth" in md
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU tier (skipped without CUDA)
+
+
+def _cuda_backends():
+    out = ["torch"]
+    if ops.HAS_CUDA_KERNEL:
+        out.append("cpp")
+    if _backend.triton_available():
+        out.append("triton")
+    return out
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("edt,odt", PAIRS, ids=PAIR_IDS)
+def test_cuda_mixed_list_matches_reference(edt, odt):
+    for backend in _cuda_backends():
+        ema, online = _mixed_list(edt, odt, 3_000_001, n_small=200)
+        ema.append(torch.randn(4097, dtype=torch.float64).to(edt)[1:])     # misaligned (odd storage offset)
+        online.append(torch.randn(4096, dtype=torch.float64).to(odt))
+        before = [e.clone() for e in ema]
+        ema_d, online_d = [e.cuda() for e in ema], [o.cuda() for o in online]
+        ops.ema_update_(ema_d, online_d, 0.9, backend=backend)
+        _assert_rule([e.cpu() for e in ema_d], before, online, 0.9, edt)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_graph_capture_with_device_momentum():
+    for backend in [b for b in _cuda_backends() if b != "torch"]:
+        ema = [torch.randn(1000, 37, device="cuda"), torch.randn(5, device="cuda")]
+        online = [torch.randn(1000, 37, device="cuda"), torch.randn(5, device="cuda")]
+        m = torch.full((), 0.9, device="cuda")
+        ops.ema_update_(ema, online, m, backend=backend)  # warm-up: JIT, tables
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.ema_update_(ema, online, m, backend=backend)
+        for value in (0.5, 0.99):
+            m.fill_(value)
+            before = [e.clone() for e in ema]
+            graph.replay()
+            torch.cuda.synchronize()
+            for e, b, o in zip(ema, before, online):
+                torch.testing.assert_close(e, value * b + (1 - value) * o, rtol=1e-6, atol=1e-6)
