@@ -1,6 +1,9 @@
 """The ``ssl-fast`` command.
 
-    ssl-fast info     versions, the compiled extension, Triton, and the backend each device gets
+    ssl-fast info           versions, the compiled extension, Triton, and the backend each device gets
+    ssl-fast train          self-supervised training (simclr, directclr, moco, byol, simsiam, swav)
+    ssl-fast eval           kNN accuracy of a checkpoint's encoder; --export its backbone state_dict
+    ssl-fast linear-probe   logistic regression on a checkpoint's frozen features
 """
 
 from __future__ import annotations
@@ -45,10 +48,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, extension, Triton and backend per device")
+    from . import _train_cli
+
+    _train_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return _train_cli.run(args, parser)
 
 
 if __name__ == "__main__":
