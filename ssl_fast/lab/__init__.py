@@ -24,6 +24,8 @@ from ._common import DEFAULT_OUT, LabResult, threads
 EXPERIMENTS: Dict[str, str] = {
     "mechanisms": "ssl_fast.lab.mechanisms",
     "normalization": "ssl_fast.lab.normalization",
+    "projector": "ssl_fast.lab.projector",
+    "noncontrastive": "ssl_fast.lab.noncontrastive",
 }
 
 

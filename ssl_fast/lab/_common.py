@@ -73,3 +73,17 @@ def f(v: float, digits: int = 3) -> str:
     if abs(v) >= 1e4 or abs(v) < 1e-3:
         return f"{v:.1e}"
     return f"{v:.{digits}g}"
+
+
+def ema_(target, online, momentum: float) -> None:
+    """``target = momentum * target + (1 - momentum) * online`` for two lists of tensors: ssl_fast's fused
+    ``ema_update_`` where the package has it, else one ``torch._foreach_lerp_``."""
+    import ssl_fast
+
+    target, online = list(target), list(online)
+    fn = getattr(ssl_fast, "ema_update_", None)
+    with torch.no_grad():
+        if fn is not None:
+            fn(target, online, momentum)
+        else:
+            torch._foreach_lerp_(target, online, 1.0 - momentum)

@@ -27,7 +27,7 @@ from ssl_fast import diagnostics as dg
 from ssl_fast.diagnostics import plots
 from ssl_fast.diagnostics.report import MarkdownReport
 
-from ._common import LabResult, f, out_dir
+from ._common import LabResult, ema_, f, out_dir
 
 NAME = "normalization"
 FINDING = ("linear BYOL: with the L2 loss strong weight decay collapses the representation; with the cosine "
@@ -37,17 +37,6 @@ ETAS = (0.0, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
 ETAS_QUICK = (0.0, 0.1, 0.5, 1.0, 2.0)
 NORM_COLLAPSE = 1e-3
 RANK_COLLAPSE = 2.0
-
-
-def _ema_(target: torch.Tensor, online: torch.Tensor, momentum: float) -> None:
-    fn = getattr(__import__("ssl_fast"), "ema_update_", None)
-    if fn is not None:
-        try:
-            fn([target], [online], momentum)
-            return
-        except TypeError:  # pragma: no cover - a different signature: fall back to the plain update
-            pass
-    target.lerp_(online, 1.0 - momentum)
 
 
 def train(loss: str, eta: float, *, steps: int, seed: int):
@@ -74,7 +63,7 @@ def train(loss: str, eta: float, *, steps: int, seed: int):
         value.backward()
         opt.step()
         with torch.no_grad():
-            _ema_(wa, w, TAU)
+            ema_([wa], [w.detach()], TAU)
         if step % max(steps // 30, 1) == 0:
             norms.append((step, w.detach().norm()))
     xe = torch.randn(4096, n, generator=torch.Generator().manual_seed(seed + 999))
