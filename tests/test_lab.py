@@ -43,6 +43,15 @@ def test_normalization_numbers(tmp_path_factory):
     assert all(not r.numbers[f"cosine_eta{e}"]["collapsed"] for e in (0.0, 0.1, 0.5, 1.0, 2.0))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["projector", "noncontrastive", "swav", "alignment-uniformity"])
+def test_image_lab_verdicts(name, tmp_path_factory):
+    """The digits experiments at their small budget (about 20-80 s each on one busy core)."""
+    r = _run(name, tmp_path_factory)
+    assert r.passed, r.verdict
+    assert "**Verdict: PASS" in open(r.report).read()
+
+
 def test_lab_cli(tmp_path, capsys):
     assert main(["lab", "--list"]) == 0
     assert "normalization" in capsys.readouterr().out

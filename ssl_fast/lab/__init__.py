@@ -26,6 +26,8 @@ EXPERIMENTS: Dict[str, str] = {
     "normalization": "ssl_fast.lab.normalization",
     "projector": "ssl_fast.lab.projector",
     "noncontrastive": "ssl_fast.lab.noncontrastive",
+    "swav": "ssl_fast.lab.swav",
+    "alignment-uniformity": "ssl_fast.lab.alignment_uniformity",
 }
 
 
