@@ -237,3 +237,42 @@ def test_plots_and_report(tmp_path):
     for path in (p, q):
         with open(path, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnose_embeddings_states(tmp_path):
+    from ssl_fast.diagnostics.diagnose import diagnose_embeddings
+
+    g = torch.Generator().manual_seed(0)
+    healthy = torch.randn(300, 32, generator=g)
+    low = torch.randn(300, 2, generator=g) @ torch.randn(2, 32, generator=g)  # rank 2 of 32
+    point = torch.randn(1, 32, generator=g).expand(300, 32) + 1e-6 * torch.randn(300, 32, generator=g)
+    y = torch.randint(0, 3, (300,), generator=g)
+    path, s = diagnose_embeddings({"healthy": healthy, "low rank": low, "collapsed": point}, str(tmp_path),
+                                  views={"healthy": (healthy, healthy + 0.1 * torch.randn(300, 32, generator=g))},
+                                  labels=(y, y), train_embeddings={"healthy": healthy})
+    assert s["healthy"]["state"] == "healthy" and s["healthy"]["rank_at_1e-3"] == 32
+    assert s["low rank"]["state"] == "dimensional collapse" and s["low rank"]["rank_at_1e-3"] == 2
+    assert s["collapsed"]["state"] == "complete collapse"
+    assert s["healthy"]["knn_accuracy"] == 1.0  # the bank is the query set
+    assert 0 < s["healthy"]["alignment"] < 0.05
+    text = open(path).read()
+    assert "dimensional collapse" in text and (tmp_path / "spectrum.png").exists()
+    assert (tmp_path / "spectrum.csv").read_text().startswith("index,healthy,low rank,collapsed")
+
+
+def test_diagnose_cli_on_saved_embeddings(tmp_path, capsys):
+    from ssl_fast.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "emb.pt"
+    torch.save({"good": torch.randn(200, 16, generator=g),
+                "line": torch.randn(200, 1, generator=g) * torch.randn(1, 16, generator=g),  # +-v: rank 1
+                "point": (1 + torch.rand(200, 1, generator=g)) * torch.randn(1, 16, generator=g)}, path)
+    assert main(["diagnose", str(path), "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "good: healthy" in out and "line: dimensional collapse" in out and "point: complete collapse" in out
+    assert (tmp_path / "d" / "report.md").exists() and (tmp_path / "d" / "spectrum.png").exists()
+    assert main(["diagnose", str(tmp_path / "missing.pt")]) == 2
+    torch.save(torch.randn(1, 4), tmp_path / "one.pt")
+    assert main(["diagnose", str(tmp_path / "one.pt")]) == 2
+    assert "N >= 2" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def train(loss: str, eta: float, *, steps: int, seed: int):
     align = float(dg.predictor_alignment(wp, emb).mean()) if wn > 0 else float("nan")
     return {"loss": loss, "eta": eta, "w_norm": wn, "w_norm_rel": wn / w0, "effective_rank": er,
             "std_sqrt_d": float(dg.normalized_std(emb).mean() * math.sqrt(n)) if wn > 0 else 0.0,
-            "predictor_alignment": align, "collapsed": collapsed, "final_loss": float(value),
+            "predictor_alignment": align, "collapsed": collapsed, "final_loss": float(value.detach()),
             "spectrum": spec, "norms": [(s, float(v)) for s, v in norms]}
 
 
