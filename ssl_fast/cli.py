@@ -53,6 +53,8 @@ def _add_lab_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for tiny models)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--readme", default=None, metavar="README.md",
+                   help="also rewrite the verdict table between the lab-verdicts markers of this file")
 
 
 def _lab(args) -> int:
@@ -76,6 +78,9 @@ def _lab(args) -> int:
         results.append(r)
     summary = lab.write_summary(results, args.out, quick=args.quick, seed=args.seed)
     print(f"verdicts: {summary}")
+    if args.readme:
+        lab.update_readme(args.readme, args.out)
+        print(f"updated the verdict table in {args.readme}")
     return 0 if all(r.passed for r in results) else 1
 def _add_diagnose_parser(sub) -> None:
     p = sub.add_parser("diagnose", help="collapse diagnostics of a run, a checkpoint or saved embeddings",

@@ -59,3 +59,27 @@ def test_lab_cli(tmp_path, capsys):
     assert "unknown experiment" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown lab experiment"):
         lab.run("nope", str(tmp_path))
+
+
+def test_results_summary_and_readme(tmp_path):
+    from ssl_fast.lab import LabResult, _save_result, load_results, update_readme, write_summary
+
+    out = tmp_path / "docs" / "lab"
+    for name, ok in (("normalization", True), ("mechanisms", False)):
+        (out / name).mkdir(parents=True)
+        rep = out / name / "report.md"
+        rep.write_text("x")
+        _save_result(LabResult(name, f"finding {name}", f"verdict | {name}", ok, report=str(rep), seconds=3),
+                     str(out), quick=True, seed=0)
+    res = load_results(str(out))
+    assert [r.name for r in res] == ["mechanisms", "normalization"]  # EXPERIMENTS order
+    text = open(write_summary([], str(out))).read()
+    assert "[mechanisms](mechanisms/report.md)" in text and "**no**" in text and "verdict \\| normalization" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- lab-verdicts:start -->\nold\n<!-- lab-verdicts:end -->\nend\n")
+    update_readme(str(readme), str(out))
+    new = readme.read_text()
+    assert "old" not in new and "(docs/lab/normalization/report.md)" in new and new.endswith("end\n")
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(str(tmp_path / "plain.md"), str(out))

@@ -143,7 +143,7 @@ def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0, *, normalize
 def uniformity(x: torch.Tensor, t: float = 2.0, *, normalize: bool = True) -> torch.Tensor:
     """Wang & Isola's uniformity ``log E_{i<j} exp(-t ||x_i - x_j||^2)`` over all distinct pairs.
 
-    Computed in float64 with a log-sum-exp over the N(N-1)/2 pairs (memory O(N^2) per batch element).
+    Computed in float64 with a log-sum-exp over the pairs (one N x N float64 matrix per batch element).
 
     Args:
         x: embeddings, shape (..., N, D), N >= 2.
@@ -165,9 +165,9 @@ def uniformity(x: torch.Tensor, t: float = 2.0, *, normalize: bool = True) -> to
     n = x.shape[-2]
     sq = x.square().sum(dim=-1)
     d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (x @ x.transpose(-1, -2))).clamp_min(0)
-    iu = torch.triu_indices(n, n, offset=1, device=x.device)
-    pairs = d2[..., iu[0], iu[1]]
-    return torch.logsumexp(-t * pairs, dim=-1) - math.log(pairs.shape[-1])
+    # the i != j terms are each pair twice: log mean_{i<j} = logsumexp_{i != j} - log(N (N - 1))
+    logits = (-t * d2).masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("-inf"))
+    return torch.logsumexp(logits.flatten(-2), dim=-1) - math.log(n * (n - 1))
 
 
 def normalized_std(z: torch.Tensor) -> torch.Tensor:

@@ -49,10 +49,11 @@ class MarkdownReport:
         self.lines += [f"- {i}" for i in items] + [""]
 
     def table(self, headers: Sequence[str], rows: Iterable[Sequence], digits: int = 4) -> None:
-        self.lines.append("| " + " | ".join(headers) + " |")
+        esc = lambda t: str(t).replace("|", "\\|")  # noqa: E731 - a literal pipe would split the cell
+        self.lines.append("| " + " | ".join(esc(h) for h in headers) + " |")
         self.lines.append("|" + "|".join("---" for _ in headers) + "|")
         for row in rows:
-            self.lines.append("| " + " | ".join(fmt(v, digits) for v in row) + " |")
+            self.lines.append("| " + " | ".join(esc(fmt(v, digits)) for v in row) + " |")
         self.lines.append("")
 
     def image(self, path: str, caption: str = "") -> None:

@@ -54,7 +54,37 @@ def run(name: str, out: str = DEFAULT_OUT, *, quick: bool = False, seed: int = 0
         torch.manual_seed(seed)
         res = mod.run(out, quick=quick, seed=seed)
     res.seconds = time.perf_counter() - t0
+    _save_result(res, out, quick=quick, seed=seed)
     return res
+
+
+def _save_result(res: LabResult, out: str, *, quick: bool, seed: int) -> None:
+    import json
+
+    d = os.path.dirname(res.report) if res.report else os.path.join(out, res.name)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "result.json"), "w") as fh:
+        json.dump({"name": res.name, "finding": res.finding, "verdict": res.verdict, "passed": res.passed,
+                   "seconds": round(res.seconds, 1), "quick": quick, "seed": seed,
+                   "report": os.path.relpath(res.report, out) if res.report else ""}, fh, indent=1)
+
+
+def load_results(out: str) -> List[LabResult]:
+    """The results saved under ``out`` (one ``result.json`` per experiment folder), in :data:`EXPERIMENTS` order."""
+    import json
+
+    found = {}
+    if os.path.isdir(out):
+        for sub in sorted(os.listdir(out)):
+            p = os.path.join(out, sub, "result.json")
+            if os.path.isfile(p):
+                with open(p) as fh:
+                    r = json.load(fh)
+                found[r["name"]] = LabResult(r["name"], r["finding"], r["verdict"], r["passed"],
+                                             report=os.path.join(out, r["report"]), seconds=r["seconds"],
+                                             notes=["quick" if r.get("quick") else "full", f"seed {r.get('seed')}"])
+    order = list(EXPERIMENTS)
+    return [found[n] for n in sorted(found, key=lambda n: order.index(n) if n in order else len(order))]
 
 
 def run_all(out: str = DEFAULT_OUT, *, names: Optional[List[str]] = None, quick: bool = False, seed: int = 0,
@@ -65,29 +95,53 @@ def run_all(out: str = DEFAULT_OUT, *, names: Optional[List[str]] = None, quick:
     return results
 
 
-def summary_table(results: List[LabResult], out: str) -> str:
+def summary_table(results: List[LabResult], out: str, link_prefix: str = "") -> str:
+    """A markdown table of results; report links are relative to ``out`` (prefixed by ``link_prefix``)."""
     lines = ["| experiment | finding | reproduced | verdict (computed from the numbers) | time |",
              "|---|---|---|---|---|"]
     for r in results:
-        rel = os.path.relpath(r.report, out) if r.report else ""
-        lines.append(f"| [{r.name}]({rel}) | {r.finding} | {'yes' if r.passed else '**no**'} | {r.verdict} | "
+        rel = link_prefix + os.path.relpath(r.report, out) if r.report else ""
+        verdict = r.verdict.replace("|", "\\|")
+        lines.append(f"| [{r.name}]({rel}) | {r.finding} | {'yes' if r.passed else '**no**'} | {verdict} | "
                      f"{r.seconds:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
 def write_summary(results: List[LabResult], out: str, *, quick: bool = False, seed: int = 0) -> str:
+    """Write ``<out>/verdicts.md``: the table of every result saved under ``out`` (``results`` included)."""
     import platform
 
     import torch
 
     os.makedirs(out, exist_ok=True)
+    merged = {r.name: r for r in load_results(out)}
+    merged.update({r.name: r for r in results})
+    order = list(EXPERIMENTS)
+    rows = [merged[n] for n in sorted(merged, key=lambda n: order.index(n) if n in order else len(order))]
     path = os.path.join(out, "verdicts.md")
     with open(path, "w") as fh:
         fh.write("# Lab verdicts\n\n")
-        fh.write(f"Budget {'quick' if quick else 'full'}, seed {seed}, torch {torch.__version__}, "
-                 f"{platform.machine()} CPU, 1 thread.\n\n")
-        fh.write(summary_table(results, out))
+        fh.write(f"Regenerate: `ssl-fast lab all --out {out}`. Latest run: budget {'quick' if quick else 'full'}, "
+                 f"seed {seed}, torch {torch.__version__}, {platform.machine()} CPU, 1 thread.\n\n")
+        fh.write(summary_table(rows, out))
     return path
 
 
-__all__ = ["EXPERIMENTS", "LabResult", "run", "run_all", "summary_table", "write_summary"]
+README_START, README_END = "<!-- lab-verdicts:start -->", "<!-- lab-verdicts:end -->"
+
+
+def update_readme(readme: str, out: str) -> None:
+    """Replace the text between the lab-verdicts markers of ``readme`` with the table of the results in ``out``."""
+    with open(readme) as fh:
+        text = fh.read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
+    prefix = os.path.relpath(out, os.path.dirname(os.path.abspath(readme)) or ".").replace(os.sep, "/") + "/"
+    table = summary_table(load_results(out), out, link_prefix=prefix)
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme, "w") as fh:
+        fh.write(head + README_START + "\n" + table + README_END + tail)
+
+
+__all__ = ["EXPERIMENTS", "update_readme", "LabResult", "load_results", "run", "run_all", "summary_table", "write_summary"]

@@ -35,21 +35,11 @@ def load(seed: int = 0) -> Digits:
     """The digits split (cached per seed)."""
     if seed in _CACHE:
         return _CACHE[seed]
-    x = y = None
-    try:  # the package's embedded copy, when the data module has landed
-        from ssl_fast.data import datasets as _ds  # noqa: F401
+    from sklearn.datasets import load_digits  # the same copy ssl-fast train's default data set uses
 
-        src = _ds.load_digits(size=8, seed=seed)
-        x = torch.cat([src.train_x, src.test_x]).float().mean(1, keepdim=True) / 255.0
-        y = torch.cat([src.train_y, src.test_y])
-    except Exception:  # noqa: BLE001 - fall back to scikit-learn's copy
-        x = y = None
-    if x is None:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        y = torch.tensor(d.target, dtype=torch.int64)
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
     x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(x.shape[0], generator=g)
