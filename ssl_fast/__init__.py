@@ -26,3 +26,8 @@ __all__ = [
     "reference",
     "set_backend",
 ]
+
+# Sinkhorn-Knopp (SwAV codes)
+from .functional import sinkhorn_knopp  # noqa: E402
+
+__all__ += ["sinkhorn_knopp"]

@@ -70,3 +70,63 @@ def info_nce(
 
 
 __all__ = ["ntxent", "info_nce"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp (SwAV codes)
+
+from .ops import sinkhorn as _sinkhorn  # noqa: E402
+
+
+def sinkhorn_knopp(
+    scores: torch.Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    *,
+    process_group=None,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp codes (equal-partition soft assignments), fused and in the log domain.
+
+    Same result as SwAV's ``distributed_sinkhorn`` (and lightly's ``sinkhorn``): Q = exp(scores / eps)^T
+    normalized to unit total, then ``iterations`` times prototype sums to 1/K and sample sums to 1/B, and
+    finally scaled by B; returned transposed. Here the B x K matrix is never rewritten: prototype scalings
+    u (K) are kept in the log domain with max-shifted fp32 statistics (fp64 for float64 input), so small
+    ``epsilon`` or large scores (where the reference's ``exp`` overflows to NaN) stay finite. Each sweep is
+    one fused pass over the scores; the codes are written once.
+
+    No gradient flows through Q: it is a target (computed under ``torch.no_grad``, the result never
+    requires grad), as in SwAV.
+
+    Args:
+        scores: (B, K) sample-prototype scores, float32 / bfloat16 / float16 (float64 for checks).
+            Row-strided views are read in place; a non-unit stride along K forces a copy.
+        epsilon: entropic regularization eps > 0 (SwAV: 0.05).
+        iterations: number of Sinkhorn sweeps, >= 1 (SwAV: 3).
+        process_group: a ``torch.distributed`` process group: the prototype sums run over the samples of
+            every rank (each rank passes its own B_r x K scores and gets its own B_r x K codes, equal to the
+            single-process result on the concatenated scores; B_r may differ). ``iterations + 1``
+            all-reduces of K values, no host synchronization. None: this process's scores only.
+        check_finite: raise ValueError when scores contains NaN or Inf. Off by default: the check reads
+            a result on the host (a device synchronization on CUDA, a graph break under torch.compile).
+
+    Shape:
+        scores: (B, K). Returns (B, K).
+
+    Returns:
+        Q, float32 (float64 for float64 scores): each row sums to 1; the column sums approach B/K as the
+        number of sweeps grows.
+
+    Raises:
+        ValueError: scores not of rank 2, an empty batch (B = 0) or K = 0, epsilon <= 0, iterations < 1,
+            non-finite scores with ``check_finite=True``.
+
+    Example:
+        >>> scores = torch.nn.functional.normalize(z, dim=1) @ prototypes.t()   # (B, K)
+        >>> q = ssl_fast.sinkhorn_knopp(scores, epsilon=0.05, iterations=3)
+    """
+    return _sinkhorn.sinkhorn_knopp(scores, epsilon, iterations, process_group=process_group,
+                                    check_finite=check_finite)
+
+
+__all__ += ["sinkhorn_knopp"]

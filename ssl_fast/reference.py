@@ -70,3 +70,42 @@ def info_nce_reference(
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.t(), target))
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp (SwAV's equal-partition codes)
+
+
+def sinkhorn_knopp_reference(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """SwAV's ``distributed_sinkhorn`` on one process, exactly as written (no max shift, so ``exp`` overflows
+    to inf / NaN once ``max(scores) / epsilon`` exceeds ~88 in fp32, ~709 in fp64).
+
+    Q = exp(scores / eps)^T (K, B); Q /= sum(Q); ``iterations`` times: Q /= rowsum(Q), Q /= K, Q /= colsum(Q),
+    Q /= B; finally Q *= B. Returns Q^T of shape (B, K) in the dtype of ``scores``.
+    """
+    q = torch.exp(scores / epsilon).t()
+    q = q / torch.sum(q)
+    k, b = q.shape
+    for _ in range(iterations):
+        q = q / torch.sum(q, dim=1, keepdim=True)
+        q = q / k
+        q = q / torch.sum(q, dim=0, keepdim=True)
+        q = q / b
+    return (q * b).t()
+
+
+def sinkhorn_knopp_log_reference(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """The same algorithm with log Q stored and every normalization a ``logsumexp``: finite for any scores.
+
+    Materializes log Q (B, K) in the dtype of ``scores`` (use float64 for a reference); same normalization
+    order and constants as :func:`sinkhorn_knopp_reference`.
+    """
+    import math
+
+    b, k = scores.shape
+    lq = scores / epsilon
+    lq = lq - torch.logsumexp(lq.reshape(-1), dim=0)
+    for _ in range(iterations):
+        lq = lq - torch.logsumexp(lq, dim=0, keepdim=True) - math.log(k)  # prototype sums (rows of Q)
+        lq = lq - torch.logsumexp(lq, dim=1, keepdim=True) - math.log(b)  # sample sums (columns of Q)
+    return torch.exp(lq + math.log(b))

@@ -3,3 +3,8 @@
 from .infonce import DirectCLRLoss, InfoNCELoss, NTXentLoss
 
 __all__ = ["DirectCLRLoss", "InfoNCELoss", "NTXentLoss"]
+
+# SwAV
+from .swav import SwaVLoss, SwaVPrototypes  # noqa: E402
+
+__all__ += ["SwaVLoss", "SwaVPrototypes"]

@@ -1,0 +1,173 @@
+"""SwAV: the swapped-prediction loss on fused Sinkhorn-Knopp codes, and the prototype layer.
+
+Drop-ins for lightly's ``lightly.loss.SwaVLoss`` and ``lightly.models.modules.SwaVPrototypes`` (same
+arguments, same values); the codes come from :func:`ssl_fast.functional.sinkhorn_knopp`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import functional
+
+
+class SwaVLoss(nn.Module):
+    """SwAV's swapped-prediction loss over multi-crop prototype scores.
+
+    For each high-resolution crop i, codes q_i = sinkhorn_knopp(scores_i [; queue_i]) (the queue rows are
+    used for the codes and then dropped); every other crop v predicts them:
+    ``loss = 1/n_high * sum_i 1/(n_crops - 1) * sum_{v != i} CE(q_i, softmax(scores_v / T))`` with the soft
+    cross entropy ``CE(q, p) = -mean_b sum_k q_bk log p_bk``. Equal to lightly's ``SwaVLoss`` in value and
+    gradient; each crop's ``log_softmax`` is computed once (lightly recomputes it per code).
+
+    No gradient flows through the codes (targets, as in SwAV); gradients reach every crop's scores.
+
+    Args:
+        temperature: T > 0 of the prediction softmax (SwAV: 0.1).
+        sinkhorn_iterations: Sinkhorn sweeps (>= 1).
+        sinkhorn_epsilon: Sinkhorn eps > 0.
+        sinkhorn_gather_distributed: compute the codes over the samples of every rank (the default process
+            group) when ``torch.distributed`` is initialized with more than one process.
+
+    Shape:
+        high_resolution_outputs: list of n_high >= 1 tensors (B, K); low_resolution_outputs: list of (B, K);
+        queue_outputs: None or a list of at least n_high tensors (Bq, K). Output: 0-dim loss (lightly
+        returns shape (1,), same value).
+
+    Example:
+        >>> criterion = ssl_fast.nn.SwaVLoss()
+        >>> loss = criterion([p(z) for z in high_res], [p(z) for z in low_res])
+    """
+
+    def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
+                 sinkhorn_gather_distributed: bool = False):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
+                not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+        if isinstance(sinkhorn_iterations, bool) or not isinstance(sinkhorn_iterations, numbers.Integral) or \
+                sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations must be an int >= 1, got {sinkhorn_iterations!r}")
+        if isinstance(sinkhorn_epsilon, bool) or not isinstance(sinkhorn_epsilon, numbers.Real) or \
+                not (math.isfinite(sinkhorn_epsilon) and sinkhorn_epsilon > 0):
+            raise ValueError(f"sinkhorn_epsilon must be finite and > 0, got {sinkhorn_epsilon!r}")
+        if sinkhorn_gather_distributed and not torch.distributed.is_available():
+            raise ValueError("sinkhorn_gather_distributed is True but torch.distributed is not available")
+        self.temperature = float(temperature)
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
+        self.sinkhorn_epsilon = float(sinkhorn_epsilon)
+        self.sinkhorn_gather_distributed = bool(sinkhorn_gather_distributed)
+
+    def _group(self):
+        if self.sinkhorn_gather_distributed:
+            dist = torch.distributed
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                return dist.group.WORLD
+        return None
+
+    def subloss(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Soft cross entropy -mean_b sum_k q_bk log_softmax(z_b / T)_k (lightly's ``subloss``)."""
+        return -torch.mean(torch.sum(q * F.log_softmax(z / self.temperature, dim=1), dim=1))
+
+    def forward(self, high_resolution_outputs: List[torch.Tensor], low_resolution_outputs: List[torch.Tensor],
+                queue_outputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        high: Sequence[torch.Tensor] = list(high_resolution_outputs)
+        low: Sequence[torch.Tensor] = list(low_resolution_outputs)
+        if len(high) == 0:
+            raise ValueError("high_resolution_outputs must hold at least one tensor")
+        n_crops = len(high) + len(low)
+        if n_crops < 2:
+            raise ValueError("SwaVLoss needs at least two crops (high_resolution_outputs + low_resolution_outputs)")
+        if queue_outputs is not None and len(queue_outputs) < len(high):
+            raise ValueError(f"queue_outputs must hold one tensor per high-resolution crop ({len(high)}), got "
+                             f"{len(queue_outputs)}")
+        b = high[0].shape[0]
+        for name, crops in (("high_resolution_outputs", high), ("low_resolution_outputs", low)):
+            for c in crops:
+                if c.dim() != 2 or c.shape[0] != b or c.shape[1] != high[0].shape[1]:
+                    raise ValueError(f"{name}: every crop must have shape (B, K) = {tuple(high[0].shape)}, got "
+                                     f"{tuple(c.shape)}")
+        group = self._group()
+
+        # codes of every high-resolution crop (no gradient), and their sum
+        codes = []
+        for i, h in enumerate(high):
+            scores = h.detach()
+            if queue_outputs is not None:
+                scores = torch.cat((scores, queue_outputs[i].detach().to(scores.dtype)))
+            q = functional.sinkhorn_knopp(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations,
+                                          process_group=group)
+            codes.append(q[:b] if queue_outputs is not None else q)
+        total = codes[0] if len(codes) == 1 else torch.stack(codes).sum(dim=0)
+
+        # sum_i sum_{v != i} CE(q_i, p_v) = sum_v CE(sum_{i != v} q_i, p_v): one log_softmax per crop
+        loss = None
+        for v, z in enumerate(list(high) + list(low)):
+            target = total - codes[v] if v < len(high) else total
+            logp = F.log_softmax(z / self.temperature, dim=1)
+            term = -torch.sum(target * logp) / b
+            loss = term if loss is None else loss + term
+        return loss / ((n_crops - 1) * len(high))
+
+
+class SwaVPrototypes(nn.Module):
+    """SwAV's prototype layer(s): scores = x W^T + b for one or several prototype heads.
+
+    Same parameters and state-dict layout as lightly's ``SwaVPrototypes`` (``heads``: a ``ModuleList`` of
+    ``nn.Linear(input_dim, n)``). In addition it keeps the prototypes on the unit sphere as SwAV does each
+    step: in training mode, the first ``forward`` of each new ``step`` value normalizes every prototype
+    (row of W) in place under ``no_grad`` (later calls with the same step, e.g. one per crop, do not touch
+    W, so the autograd graph of earlier crops stays valid). Without ``step``, call :meth:`normalize` once
+    per training step before the forward passes (lightly's usage). For the first
+    ``n_steps_frozen_prototypes`` steps the prototypes get no gradient (``requires_grad`` off).
+
+    Args:
+        input_dim: feature dimension D.
+        n_prototypes: number of prototypes K, or a list of K's for several heads.
+        n_steps_frozen_prototypes: steps during which the prototypes stay fixed (needs ``step``).
+        normalize_each_step: the per-step normalization described above (default True).
+
+    Shape:
+        x: (B, D) -> (B, K), or a list of (B, K_h) for a list ``n_prototypes``.
+
+    Example:
+        >>> protos = ssl_fast.nn.SwaVPrototypes(128, 3000)
+        >>> scores = [protos(F.normalize(z, dim=1), step=it) for z in crops]
+    """
+
+    def __init__(self, input_dim: int = 128, n_prototypes: Union[List[int], int] = 3000,
+                 n_steps_frozen_prototypes: int = 0, *, normalize_each_step: bool = True):
+        super().__init__()
+        self.n_prototypes = n_prototypes if isinstance(n_prototypes, list) else [n_prototypes]
+        self._is_single_prototype = isinstance(n_prototypes, int)
+        self.heads = nn.ModuleList([nn.Linear(input_dim, k) for k in self.n_prototypes])
+        self.n_steps_frozen_prototypes = n_steps_frozen_prototypes
+        self.normalize_each_step = normalize_each_step
+        self._normalized_step: Optional[int] = None
+
+    def forward(self, x: torch.Tensor, step: Optional[int] = None) -> Union[torch.Tensor, List[torch.Tensor]]:
+        self._freeze_prototypes_if_required(step)
+        if self.normalize_each_step and self.training and step is not None and step != self._normalized_step:
+            self.normalize()
+            self._normalized_step = step
+        out = [layer(x) for layer in self.heads]
+        return out[0] if self._is_single_prototype else out
+
+    @torch.no_grad()
+    def normalize(self) -> None:
+        """Scale every prototype (row of each head's weight) to unit L2 norm, in place."""
+        for layer in self.heads:
+            layer.weight.div_(torch.norm(layer.weight, dim=1, keepdim=True))
+
+    def _freeze_prototypes_if_required(self, step: Optional[int] = None) -> None:
+        if self.n_steps_frozen_prototypes > 0:
+            if step is None:
+                raise ValueError("`n_steps_frozen_prototypes` is greater than 0, please provide the `step` "
+                                 "argument to the `forward()` method.")
+            self.requires_grad_(step >= self.n_steps_frozen_prototypes)

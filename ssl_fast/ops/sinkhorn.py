@@ -1,0 +1,182 @@
+"""Sinkhorn-Knopp (SwAV's equal-partition codes): argument checks, backend dispatch, the distributed driver.
+
+The math (derived in ``csrc/cpu/sinkhorn.cpp`` and ``kernels/sinkhorn.py``): with s = scores / eps and
+prototype scalings u (K) kept in the log domain,
+
+    u_1     = -LSE_b s_bk                                  col_lse(x, 1/eps)      -> (m, z), u_1 = -(m + log z)
+    u_{t+1} = u_t - log c,  c_k = sum_b softmax_k(s_b + u_t)_k    row_pass(x, 1/eps, u) -> c
+    Q       = softmax_k(s_b + u_n)                         apply(x, 1/eps, u)     -> Q (B, K)
+
+which equals SwAV's ``distributed_sinkhorn`` (the global total, the 1/K and 1/B factors are uniform and
+cancel in the next sample normalization; the final ``Q *= B`` restores unit sample sums). Every fused
+backend (``cpp``: ``torch.ops.ssl_fast.sinkhorn_*``; ``triton``: ``torch.ops.ssl_fast.sinkhorn_*_triton``)
+provides these three passes; the loop over sweeps and the collectives live here, once.
+
+Distributed (``process_group`` given): the row sums are sums over every rank's samples, so between the
+passes (m, z) are combined with an all-reduce MAX of m then SUM of z * exp(m - M) (first sweep), and each
+later sweep all-reduces the K values c: ``iterations + 1`` all-reduces of K values in all, no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import _backend, _library
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check(scores, epsilon, iterations) -> Tuple[float, int]:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape (B, K), got a tensor of rank {scores.dim()} with shape "
+                         f"{tuple(scores.shape)}")
+    if scores.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"scores must be float32, bfloat16, float16 or float64, got {scores.dtype}")
+    if scores.shape[0] == 0:
+        raise ValueError("scores is an empty batch (B = 0)")
+    if scores.shape[1] == 0:
+        raise ValueError("scores has no prototypes (K = 0)")
+    if isinstance(epsilon, torch.Tensor) and epsilon.numel() == 1 and epsilon.device.type == "cpu":
+        epsilon = float(epsilon)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a float, got {type(epsilon).__name__}")
+    epsilon = float(epsilon)
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be finite and > 0, got {epsilon}")
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
+        raise TypeError(f"iterations must be an int, got {type(iterations).__name__}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    return 1.0 / epsilon, int(iterations)
+
+
+def _fix_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # The kernels take a row stride; only a non-unit stride along K forces a copy.
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the three passes, per backend
+
+
+def _fake_col_lse(scores, inv_eps):
+    k = scores.shape[1]
+    acc = _acc_dtype(scores)
+    return scores.new_empty((k,), dtype=acc), scores.new_empty((k,), dtype=acc)
+
+
+def _fake_row_pass(scores, inv_eps, u):
+    return scores.new_empty((scores.shape[1],), dtype=_acc_dtype(scores))
+
+
+def _fake_apply(scores, inv_eps, u):
+    return scores.new_empty(scores.shape, dtype=_acc_dtype(scores))
+
+
+# cpp: defined and implemented in csrc/cpu/sinkhorn.cpp (None without the extension)
+_CPP_COL_LSE = _library.fake_for("sinkhorn_col_lse", _fake_col_lse)
+_CPP_ROW_PASS = _library.fake_for("sinkhorn_row_pass", _fake_row_pass)
+_CPP_APPLY = _library.fake_for("sinkhorn_apply", _fake_apply)
+
+
+# triton: launchers in kernels/sinkhorn.py, imported on first use (the CPU impl is the interpreter path)
+def _triton_col_lse(scores, inv_eps):
+    from ssl_fast.kernels import sinkhorn as k
+    return k.col_lse(scores, inv_eps)
+
+
+def _triton_row_pass(scores, inv_eps, u):
+    from ssl_fast.kernels import sinkhorn as k
+    return k.row_pass(scores, inv_eps, u)
+
+
+def _triton_apply(scores, inv_eps, u):
+    from ssl_fast.kernels import sinkhorn as k
+    return k.apply(scores, inv_eps, u)
+
+
+_TRITON_COL_LSE = _library.define("sinkhorn_col_lse_triton(Tensor scores, float inv_eps) -> (Tensor, Tensor)",
+                                  _fake_col_lse, cpu=_triton_col_lse, cuda=_triton_col_lse)
+_TRITON_ROW_PASS = _library.define("sinkhorn_row_pass_triton(Tensor scores, float inv_eps, Tensor u) -> Tensor",
+                                   _fake_row_pass, cpu=_triton_row_pass, cuda=_triton_row_pass)
+_TRITON_APPLY = _library.define("sinkhorn_apply_triton(Tensor scores, float inv_eps, Tensor u) -> Tensor",
+                                _fake_apply, cpu=_triton_apply, cuda=_triton_apply)
+
+
+# torch: the same three passes materializing s = scores / eps (the ``torch`` backend)
+def _torch_col_lse(scores, inv_eps):
+    s = scores.to(_acc_dtype(scores)) * inv_eps
+    m = s.amax(dim=0)
+    return m, torch.exp(s - m).sum(dim=0)
+
+
+def _torch_row_pass(scores, inv_eps, u):
+    return torch.softmax(scores.to(_acc_dtype(scores)) * inv_eps + u, dim=1).sum(dim=0)
+
+
+def _torch_apply(scores, inv_eps, u):
+    return torch.softmax(scores.to(_acc_dtype(scores)) * inv_eps + u, dim=1)
+
+
+def _passes(name: str) -> Tuple[Callable, Callable, Callable]:
+    if name == "cpp":
+        return _CPP_COL_LSE, _CPP_ROW_PASS, _CPP_APPLY
+    if name == "triton":
+        return _TRITON_COL_LSE, _TRITON_ROW_PASS, _TRITON_APPLY
+    return _torch_col_lse, _torch_row_pass, _torch_apply
+
+
+def _solve(passes, x: torch.Tensor, inv_eps: float, iterations: int, group) -> torch.Tensor:
+    col_lse, row_pass, apply = passes
+    m, z = col_lse(x, inv_eps)
+    if group is not None:
+        import torch.distributed as dist
+
+        gm = m.clone()
+        dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)
+        z = z * torch.exp(m - gm)
+        dist.all_reduce(z, op=dist.ReduceOp.SUM, group=group)
+        m = gm
+    u = -(m + torch.log(z))
+    for _ in range(iterations - 1):
+        c = row_pass(x, inv_eps, u)
+        if group is not None:
+            dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
+        u = u - torch.log(c)
+    return apply(x, inv_eps, u)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry point (re-exported by ssl_fast.functional)
+
+
+def sinkhorn_knopp(
+    scores: torch.Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    *,
+    process_group=None,
+    check_finite: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp codes (see ``ssl_fast.functional.sinkhorn_knopp``)."""
+    inv_eps, iterations = _check(scores, epsilon, iterations)
+    if check_finite and not bool(torch.isfinite(scores).all()):  # a host sync, only when asked for
+        raise ValueError("scores contains NaN or Inf")
+    name = _backend.resolve(scores.device, requested=backend and _backend._check_name(backend), dtype=scores.dtype)
+    with torch.no_grad():
+        return _solve(_passes(name), _fix_last_stride(scores.detach()), inv_eps, iterations, process_group)
