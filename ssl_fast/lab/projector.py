@@ -29,8 +29,8 @@ from . import _digits as D
 from ._common import LabResult, f, out_dir
 
 NAME = "projector"
-FINDING = ("SimCLR without a projector collapses the representation's spectrum; a linear or MLP projector, "
-           "DirectCLR, a fixed low-rank and a diagonal projector prevent it")
+FINDING = ("SimCLR without a projector collapses the representation's spectrum; a linear or MLP projector and "
+           "DirectCLR prevent it (ablations: fixed low-rank and diagonal projectors, sub-vector probe)")
 DIM, D0, T, LR, BATCH = 64, 16, 0.2, 1e-3, 256
 REL = 1e-3
 MARGIN = 1.2  # a variant "prevents collapse" when its rank at 1e-3 is >= MARGIN x the no-projector rank
@@ -85,7 +85,7 @@ def train_variant(name: str, data: D.Digits, steps: int, seed: int):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return enc, float(loss.detach())
+    return enc, float(loss.detach()), proj
 
 
 def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
@@ -98,10 +98,19 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     rows, spectra, ranks = [], {}, {}
     torch.manual_seed(seed)
     init = D.Encoder(dim=DIM)
-    spectra["random init"] = dg.covariance_spectrum(D.features(init, data.test_x))
-    sub_probe = full_probe = None
+    s_init = dg.covariance_spectrum(D.features(init, data.test_x))
+    spectra["random init"] = s_init
+    ev0 = D.evaluate(init, data)
+    rows.append(["(random init)", float("nan"), int((s_init > REL * s_init[0]).sum()),
+                 float(dg.effective_rank(s_init.sqrt())), float(dg.effective_rank(s_init)), ev0["knn"], ev0["probe"]])
+    sub_probe = full_probe = diag_note = None
     for name in names:
-        enc, loss = train_variant(name, data, steps, seed)
+        enc, loss, proj = train_variant(name, data, steps, seed)
+        if isinstance(proj, Diagonal):
+            sc = proj.scale.detach().abs()
+            diag_note = (f"The trainable diagonal projector (initialized to ones) ended with |scale| from "
+                         f"{float(sc.min()):.3g} to {float(sc.max()):.3g} (max/min {float(sc.max() / sc.min()):.3g}).")
+
         r = D.features(enc, data.test_x)
         s = dg.covariance_spectrum(r)
         spectra[name] = s
@@ -116,6 +125,8 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     rep.heading(f"Representation spectra ({steps} steps, seed {seed})")
     rep.table(["variant", "final loss", f"rank at {REL} (of {DIM})", "effective rank of singular values",
                "effective rank of eigenvalues", "kNN acc", "linear probe acc"], rows)
+    if diag_note:
+        rep.paragraph(diag_note)
     if sub_probe is not None:
         rep.paragraph(f"DirectCLR linear probe on r[:, :{D0}] alone: {sub_probe:.4f}; on the whole r: "
                       f"{full_probe:.4f}.")
