@@ -276,3 +276,30 @@ def test_diagnose_cli_on_saved_embeddings(tmp_path, capsys):
     torch.save(torch.randn(1, 4), tmp_path / "one.pt")
     assert main(["diagnose", str(tmp_path / "one.pt")]) == 2
     assert "N >= 2" in capsys.readouterr().err
+
+
+def test_diagnose_nonnegative_features_are_not_called_collapsed(tmp_path):
+    from ssl_fast.diagnostics.diagnose import diagnose_embeddings
+
+    g = torch.Generator().manual_seed(0)
+    relu = 5.0 + torch.rand(300, 32, generator=g)  # a big common mean, full-rank variation
+    _, s = diagnose_embeddings({"relu": relu}, str(tmp_path))
+    assert s["relu"]["std_sqrt_d"] < 0.15 and s["relu"]["state"].startswith("concentrated")
+
+
+def test_diagnose_checkpoint_of_a_training_run(tmp_path, capsys):
+    """ssl-fast diagnose on a run directory of ssl-fast train (skipped where the trainers are not installed)."""
+    pytest.importorskip("ssl_fast.train")
+    from ssl_fast.cli import main
+    from ssl_fast.train.config import make_config
+    from ssl_fast.train.trainer import Trainer
+
+    cfg = make_config(overrides=dict(method="simclr", max_steps=2, batch_size=32, run_dir=str(tmp_path / "run"),
+                                     knn=False, progress=False, backbone="small_cnn", image_size=16, ckpt_every=100))
+    Trainer(cfg).fit()
+    assert main(["diagnose", str(tmp_path / "run"), "--max-samples", "128", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "representation:" in out and "projection:" in out and "kNN" in out
+    text = (tmp_path / "d" / "report.md").read_text()
+    assert "method simclr" in text and "alignment" in text
+    assert main(["diagnose", str(tmp_path / "nothing_here")]) == 2

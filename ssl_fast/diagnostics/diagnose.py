@@ -42,7 +42,8 @@ def summarize(z: torch.Tensor, z2: Optional[torch.Tensor] = None) -> Dict[str, f
            "rank_at_1e-3": int((s > 1e-3 * s[0]).sum()) if float(s[0]) > 0 else 0,
            "uniformity": float(metrics.uniformity(z[:4096])),
            "std_sqrt_d": float(std.mean()) * math.sqrt(d),
-           "dead_fraction": float((std < 0.1 / math.sqrt(d)).double().mean())}
+           "dead_fraction": float((std < 0.1 / math.sqrt(d)).double().mean()),
+           "nonnegative": bool(z.min() >= 0)}
     if z2 is not None:
         out["alignment"] = float(metrics.alignment(z, z2))
     return out
@@ -51,6 +52,9 @@ def summarize(z: torch.Tensor, z2: Optional[torch.Tensor] = None) -> Dict[str, f
 def state_of(summary: Mapping[str, float]) -> str:
     """'complete collapse' / 'dimensional collapse' / 'healthy' from a :func:`summarize` dict (thresholds above)."""
     if summary["std_sqrt_d"] < COLLAPSED_STD:
+        if summary.get("nonnegative") and summary["rank_at_1e-3"] >= RANK_FRACTION * summary["dim"]:
+            # ReLU outputs share a large mean direction: a low std there is not by itself a collapse
+            return "concentrated (non-negative features around a common direction; spectrum not collapsed)"
         return "complete collapse"
     if summary["rank_at_1e-3"] < RANK_FRACTION * summary["dim"] or summary["std_sqrt_d"] < HEALTHY_STD:
         return "dimensional collapse"
@@ -98,7 +102,9 @@ def diagnose_embeddings(embeddings: Mapping[str, torch.Tensor], out_dir: str, *,
     rep.paragraph(f"std_sqrt_d: mean per-dimension std of the l2-normalized embeddings times sqrt(d) (1 isotropic, "
                   f"0 complete collapse). State: complete collapse when std_sqrt_d < {COLLAPSED_STD}; dimensional "
                   f"collapse when fewer than {RANK_FRACTION:.0%} of the dimensions have a covariance eigenvalue "
-                  f"above 1e-3 of the largest or std_sqrt_d < {HEALTHY_STD}; healthy otherwise.")
+                  f"above 1e-3 of the largest or std_sqrt_d < {HEALTHY_STD}; healthy otherwise. Non-negative "
+                  f"features (ReLU outputs) share a large mean direction, which alone lowers std_sqrt_d: a low "
+                  f"std with an uncollapsed spectrum is reported as 'concentrated'.")
     rep.image(plots.plot_spectra(spectra, os.path.join(out_dir, "spectrum.png"), title=title), "spectrum")
     with open(os.path.join(out_dir, "spectrum.csv"), "w") as fh:
         names = list(spectra)
