@@ -86,16 +86,17 @@ def plot_curves(curves: Mapping[str, Sequence[float]], path: str, *, x: Optional
 
 
 def plot_bars(values: Mapping[str, float], path: str, *, title: str = "", ylabel: str = "") -> str:
-    """One bar per entry. Returns ``path``."""
+    """One horizontal bar per entry (first entry on top). Returns ``path``."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=100)
     names = list(values)
-    ax.bar(range(len(names)), [float(values[n]) for n in names], color="tab:blue")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
+    fig, ax = plt.subplots(figsize=(5.6, 1.0 + 0.28 * len(names)), dpi=100)
+    ax.barh(range(len(names)), [float(values[n]) for n in names], color="tab:blue")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)

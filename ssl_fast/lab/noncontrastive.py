@@ -143,7 +143,10 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     rep.paragraph("The kNN accuracy of r can stay high where the projector output has collapsed: the weighted "
                   "cosine kNN is scale-free and still reads the small residual variation of r; the std and the "
                   "effective rank are the collapse indicators.")
-    rep.image(plots.plot_bars({f"{g} / {l}": m["std_sqrt_d"] for (g, l), m in res.items()},
+    short = {"SimSiam": "SimSiam", "BYOL": "BYOL", "BYOL, no BN in encoder/projector": "BYOL no-BN",
+             "BYOL, EMA sweep": "BYOL"}
+    rep.image(plots.plot_bars({f"{short[g]}: {l.replace('predictor norm: ', 'pred ')}": m["std_sqrt_d"]
+                               for (g, l), m in res.items()},
                               f"{d}/std.png", title="normalized-output std x sqrt(d) (1 healthy, 0 collapsed)"),
               "std per variant")
     s = {k: v["std_sqrt_d"] for k, v in res.items()}
