@@ -6,6 +6,8 @@
     python bench/bench_ntxent.py --n2 1024 4096 --dim 128 --dtype fp32 bf16 --modes fwd full \\
         --providers torch ssl_fast --repeats 5 --threads 2
     python bench/bench_ntxent.py --loss info_nce --preset quick
+    python bench/bench_ntxent.py --largest-batch --mem-budget-gib 0.25 --dim 128 --dtype fp32   # CPU
+    python bench/bench_ntxent.py --largest-batch --mem-budget-gib 80 --dim 128 --dtype bf16 --device cuda
 
 Providers (``--loss ntxent``): ``torch`` (eager ``ssl_fast.reference.ntxent_reference``: one (2N, 2N)
 logit matrix), ``torch_compile`` (``torch.compile`` of that same function; its compile time is reported in
@@ -219,6 +221,10 @@ def child_main(spec: Dict) -> Dict:
     gc.collect()
     peak = H.cuda_peak_extra_mib(run, prep) if is_cuda else H.cpu_peak_extra_mib(run, prep)
     held.clear()
+    if spec.get("memory_only"):  # a largest-batch probe: memory is the answer, the first call gave the time
+        return dict(status="ok", median_ms=first_call_ms, min_ms=first_call_ms, peak_mem_mib=peak,
+                    first_call_ms=first_call_ms, process_rss_mib=process_rss_mib, compile_ms=H.NAN, tflops=H.NAN,
+                    loss_value=loss_value, backend=backend, note="")
     clear_grads()
     gc.collect()
     repeats = int(spec["repeats"])
@@ -292,6 +298,10 @@ def _parse_args(argv=None):
                    help="run the whole list this many times, interleaving providers (noisy machines); "
                         "a row then holds the median of the rounds' medians")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument("--largest-batch", action="store_true",
+                   help="instead of timing: the largest 2N whose fwd+bwd (inputs + peak extra memory) fits in "
+                        "--mem-budget-gib, per provider (torch and ssl_fast by default); rows go to "
+                        "<out>/ntxent_largest.csv and .md")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -390,6 +400,8 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     if args._child is not None:
         return _child_entry(args._child)
+    if args.largest_batch:
+        return largest_batch_main(args)
 
     import torch
 
@@ -517,6 +529,105 @@ def main(argv=None) -> int:
                 print(f"plot {path}")
         except Exception as e:  # plots are a convenience; the CSV is the result
             print(f"plots skipped: {type(e).__name__}: {e}")
+    return 0
+
+
+# ====================================================================================================
+# largest batch: the largest 2N whose forward + backward fits a memory budget
+
+LARGEST_COLUMNS = ["timestamp", "commit", "device", "device_name", "threads", "torch", "loss", "provider", "backend",
+                   "dim", "dtype", "budget_mib", "largest_n2", "mib_at_largest", "ms_at_largest", "first_fail_n2",
+                   "probes", "note"]
+
+
+def _probe(args, loss, provider, n2, dim, dtype, device, threads, temperature, budget_mib) -> Dict:
+    """One fresh child, fwd+bwd at 2N: {fits, mib (inputs + peak extra), ms, backend, note}."""
+    spec = dict(loss=loss, provider=provider, mode="full", n2=n2, dim=dim, dtype=dtype, device=device,
+                threads=threads, repeats=1, temperature=temperature, cuda_rep_ms=args.cuda_rep_ms,
+                memory_only=True, mem_limit_gib=(budget_mib / 1024 + 1.0) if device == "cpu" else 0)
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    res = H.run_child([sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)], env=env,
+                      timeout=args.timeout)
+    elem = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    inputs_mib = n2 * dim * elem / H.MIB  # the two (N, D) views
+    if res.get("status") != "ok":
+        return dict(fits=False, mib=H.NAN, ms=H.NAN, backend="", note=f"{res.get('status')}: {res.get('note')}")
+    mib = inputs_mib + float(res["peak_mem_mib"])
+    return dict(fits=mib <= budget_mib, mib=mib, ms=float(res["median_ms"]), backend=res.get("backend", ""),
+                note="")
+
+
+def largest_batch(args, loss, provider, dim, dtype, device, threads, temperature, budget_mib, say) -> Dict:
+    """Doubling from 2N = 256 until a probe does not fit, then bisection to 1/8 of the last doubling step
+    (2N kept a multiple of 64)."""
+    probes, lo, lo_res, hi = 0, 0, None, None
+    n2 = 256
+    while hi is None:
+        r = _probe(args, loss, provider, n2, dim, dtype, device, threads, temperature, budget_mib)
+        probes += 1
+        say(f"  {provider:>9} 2N={n2:<8} {H.fmt_num(r['mib'])} MiB {'fits' if r['fits'] else 'does not fit'}"
+            + (f" [{r['note']}]" if r["note"] else ""))
+        if r["fits"]:
+            lo, lo_res, n2 = n2, r, n2 * 2
+        else:
+            hi = n2
+    step = max(64, (hi - lo) // 8)
+    while hi - lo > step and lo:
+        mid = (lo + hi) // 2 // 64 * 64
+        r = _probe(args, loss, provider, mid, dim, dtype, device, threads, temperature, budget_mib)
+        probes += 1
+        say(f"  {provider:>9} 2N={mid:<8} {H.fmt_num(r['mib'])} MiB {'fits' if r['fits'] else 'does not fit'}")
+        if r["fits"]:
+            lo, lo_res = mid, r
+        else:
+            hi = mid
+    return dict(largest_n2=lo, mib_at_largest=lo_res["mib"] if lo_res else H.NAN,
+                ms_at_largest=lo_res["ms"] if lo_res else H.NAN, first_fail_n2=hi, probes=probes,
+                backend=lo_res["backend"] if lo_res else "", note="" if lo else "2N = 256 does not fit")
+
+
+def largest_batch_main(args) -> int:
+    import torch
+
+    loss = args.loss
+    temperature = args.temperature if args.temperature is not None else DEFAULT_TEMPERATURE[loss]
+    device = _resolve_device(args.device)
+    budget_gib = args.mem_budget_gib if args.mem_budget_gib is not None else (0.25 if device == "cpu" else 80.0)
+    budget_mib = budget_gib * 1024
+    providers = [p for p in (args.providers or ["torch", "ssl_fast"]) if p in PROVIDERS[loss]]
+    threads = args.threads or 2
+    out_dir = os.path.abspath(args.out or H.results_dir(save=args.save))
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    base = dict(timestamp=stamp, commit=H.git_commit(), device=device, device_name=H.device_name(device),
+                threads=threads, torch=torch.__version__, loss=loss, budget_mib=budget_mib)
+    rows = []
+    for dtype in args.dtype or ["fp32"]:
+        for dim in args.dim or [128]:
+            for prov in providers:
+                print(f"largest batch: {prov} {loss} D={dim} {dtype}, budget {budget_mib:.0f} MiB on {device}")
+                res = largest_batch(args, loss, prov, dim, dtype, device, threads, temperature, budget_mib, print)
+                rows.append(dict(base, provider=prov, dim=dim, dtype=dtype, **res))
+    csv_path = os.path.join(out_dir, f"{OP}_largest.csv")
+    H.append_csv(csv_path, rows, LARGEST_COLUMNS)
+    all_rows = H.latest_rows(H.read_csv(csv_path), ["device_name", "threads", "loss", "provider", "dim", "dtype",
+                                                    "budget_mib"])
+    hdr = ["device", "threads", "loss", "D", "dtype", "budget MiB", "provider", "largest 2N", "MiB at it",
+           "fwd+bwd ms at it", "first 2N over", "commit"]
+    body = [[r["device_name"], r["threads"], r["loss"], r["dim"], r["dtype"], H.fmt_num(r["budget_mib"]),
+             r["provider"] + (f" ({r['backend']})" if r.get("backend") else ""), r["largest_n2"],
+             H.fmt_num(r["mib_at_largest"]), H.fmt_num(r["ms_at_largest"]), r["first_fail_n2"], r["commit"]]
+            for r in all_rows]
+    md = ["# Largest batch within a memory budget", "",
+          "_bench/bench_ntxent.py --largest-batch: the largest 2N (two views of N rows) whose forward + backward "
+          "fits the budget (inputs + peak extra memory of one call: RSS growth on CPU, max_memory_allocated on "
+          "CUDA), doubling then bisecting to 1/8 of the last step; one fresh process per probe._", "",
+          H.md_table(hdr, body), ""]
+    md_path = os.path.join(out_dir, f"{OP}_largest.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(md))
+    print(H.md_table(hdr, body))
+    print(f"\nappended {len(rows)} rows to {csv_path}\nrendered {md_path}")
     return 0
 
 

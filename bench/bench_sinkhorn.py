@@ -13,8 +13,9 @@ is not installed gives a NaN row with a note.
 
 Each (provider, shape, dtype) runs in a fresh child process (``bench/_harness.py``): time is the median of
 ``--repeats`` after a warm-up; memory is the peak above the input during one call (the returned B x K codes
-included). ``gbps`` = (bytes of the scores read once + the fp32 codes written once) / time: the one-pass
-bound of the GPU target. ``max_err`` = max |Q - Q_fp64| against the float64 log-domain reference on the
+included); ``process_rss_mib`` / ``first_call_ms``: the whole process's peak resident growth over its first
+call and that call's time (CPU). ``gbps`` = (bytes of the scores read once + the fp32 codes written once) /
+time: the one-pass bound of the GPU target. ``max_err`` = max |Q - Q_fp64| against the float64 log-domain reference on the
 same (rounded) scores (NaN when the provider overflowed; not computed above 2^26 elements).
 Rows go to ``bench/results/_scratch/sinkhorn.csv`` unless ``--save`` (then ``bench/results/sinkhorn.csv``);
 the markdown table is rendered from the whole CSV. ``--thp`` runs every child with torch's
@@ -43,12 +44,11 @@ import _harness as H  # noqa: E402
 OP = "sinkhorn"
 PROVIDERS = ("torch", "torch_compile", "lightly", "ssl_fast")
 OPTIONAL_MODULE = {"lightly": "lightly"}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 COLUMNS = [
     "timestamp", "commit", "device", "device_name", "threads", "torch", "triton", "provider", "backend", "mode",
     "b", "k", "iterations", "epsilon", "dtype", "repeats", "median_ms", "min_ms", "peak_mem_mib", "speedup",
-    "gbps", "max_err", "first_call_ms", "compile_ms", "alloc", "status", "note",
+    "gbps", "max_err", "first_call_ms", "compile_ms", "alloc", "status", "note", "process_rss_mib",
 ]
 
 PRESETS = {
@@ -114,11 +114,15 @@ def child_main(spec: Dict) -> Dict:
         with torch.no_grad():
             return fn(x)
 
+    # first call; around it the whole process's resident growth (what a user's fresh process pays)
     sync()
+    gc.collect()
+    rss_mark = H.process_rss_mark() if not is_cuda else None
     t0 = time.perf_counter()
     out = run()
     sync()
     first_call_ms = 1e3 * (time.perf_counter() - t0)
+    process_rss_mib = H.process_rss_growth_mib(rss_mark) if rss_mark is not None else H.NAN
     max_err = H.NAN
     if b * k <= (1 << 26):
         from ssl_fast import reference
@@ -137,6 +141,7 @@ def child_main(spec: Dict) -> Dict:
         median_ms, min_ms = H.time_cpu(run, repeats=repeats, warmup=1)
     nbytes = b * k * (x.element_size() + 4)
     return dict(status="ok", median_ms=median_ms, min_ms=min_ms, peak_mem_mib=peak, first_call_ms=first_call_ms,
+                process_rss_mib=process_rss_mib,
                 compile_ms=(first_call_ms - median_ms) if spec["provider"] == "torch_compile" else H.NAN,
                 gbps=nbytes / (median_ms * 1e-3) / 1e9, max_err=max_err, backend=backend, note="")
 
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
         return _child_entry(args._child)
     import torch
 
-    out_dir = os.path.abspath(args.out or (RESULTS if args.save else os.path.join(RESULTS, "_scratch")))
+    out_dir = os.path.abspath(args.out or H.results_dir(args.save))
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     commit = H.git_commit()
@@ -299,7 +304,8 @@ def main(argv=None) -> int:
                    threads=s["threads"], torch=torch_v, triton=triton_v, provider=s["provider"], mode="fwd",
                    b=s["b"], k=s["k"], iterations=s["iterations"], epsilon=s["epsilon"], dtype=s["dtype"],
                    repeats=s["repeats"], alloc="thp" if args.thp else "default")
-        for c in ("median_ms", "min_ms", "peak_mem_mib", "speedup", "gbps", "max_err", "first_call_ms", "compile_ms"):
+        for c in ("median_ms", "min_ms", "peak_mem_mib", "speedup", "gbps", "max_err", "first_call_ms", "compile_ms",
+                  "process_rss_mib"):
             row[c] = H.NAN
         ok = [r for r in rs if r.get("status") == "ok"]
         res = dict(ok[0] if ok else rs[-1])

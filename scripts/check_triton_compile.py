@@ -149,10 +149,11 @@ def _cases(quick):
            ("tf32", torch.float32, "high")]
     if quick:  # every kernel, 16-bit + fp32, both forward paths, split and unsplit backward
         return [dict(dt=dt, d=128, n=n, loss=loss, normalize=True)
-                for dt in (dts[0], dts[2]) for n in (1024, 32768) for loss in ("ntxent", "info_nce_sym")]
+                for dt in (dts[0], dts[2]) for n in (1024, 32768) for loss in ("ntxent", "info_nce_sym")] + \
+            [dict(dt=dt, d=d, n=1024, loss="rect", normalize=True) for dt in (dts[0], dts[2]) for d in (128, 768)]
     return [dict(dt=dt, d=d, n=n, loss=loss, normalize=norm)
             for dt in dts for d in (128, 768) for n in (256, 2048, 8192, 65536)
-            for loss in ("ntxent", "info_nce", "info_nce_sym") for norm in (True, False)]
+            for loss in ("ntxent", "info_nce", "info_nce_sym", "rect") for norm in (True, False)]
 
 
 def _run_case(c):
@@ -168,7 +169,12 @@ def _run_case(c):
         g = torch.empty((), dtype=torch.float32, device="meta")
         _CASE.clear()
         _CASE.update(dtype=label, d=d, n=n, loss=c["loss"])
-        if c["loss"] == "ntxent":
+        if c["loss"] == "rect":  # rectangular op: n local rows against 4n candidates (distributed / queue)
+            cands = torch.empty((4 * n, d), dtype=dtype, device="meta")
+            idx = torch.empty((n,), dtype=torch.int64, device="meta")
+            _, lse, xn, yn = K.rect_forward(a, cands, idx, idx, t, c["normalize"])
+            K.rect_backward(lse, a, cands, xn, yn, lse, idx, idx, t, c["normalize"], 2 * n)
+        elif c["loss"] == "ntxent":
             _, *saved = K.ntxent_forward(a, b, t, c["normalize"], d)
             K.ntxent_backward(g, a, b, *saved, t, c["normalize"], d)
         else:

@@ -13,6 +13,9 @@ from ._ext import HAS_EXT
 from .functional import info_nce, ntxent
 from .ops import BACKENDS, get_backend, set_backend
 
+from . import distributed, gradcache  # global negatives across processes, gradient caching
+from .gradcache import GradCache
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "reference",
     "set_backend",
 ]
+__all__ += ["GradCache", "distributed", "gradcache"]
 
 # Sinkhorn-Knopp (SwAV codes)
 from .functional import sinkhorn_knopp  # noqa: E402

@@ -7,6 +7,8 @@ from typing import Optional, Union
 import torch
 
 from .ops import infonce as _infonce
+from . import distributed as _dist  # process_group / negatives (ssl_fast.ops.infonce_rect)
+from .ops import infonce_rect as _rect
 
 Temperature = Union[float, torch.Tensor]
 
@@ -18,6 +20,7 @@ def ntxent(
     *,
     normalize: bool = True,
     feature_dim: Optional[int] = None,
+    process_group=None,
 ) -> torch.Tensor:
     """SimCLR's NT-Xent loss, fused: the (2N, 2N) logit matrix is never stored.
 
@@ -33,6 +36,8 @@ def ntxent(
         normalize: l2-normalize the rows first (eps 1e-12, as ``F.normalize``); False uses raw dot products.
         feature_dim: use only the first ``feature_dim`` columns (DirectCLR's sub-vector), without a copy;
             normalization then applies to the slice.
+        process_group: global negatives across processes: a ``torch.distributed`` group, or ``True`` /
+            ``"world"`` for the default group (None: this process only). See "Distributed" below.
 
     Returns:
         0-dim tensor: the mean over the 2N anchors, float32 (float64 for float64 inputs). Statistics are
@@ -40,6 +45,9 @@ def ntxent(
 
     With N = 1 every anchor has only its positive and no negative: the loss is exactly 0 with zero gradient.
     """
+    if process_group is not None and _dist.resolve_group(process_group) is not None:
+        return _rect.ntxent_global(z1, z2, temperature, normalize=normalize, feature_dim=feature_dim,
+                                   process_group=process_group)
     return _infonce.ntxent(z1, z2, temperature, normalize=normalize, feature_dim=feature_dim)
 
 
@@ -51,6 +59,8 @@ def info_nce(
     normalize: bool = True,
     symmetric: bool = False,
     feature_dim: Optional[int] = None,
+    negatives: Optional[torch.Tensor] = None,
+    process_group=None,
 ) -> torch.Tensor:
     """Cross-view InfoNCE, fused: logits ``query_i . key_j / T`` (N, N) with target j = i.
 
@@ -61,13 +71,38 @@ def info_nce(
         query, key: shape (N, D); dtypes, strides, ``temperature``, ``normalize`` and ``feature_dim`` as in
             :func:`ntxent`.
         symmetric: average both directions.
+        negatives: (M, D) (or (M, feature_dim)) extra candidates of every query, without gradient (a MoCo
+            queue, e.g. ``ssl_fast.nn.MemoryBank``); same dtype and device as ``query``; normalized like the
+            keys when ``normalize``. With ``symmetric`` the key->query direction does not see them.
+        process_group: global negatives across processes, as in :func:`ntxent` (the keys of every rank are
+            candidates of every query; the negatives are this rank's own).
 
     Returns:
         0-dim float32 tensor (float64 for float64 inputs): the mean over the N queries (and keys).
     """
+    if negatives is not None or (process_group is not None and _dist.resolve_group(process_group) is not None):
+        return _rect.info_nce_global(query, key, temperature, normalize=normalize, symmetric=symmetric,
+                                     feature_dim=feature_dim, negatives=negatives, process_group=process_group)
     return _infonce.info_nce(query, key, temperature, normalize=normalize, symmetric=symmetric,
                              feature_dim=feature_dim)
 
+
+DISTRIBUTED_DOC = """
+Distributed (``process_group``). Every rank passes its own N rows (the same N on every rank: checked once per
+new shape, ValueError naming the argument otherwise). The rank's anchors are scored against the candidates of
+ALL ranks with the fused rectangular kernel (one all_gather of the N x d local rows); the positive of a row is
+its partner at the global rank offset. The value returned on every rank is the loss of the concatenated
+global batch (an all_reduce of the scalar, no host synchronization), and the backward returns the gradient of
+remote candidates to their owners with one reduce-scatter (N_global x d). Gradient convention: each rank's
+input gradient is ``world_size`` x the single-process gradient of the global loss w.r.t. its rows, so that
+after DDP's averaging (or an all_reduce / world_size) every parameter, shared ones included, receives exactly
+the single-process gradient of the global batch; a learnable temperature gets world_size x its rank's share,
+averaging likewise to the exact gradient. ``ssl_fast.nn`` modules take ``gather_distributed=True`` (default
+group) and ``local_loss=True`` (open_clip's local loss: the value is the mean over this rank's anchors, the
+gradients are the same).
+"""
+ntxent.__doc__ += DISTRIBUTED_DOC
+info_nce.__doc__ += DISTRIBUTED_DOC
 
 __all__ = ["ntxent", "info_nce"]
 

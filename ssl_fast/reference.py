@@ -73,6 +73,55 @@ def info_nce_reference(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Rectangular InfoNCE, negatives (queues) and lightly's memory-bank NT-Xent (ssl_fast.ops.infonce_rect)
+
+
+def infonce_rect_reference(
+    rows: torch.Tensor,
+    candidates: torch.Tensor,
+    pos: torch.Tensor,
+    excl: Optional[torch.Tensor] = None,
+    temperature: Temperature = 0.1,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Per-row terms t_i = logsumexp_{j != excl[i]} S_ij - S_i,pos[i] (no positive term where pos[i] = -1),
+    S = norm(rows) norm(candidates)^T / T, materializing the (R, Cn) logits."""
+    a = F.normalize(rows, dim=1, eps=NORM_EPS) if normalize else rows
+    c = F.normalize(candidates, dim=1, eps=NORM_EPS) if normalize else candidates
+    s = (a @ c.t()) / temperature
+    if excl is not None:
+        cols = torch.arange(c.shape[0], device=s.device)
+        s = s.masked_fill(cols[None, :] == excl[:, None], float("-inf"))
+    spos = s.gather(1, pos.clamp(min=0)[:, None]).squeeze(1)
+    return torch.logsumexp(s, dim=1) - torch.where(pos >= 0, spos, torch.zeros_like(spos))
+
+
+def info_nce_negatives_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    negatives: Optional[torch.Tensor],
+    temperature: Temperature = 0.1,
+    *,
+    normalize: bool = True,
+    symmetric: bool = False,
+    feature_dim: Optional[int] = None,
+) -> torch.Tensor:
+    """Cross-view InfoNCE whose queries also see ``negatives`` (M, D) as extra candidates, without gradient
+    (a MoCo queue); with ``symmetric`` the key->query direction sees the queries only."""
+    q = _prep(query, normalize, feature_dim)
+    k = _prep(key, normalize, feature_dim)
+    cands = k
+    if negatives is not None:
+        cands = torch.cat([k, _prep(negatives.detach(), normalize, feature_dim)])
+    target = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy((q @ cands.t()) / temperature, target)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy((k @ q.t()) / temperature, target))
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp (SwAV's equal-partition codes)
 
 

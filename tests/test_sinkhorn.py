@@ -269,9 +269,9 @@ def _opcheck_args(dtype, dev):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_opcheck_cpp(dtype):
     x, u = _opcheck_args(dtype, "cpu")
-    torch.library.opcheck(torch.ops.ssl_fast.sinkhorn_col_lse.default, (x, 20.0))
-    torch.library.opcheck(torch.ops.ssl_fast.sinkhorn_row_pass.default, (x, 20.0, u))
-    torch.library.opcheck(torch.ops.ssl_fast.sinkhorn_apply.default, (x, 20.0, u))
+    torch.library.opcheck(torch.ops.ssl_fast.sinkhorn_col_lse_cpp.default, (x, 20.0))
+    torch.library.opcheck(torch.ops.ssl_fast.sinkhorn_row_pass_cpp.default, (x, 20.0, u))
+    torch.library.opcheck(torch.ops.ssl_fast.sinkhorn_apply_cpp.default, (x, 20.0, u))
 
 
 @needs_triton

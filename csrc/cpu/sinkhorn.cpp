@@ -17,16 +17,16 @@
 //   u_t+1,k = -LSE_b (s_bk + v_t,b),  v_t,b = -LSE_k (s_bk + u_t,k)
 //   Q_bk (returned, B x K) = softmax_k (s_b + u_n)_k      (last column step and final scaling)
 // Shifts. The first row step is a max-shifted column log-sum-exp: m_k = max_b s_bk, z_k = sum_b exp(s_bk -
-// m_k), u_1 = -(m_k + log z_k)  [op sinkhorn_col_lse -> (m, z)]. Later row steps need no max: with the
+// m_k), u_1 = -(m_k + log z_k)  [op sinkhorn_col_lse_cpp -> (m, z)]. Later row steps need no max: with the
 // previous u as shift,
 //   u_t+1,k = u_t,k - log c_k,  c_k = sum_b exp(s_bk + u_t,k + v_t,b) = sum_b softmax_k(s_b + u_t)_k,
 // the column mass of the column-normalized codes, and 1/K <= c_k <= B (P_bk = exp(s_bk + u_t,k + v_t-1,b)
 // has unit prototype sums, so its sample sums r_b add up to K and c_k = sum_b P_bk / r_b >= 1/K).
 // No overflow and no underflow in fp32 for any score range.
-// Fusion (one pass over the rows per sweep) [op sinkhorn_row_pass -> c]: per row b, one exp per element
+// Fusion (one pass over the rows per sweep) [op sinkhorn_row_pass_cpp -> c]: per row b, one exp per element
 // e_bk = exp(s_bk + u_k - max_k), r_b = sum_k e_bk gives v_b (the column step of sweep t), and the same
 // exponentials divided by r_b accumulate c_k (the row step of sweep t+1). The last sweep's column step is
-// the output pass [op sinkhorn_apply -> Q]: Q_bk = e_bk / r_b, written once.
+// the output pass [op sinkhorn_apply_cpp -> Q]: Q_bk = e_bk / r_b, written once.
 // Passes over X for n sweeps: 1 (column statistics) + (n - 1) (fused) + 1 (output) = n + 1, one exp per
 // element in each. No gradient: Q is a target (SwAV computes it under no_grad).
 //
@@ -159,7 +159,9 @@ std::tuple<at::Tensor, at::Tensor> col_lse_impl(const at::Tensor& x, acc_t inv_e
       const int64_t r0 = c * per, r1 = std::min(B, r0 + per);
       for (int64_t b = r0; b < r1; b += R) {
         const int64_t nr = std::min(R, r1 - b);
-        for (int64_t r = 0; r < nr; ++r) load_scaled<scalar_t, acc_t>(X + (b + r) * ld, K, inv_eps, nullptr, &buf[r * K]);
+        for (int64_t r = 0; r < nr; ++r) {
+          load_scaled<scalar_t, acc_t>(X + (b + r) * ld, K, inv_eps, nullptr, &buf[r * K]);
+        }
         acc_t* bm = bmax.data();
         std::copy(m, m + K, bm);
         for (int64_t r = 0; r < nr; ++r) {
@@ -316,13 +318,13 @@ at::Tensor sinkhorn_apply(const at::Tensor& scores, double inv_eps, const at::Te
 }  // namespace ssl_fast
 
 TORCH_LIBRARY_FRAGMENT(ssl_fast, m) {
-  m.def("sinkhorn_col_lse(Tensor scores, float inv_eps) -> (Tensor, Tensor)");
-  m.def("sinkhorn_row_pass(Tensor scores, float inv_eps, Tensor u) -> Tensor");
-  m.def("sinkhorn_apply(Tensor scores, float inv_eps, Tensor u) -> Tensor");
+  m.def("sinkhorn_col_lse_cpp(Tensor scores, float inv_eps) -> (Tensor, Tensor)");
+  m.def("sinkhorn_row_pass_cpp(Tensor scores, float inv_eps, Tensor u) -> Tensor");
+  m.def("sinkhorn_apply_cpp(Tensor scores, float inv_eps, Tensor u) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ssl_fast, CPU, m) {
-  m.impl("sinkhorn_col_lse", &ssl_fast::sinkhorn_col_lse);
-  m.impl("sinkhorn_row_pass", &ssl_fast::sinkhorn_row_pass);
-  m.impl("sinkhorn_apply", &ssl_fast::sinkhorn_apply);
+  m.impl("sinkhorn_col_lse_cpp", &ssl_fast::sinkhorn_col_lse);
+  m.impl("sinkhorn_row_pass_cpp", &ssl_fast::sinkhorn_row_pass);
+  m.impl("sinkhorn_apply_cpp", &ssl_fast::sinkhorn_apply);
 }

@@ -2,7 +2,10 @@
 
 from .infonce import DirectCLRLoss, InfoNCELoss, NTXentLoss
 
+from .memory_bank import MemoryBank  # queues of negatives (distributed branch)
+
 __all__ = ["DirectCLRLoss", "InfoNCELoss", "NTXentLoss"]
+__all__ += ["MemoryBank"]
 
 # SwAV
 from .swav import SwaVLoss, SwaVPrototypes  # noqa: E402

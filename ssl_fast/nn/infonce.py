@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from .. import functional as F
+from ..ops import infonce_rect as _rect
 
 Temperature = Union[float, torch.Tensor]
 
@@ -18,7 +20,13 @@ class NTXentLoss(nn.Module):
     Args:
         temperature: T > 0 (float or 0-dim tensor; a tensor that requires grad is learned).
         normalize: l2-normalize the embeddings first (keyword-only: lightly's second positional argument is
-            ``memory_bank_size``, which this module does not take, so ``NTXentLoss(0.5, 4096)`` fails loudly).
+            ``memory_bank_size``, which this module does not take, so ``NTXentLoss(0.5, 4096)`` fails loudly;
+            ``ssl_fast.nn.lightly.NTXentLoss`` has lightly's exact signature).
+        gather_distributed: negatives from every process of the default group (lightly's argument name): the
+            value is the loss of the global batch and each rank's gradients are world_size x its share, so that
+            DDP's averaging gives the single-process gradient (see ``ssl_fast.ntxent``); no-op in one process.
+        local_loss: with ``gather_distributed``, return the mean over this rank's anchors only (open_clip's
+            ``local_loss``; lightly's ``gather_distributed`` value); the gradients are the same.
 
     Shape:
         - out0, out1: (N, D), the two views' projections.
@@ -32,12 +40,18 @@ class NTXentLoss(nn.Module):
         >>> loss = criterion(projector(backbone(x0)), projector(backbone(x1)))
     """
 
-    def __init__(self, temperature: Temperature = 0.5, *, normalize: bool = True):
+    def __init__(self, temperature: Temperature = 0.5, *, normalize: bool = True, gather_distributed: bool = False,
+                 local_loss: bool = False):
         super().__init__()
         self.temperature = temperature
         self.normalize = normalize
+        self.gather_distributed = gather_distributed
+        self.local_loss = local_loss
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        if self.gather_distributed and _dist.resolve_group(True) is not None:
+            return _rect.ntxent_global(out0, out1, self.temperature, normalize=self.normalize, process_group=True,
+                                       local_loss=self.local_loss)
         return F.ntxent(out0, out1, self.temperature, normalize=self.normalize)
 
     def extra_repr(self) -> str:
@@ -51,6 +65,12 @@ class InfoNCELoss(nn.Module):
         temperature: T > 0 (float or 0-dim tensor; a tensor that requires grad is learned).
         symmetric: average the query->key and key->query losses.
         normalize: l2-normalize the embeddings first.
+        gather_distributed: negatives from every process of the default group (lightly's argument name): the
+            value is the loss of the global batch and each rank's gradients are world_size x its share, so that
+            DDP's averaging gives the single-process gradient (see ``ssl_fast.ntxent``); no-op in one process.
+        local_loss: with ``gather_distributed``, return the mean over this rank's anchors only (open_clip's
+            ``local_loss``; lightly's ``gather_distributed`` value); the gradients are the same.
+        forward's ``negatives``: (M, D) extra candidates without gradient (e.g. ``ssl_fast.nn.MemoryBank``).
 
     Shape:
         - query, key: (N, D).
@@ -61,13 +81,22 @@ class InfoNCELoss(nn.Module):
         >>> loss = criterion(image_features, text_features)
     """
 
-    def __init__(self, temperature: Temperature = 0.1, symmetric: bool = False, *, normalize: bool = True):
+    def __init__(self, temperature: Temperature = 0.1, symmetric: bool = False, *, normalize: bool = True,
+                 gather_distributed: bool = False, local_loss: bool = False):
         super().__init__()
         self.temperature = temperature
         self.symmetric = symmetric
         self.normalize = normalize
+        self.gather_distributed = gather_distributed
+        self.local_loss = local_loss
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, negatives: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        if negatives is not None or (self.gather_distributed and _dist.resolve_group(True) is not None):
+            return _rect.info_nce_global(query, key, self.temperature, normalize=self.normalize,
+                                         symmetric=self.symmetric, negatives=negatives,
+                                         process_group=True if self.gather_distributed else None,
+                                         local_loss=self.local_loss)
         return F.info_nce(query, key, self.temperature, normalize=self.normalize, symmetric=self.symmetric)
 
     def extra_repr(self) -> str:
@@ -82,6 +111,11 @@ class DirectCLRLoss(nn.Module):
         temperature: T > 0.
         variant: ``"official"`` is the symmetric cross-view InfoNCE of the paper's code; ``"ntxent"`` is
             lightly's NT-Xent on the slice.
+        gather_distributed: negatives from every process of the default group (lightly's argument name): the
+            value is the loss of the global batch and each rank's gradients are world_size x its share, so that
+            DDP's averaging gives the single-process gradient (see ``ssl_fast.ntxent``); no-op in one process.
+        local_loss: with ``gather_distributed``, return the mean over this rank's anchors only (open_clip's
+            ``local_loss``; lightly's ``gather_distributed`` value); the gradients are the same.
 
     Shape:
         - r0, r1: (N, D) backbone representations with D >= feature_dim (the slice is not copied).
@@ -94,8 +128,11 @@ class DirectCLRLoss(nn.Module):
 
     VARIANTS = ("official", "ntxent")
 
-    def __init__(self, feature_dim: int = 360, temperature: Temperature = 0.1, variant: str = "official"):
+    def __init__(self, feature_dim: int = 360, temperature: Temperature = 0.1, variant: str = "official", *,
+                 gather_distributed: bool = False, local_loss: bool = False):
         super().__init__()
+        self.gather_distributed = gather_distributed
+        self.local_loss = local_loss
         if variant not in self.VARIANTS:
             raise ValueError(f"variant must be one of {self.VARIANTS}, got {variant!r}")
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
@@ -105,6 +142,12 @@ class DirectCLRLoss(nn.Module):
         self.variant = variant
 
     def forward(self, r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+        if self.gather_distributed and _dist.resolve_group(True) is not None:
+            if self.variant == "official":
+                return _rect.info_nce_global(r0, r1, self.temperature, symmetric=True, feature_dim=self.feature_dim,
+                                             process_group=True, local_loss=self.local_loss)
+            return _rect.ntxent_global(r0, r1, self.temperature, feature_dim=self.feature_dim, process_group=True,
+                                       local_loss=self.local_loss)
         if self.variant == "official":
             return F.info_nce(r0, r1, self.temperature, symmetric=True, feature_dim=self.feature_dim)
         return F.ntxent(r0, r1, self.temperature, feature_dim=self.feature_dim)

@@ -9,7 +9,7 @@ prototype scalings u (K) kept in the log domain,
 
 which equals SwAV's ``distributed_sinkhorn`` (the global total, the 1/K and 1/B factors are uniform and
 cancel in the next sample normalization; the final ``Q *= B`` restores unit sample sums). Every fused
-backend (``cpp``: ``torch.ops.ssl_fast.sinkhorn_*``; ``triton``: ``torch.ops.ssl_fast.sinkhorn_*_triton``)
+backend (``cpp``: ``torch.ops.ssl_fast.sinkhorn_*_cpp``; ``triton``: ``torch.ops.ssl_fast.sinkhorn_*_triton``)
 provides these three passes; the loop over sweeps and the collectives live here, once.
 
 Distributed (``process_group`` given): the row sums are sums over every rank's samples, so between the
@@ -88,9 +88,9 @@ def _fake_apply(scores, inv_eps, u):
 
 
 # cpp: defined and implemented in csrc/cpu/sinkhorn.cpp (None without the extension)
-_CPP_COL_LSE = _library.fake_for("sinkhorn_col_lse", _fake_col_lse)
-_CPP_ROW_PASS = _library.fake_for("sinkhorn_row_pass", _fake_row_pass)
-_CPP_APPLY = _library.fake_for("sinkhorn_apply", _fake_apply)
+_CPP_COL_LSE = _library.fake_for("sinkhorn_col_lse_cpp", _fake_col_lse)
+_CPP_ROW_PASS = _library.fake_for("sinkhorn_row_pass_cpp", _fake_row_pass)
+_CPP_APPLY = _library.fake_for("sinkhorn_apply_cpp", _fake_apply)
 
 
 # triton: launchers in kernels/sinkhorn.py, imported on first use (the CPU impl is the interpreter path)

@@ -1,0 +1,142 @@
+"""lightly-compatible loss classes backed by ssl_fast's fused ops: change one import line.
+
+    from lightly.loss import NTXentLoss            ->  from ssl_fast.nn.lightly import NTXentLoss
+    from lightly.loss import DirectCLRLoss         ->  from ssl_fast.nn.lightly import DirectCLRLoss
+
+Signatures, defaults and semantics are lightly 1.6's, including the memory bank (a ``(size, dim)`` tuple;
+``0`` disables it; any other bare int raises, as in lightly; the bank starts as random unit vectors drawn
+with ``torch.randn`` in ``__init__``, so a seeded run draws the same bank; the loss uses the bank as it was
+before this step, then ``out1`` (normalized) is enqueued when ``out0.requires_grad``; a batch reaching the end
+of the bank is cut there and the next write starts at 0) and ``gather_distributed`` (without a bank: every
+rank's anchors against the candidates of all ranks, the value is the mean over this rank's anchors and the
+gradients flow back to their owners, as lightly's ``GatherLayer``; with a bank: local negatives from the bank,
+the bank is updated with the batches of all ranks). Differences: nothing is read back to the host (lightly's
+bank update reads its pointer), the ``(2N, 2N)`` / ``(N, M)`` logits are never stored, and ``temperature``
+must be > 0 (lightly accepts a negative one).
+
+ssl_fast's own modules (``ssl_fast.nn``) follow the papers instead (e.g. DirectCLR's official loss).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import distributed as torch_dist
+from torch import nn
+
+from .. import distributed as _dist
+from .. import functional as _functional
+from ..ops import infonce_rect as _rect
+from .memory_bank import MemoryBank
+
+
+class _LightlyMemoryBank(nn.Module):
+    """lightly's ``MemoryBankModule`` checks and layout, on ``ssl_fast.nn.MemoryBank(wrap=False)``."""
+
+    def __init__(self, size: Union[int, Sequence[int]], gather_distributed: bool = False):
+        super().__init__()
+        size_tuple = (size,) if isinstance(size, int) else tuple(size)
+        if any(x < 0 for x in size_tuple):
+            raise ValueError(f"Illegal memory bank size {size}, all entries must be non-negative.")
+        if isinstance(size, int) and size > 0:
+            raise ValueError(f"Memory bank size 'size={size}' does not specify the feature dimension. Set it "
+                             f"with 'size=({size}, dim)', or pass 'size=0' to disable the memory bank.")
+        if size_tuple != (0,) and len(size_tuple) != 2:
+            raise ValueError(f"Illegal memory bank size {size}, expected a (num_features, dim) tuple, or "
+                             "'size=0' to disable the memory bank.")
+        self.size = size_tuple
+        self.gather_distributed = gather_distributed
+        self.queue = None
+        if size_tuple[0] > 0:
+            self.queue = MemoryBank(size_tuple[0], size_tuple[1], wrap=False,
+                                    process_group=True if gather_distributed else None)
+
+    @property
+    def bank(self) -> torch.Tensor:
+        """(num_features, dim), as lightly stores it."""
+        return self.queue.bank if self.queue is not None else torch.empty(0)
+
+    @property
+    def bank_ptr(self) -> torch.Tensor:
+        return self.queue.ptr if self.queue is not None else torch.zeros(1, dtype=torch.long)
+
+
+class NTXentLoss(nn.Module):
+    """lightly's ``NTXentLoss`` (SimCLR; MoCo with a memory bank), fused.
+
+    Args:
+        temperature: scale logits by 1 / temperature (> 0 here; abs < 1e-8 raises as in lightly).
+        memory_bank_size: ``(num_features, dim)`` or 0 (off).
+        gather_distributed: negatives from all processes (default group) before the loss.
+
+    Shape:
+        - out0, out1: (N, D) projections of the two views. Output: scalar.
+
+    Example:
+        >>> from ssl_fast.nn.lightly import NTXentLoss
+        >>> criterion = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128))
+        >>> loss = criterion(out0, out1)
+    """
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 gather_distributed: bool = False):
+        super().__init__()
+        self.memory_bank = _LightlyMemoryBank(size=memory_bank_size, gather_distributed=gather_distributed)
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+        self.eps = 1e-8
+        if abs(self.temperature) < self.eps:
+            raise ValueError("Illegal temperature: abs({}) < 1e-8".format(self.temperature))
+        if gather_distributed and not torch_dist.is_available():
+            raise ValueError("gather_distributed is True but torch.distributed is not available. Please set "
+                             "gather_distributed=False or install a torch version with distributed support.")
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        queue = self.memory_bank.queue
+        if queue is not None:
+            out0n = F.normalize(out0, dim=1)
+            out1n = F.normalize(out1, dim=1)
+            n = out0.shape[0]
+            none = torch.full((n,), -1, dtype=torch.int64, device=out0.device)
+            # the bank's logsumexp per row, fused; the positive joins it in log space:
+            # CE_i = logaddexp(s_i+, lse_i(bank)) - s_i+
+            neg = queue.negatives().to(device=out0.device, dtype=out0n.dtype)
+            lse_bank = _rect.infonce_rect(out0n, neg, none, none, self.temperature, normalize=False,
+                                          grad_candidates=False)
+            sim_pos = (out0n * out1n).sum(1).to(lse_bank.dtype) / self.temperature
+            loss = (torch.logaddexp(sim_pos, lse_bank) - sim_pos).mean()
+            if out0.requires_grad:  # after the loss consumed the bank: the bank before the update is used
+                queue.enqueue(out1n)
+            return loss
+        if self.gather_distributed and _dist.resolve_group(True) is not None:
+            return _rect.ntxent_global(out0, out1, self.temperature, process_group=True, local_loss=True)
+        return _functional.ntxent(out0, out1, self.temperature)
+
+
+class DirectCLRLoss(NTXentLoss):
+    """lightly's ``DirectCLRLoss``: flattens each input, keeps its first ``loss_dim`` values, NT-Xent on them.
+
+    Args:
+        loss_dim: the sub-vector length; temperature, memory_bank_size, gather_distributed: as ``NTXentLoss``.
+
+    Shape:
+        - out0, out1: (N, ...) encodings (flattened from dim 1). Output: scalar.
+    """
+
+    def __init__(self, loss_dim: int = 64, temperature: float = 0.5,
+                 memory_bank_size: Union[int, Sequence[int]] = 0, gather_distributed: bool = False):
+        super().__init__(temperature=temperature, memory_bank_size=memory_bank_size,
+                         gather_distributed=gather_distributed)
+        self.loss_dim = loss_dim
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        out0 = out0.flatten(start_dim=1)[:, : self.loss_dim]
+        out1 = out1.flatten(start_dim=1)[:, : self.loss_dim]
+        return super().forward(out0, out1)
+
+
+# The lightly namespace grows with the ops: SwaVLoss, NegativeCosineSimilarity and update_momentum are
+# re-exported here when they land (add them to __all__ below).
+__all__ = ["DirectCLRLoss", "NTXentLoss"]

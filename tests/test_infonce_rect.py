@@ -1,0 +1,218 @@
+"""The rectangular InfoNCE op (ssl_fast.ops.infonce_rect) and info_nce(negatives=...) in one process, on every
+backend (cpp, torch, triton under the interpreter on CPU), against the float64 reference.
+
+Tolerance rule (flash-attention's): error against float64 <= 2x eager torch's error in the same dtype
+(the reference run in that dtype) + an atol floor relative to the largest reference value.
+"""
+
+import os
+
+import pytest
+import torch
+
+import ssl_fast
+from ssl_fast import reference as R
+from ssl_fast.ops import infonce_rect as rect
+
+from infonce_helpers import FLOORS, err
+
+BACKENDS = ["torch"] + (["cpp"] if ssl_fast.HAS_EXT else [])
+try:
+    import triton  # noqa: F401
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        BACKENDS.append("triton")
+except ImportError:
+    pass
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dev(backend):
+    return DEVICE if backend == "triton" else "cpu"
+
+
+def _indices(r, cn, gen, self_excl=True):
+    pos = torch.randint(-1, cn, (r,), generator=gen)
+    excl = torch.randint(-1, cn, (r,), generator=gen) if self_excl else torch.full((r,), -1)
+    excl = torch.where(excl == pos, torch.full_like(excl, -1), excl)
+    return pos, excl
+
+
+def _run(fn, rows, cands, pos, excl, t, w, **kw):
+    """terms and the gradients of sum(w * terms) w.r.t. rows, candidates and temperature."""
+    out = fn(rows, cands, pos, excl, t, **kw)
+    g = torch.autograd.grad((out * w.to(out.dtype)).sum(), [rows, cands, t])
+    return out.detach(), [x.detach() for x in g]
+
+
+SHAPES = [(1, 1, 1), (5, 9, 3), (37, 70, 20), (66, 33, 130)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_rect_vs_float64(backend, shape, dtype, normalize, monkeypatch):
+    if backend == "triton" and (dtype == torch.float64 or (shape[2] > 64 and dtype != torch.float32)):
+        pytest.skip("triton: fp32/bf16/fp16; one wide-d case is enough under the interpreter")
+    if backend == "triton" and dtype == torch.float16 and not normalize:
+        pytest.skip("covered by bf16")
+    monkeypatch.setattr(rect, "CPU_BLOCK", 8)  # several tiles per row / column block, ragged last tiles
+    r, cn, d = shape
+    gen = torch.Generator().manual_seed(r * 1000 + cn)
+    dev = _dev(backend)
+    base_r = torch.randn(r, d + 3, generator=gen, dtype=torch.float64)
+    base_c = torch.randn(cn, d, generator=gen, dtype=torch.float64)
+    pos, excl = (t.to(dev) for t in _indices(r, cn, gen))
+    w = torch.randn(r, generator=gen, dtype=torch.float64).to(dev)
+    temp = 0.5 if normalize else 4.0
+    # float64 reference and eager in the dtype, on the same rounded values
+    rows_q = base_r.to(dtype)
+    cands_q = base_c.to(dtype)
+
+    def leaves(dt, strided):
+        x = rows_q.to(dev, dt)
+        x = (x[:, 2:2 + d] if strided else x[:, 2:2 + d].contiguous()).detach().requires_grad_()
+        return x, cands_q.to(dev, dt).detach().requires_grad_()
+
+    r64, c64 = leaves(torch.float64, False)
+    t64 = torch.tensor(temp, dtype=torch.float64, device=dev, requires_grad=True)
+    ref, gref = _run(lambda *a: R.infonce_rect_reference(*a, normalize=normalize), r64, c64, pos, excl, t64, w)
+    if dtype == torch.float64:
+        eager, geager = ref, [torch.zeros_like(g) for g in gref]
+    else:
+        re_, ce_ = leaves(dtype, False)
+        te = torch.tensor(temp, dtype=dtype, device=dev, requires_grad=True)
+        eager, geager = _run(lambda *a: R.infonce_rect_reference(*a, normalize=normalize), re_, ce_, pos, excl, te, w)
+    # ours: strided rows (a column slice), learnable fp32 temperature
+    ro, co = leaves(dtype, True)
+    to = torch.tensor(temp, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=dev,
+                      requires_grad=True)
+    out, gout = _run(lambda *a: rect.infonce_rect(*a, normalize=normalize, backend=backend), ro, co, pos, excl, to, w)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.shape == (r,)
+    assert gout[0].dtype == dtype and gout[0].shape == ro.shape
+    floor = FLOORS.get(dtype, 1e-12)
+    scale = max(1.0, ref.abs().max().item())
+    assert torch.isfinite(out).all()
+    assert err(out, ref) <= 2 * err(eager, ref) + floor * scale, (err(out, ref), err(eager, ref))
+    for name, g, e, rf in zip(["drows", "dcands", "dtemp"], gout, geager, gref):
+        assert torch.isfinite(g).all(), name
+        gs = rf.abs().max().item() or 1.0
+        assert err(g, rf) <= 2 * err(e, rf) + floor * gs, (name, err(g, rf), err(e, rf))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["oneway", "sym"])
+def test_info_nce_negatives(backend, symmetric):
+    dev = _dev(backend)
+    q, k = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 12, dtype=torch.float64)
+    neg = torch.randn(10, 12, dtype=torch.float64)
+    dt = torch.float32 if backend == "triton" else torch.float64
+    tol = 1e-5 if dt == torch.float32 else 1e-10
+    qq, kk = (x.to(dev, dt).requires_grad_() for x in (q, k))
+    t = torch.tensor(0.2, dtype=dt, device=dev, requires_grad=True)
+    with ssl_fast.set_backend(backend):
+        loss = ssl_fast.info_nce(qq, kk, t, symmetric=symmetric, feature_dim=9, negatives=neg.to(dev, dt))
+    g = torch.autograd.grad(loss, [qq, kk, t])
+    q64, k64 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    t64 = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    ref = R.info_nce_negatives_reference(q64, k64, neg, t64, symmetric=symmetric, feature_dim=9)
+    gr = torch.autograd.grad(ref, [q64, k64, t64])
+    assert err(loss, ref) <= tol * max(1, abs(ref.item()))
+    for a, b in zip(g, gr):
+        assert err(a, b) <= tol * max(1.0, b.abs().max().item())
+    # a (M, feature_dim) queue is the same queue
+    with ssl_fast.set_backend(backend):
+        loss2 = ssl_fast.info_nce(qq, kk, t, symmetric=symmetric, feature_dim=9, negatives=neg[:, :9].to(dev, dt))
+    assert err(loss2, loss) <= tol
+
+
+def test_info_nce_negatives_bad_input():
+    q, k = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="negatives"):
+        ssl_fast.info_nce(q, k, negatives=torch.randn(5, 7))
+    with pytest.raises(ValueError, match="negatives"):
+        ssl_fast.info_nce(q, k, negatives=torch.randn(5, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="negatives"):
+        ssl_fast.info_nce(q, k, negatives=torch.randn(5, 8, device="meta"))
+    with pytest.raises(ValueError, match="negatives"):
+        ssl_fast.info_nce(q, k, negatives=torch.randn(5))
+    with pytest.raises(TypeError, match="negatives"):
+        ssl_fast.info_nce(q, k, negatives=[[0.0] * 8])
+    with pytest.raises(ValueError, match="process_group"):
+        ssl_fast.ntxent(q, k, process_group="everyone")
+
+
+def test_process_group_single_process_falls_back():
+    """process_group=True without an initialized group is the single-process loss."""
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    assert err(ssl_fast.ntxent(z1, z2, process_group=True), ssl_fast.ntxent(z1, z2)) == 0
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C")
+def test_opcheck_cpp():
+    rows, cands = torch.randn(5, 4), torch.randn(9, 4)
+    pos, excl = torch.tensor([0, 1, -1, 3, 8]), torch.tensor([2, -1, 4, 0, 1])
+    it = torch.tensor(2.0)
+    torch.library.opcheck(rect._CPP_FWD, (rows, cands, pos, excl, it, True, 0))
+    terms, lse, an, cn, anorm, cnorm = rect._CPP_FWD(rows, cands, pos, excl, it, True, 0)
+    torch.library.opcheck(rect._CPP_BWD, (torch.randn(5), an, cn, anorm, cnorm, lse, pos, excl, it, True, 7, 0))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (CUDA or the interpreter)")
+def test_opcheck_triton():
+    rows, cands = torch.randn(5, 4, device=DEVICE), torch.randn(9, 4, device=DEVICE)
+    pos = torch.tensor([0, 1, -1, 3, 8], device=DEVICE)
+    excl = torch.tensor([2, -1, 4, 0, 1], device=DEVICE)
+    it = torch.tensor(2.0, device=DEVICE)
+    torch.library.opcheck(rect._TRITON_FWD, (rows, cands, pos, excl, it, True))
+    terms, lse, xn, yn = rect._TRITON_FWD(rows, cands, pos, excl, it, True)
+    torch.library.opcheck(rect._TRITON_BWD, (torch.randn(5, device=DEVICE), rows, cands, xn, yn, lse, pos, excl, it,
+                                             True, 7))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_compile_fullgraph(backend):
+    q, k = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    neg = torch.randn(5, 8)
+
+    def f(q, k, neg):
+        return ssl_fast.info_nce(q, k, 0.2, negatives=neg, symmetric=True)
+
+    with ssl_fast.set_backend(backend):
+        eager = f(q, k, neg)
+        ge = torch.autograd.grad(eager, [q, k])
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, neg)
+        gc = torch.autograd.grad(compiled, [q, k])
+    assert err(compiled, eager) < 1e-6
+    for a, b in zip(gc, ge):
+        assert err(a, b) < 1e-6
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C (cpp backend)")
+def test_first_call_negatives_is_cheap():
+    """A fresh process's first info_nce(negatives=...) imports nothing heavy (no sympy / dynamo)."""
+    import json
+    import subprocess
+    import sys
+
+    import test_first_call as tfc
+
+    child = tfc.CHILD.replace("fn = getattr(ssl_fast, sys.argv[1])",
+                              "fn = lambda a, b: ssl_fast.info_nce(a, b, negatives=2 * b.detach()[:16])")
+    assert child != tfc.CHILD
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env.pop("TRITON_INTERPRET", None)
+    runs = []
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", child, "x"], cwd=tfc.ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert r["heavy"] == [] and r["grad_ok"], r
+        runs.append(r)
+        if r["ms"] < 50.0 and r["mib"] < 20.0:
+            break
+    assert min(r["mib"] for r in runs) < 20.0, runs
+    assert min(r["ms"] for r in runs) < 50.0, runs
