@@ -35,3 +35,9 @@ __all__ += ["GradCache", "distributed", "gradcache"]
 from .functional import sinkhorn_knopp  # noqa: E402
 
 __all__ += ["sinkhorn_knopp"]
+
+
+# EMA teacher update (issue 10)
+from .functional import ema_update_, update_momentum  # noqa: E402
+
+__all__ += ["ema_update_", "update_momentum"]

@@ -165,3 +165,106 @@ def sinkhorn_knopp(
 
 
 __all__ += ["sinkhorn_knopp"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMA teacher update and the BYOL / SimSiam losses
+
+from .ops import ema as _ema  # noqa: E402
+from .ops import byol as _byol  # noqa: E402
+
+
+def ema_update_(ema_tensors, online_tensors, momentum: Union[float, torch.Tensor]) -> None:
+    """In place ``ema = momentum * ema + (1 - momentum) * online`` for every pair of two lists of tensors.
+
+    The teacher update of BYOL, MoCo and DINO, fused: the pairs are grouped by (device, ema dtype, online
+    dtype) and each group is ONE kernel call (a CUDA multi-tensor launch, one CPU parallel region, or one
+    Triton launch), not one kernel per tensor. Computed as ``ema + (1 - momentum) * (online - ema)`` in fp32
+    (fp64 for fp64 tensors), then rounded once to the ema dtype. Runs under ``torch.no_grad``.
+
+    Args:
+        ema_tensors: list / tuple of floating tensors updated in place (float32, bfloat16, float16 or
+            float64). Any layout: dense layouts (contiguous, channels-last) are updated where they are;
+            views with gaps (``w[:, ::2]``) go through a contiguous copy that is written back.
+        online_tensors: list of the same length; ``online_tensors[i]`` has the shape and device of
+            ``ema_tensors[i]``, any floating dtype (an fp32 EMA of bf16 / fp16 weights reads 2-byte
+            weights and needs no converted copy).
+        momentum: m in [0, 1], a float or a 0-dim tensor. A tensor on the tensors' GPU is read by the
+            kernel itself: no host sync, so a momentum schedule kept on the device can be captured in a
+            CUDA graph (its value is then not range-checked). m = 1 leaves ``ema`` unchanged, m = 0 copies.
+
+    Returns:
+        None (like ``torch._foreach_*_``); the tensors of ``ema_tensors`` hold the result.
+
+    Raises:
+        ValueError: lists of different lengths, a pair of different shapes or devices, momentum outside
+            [0, 1] (or a momentum tensor with more than one element).
+        TypeError: a non-tensor element, an integer / bool / complex tensor, a non-real momentum.
+        Nothing is modified when a check fails.
+
+    Example:
+        >>> teacher = [p.detach() for p in teacher_model.parameters()]
+        >>> student = [p.detach() for p in student_model.parameters()]
+        >>> ssl_fast.ema_update_(teacher, student, 0.996)
+    """
+    return _ema.ema_update_(ema_tensors, online_tensors, momentum)
+
+
+def update_momentum(model: torch.nn.Module, model_ema: torch.nn.Module, m: Union[float, torch.Tensor]) -> None:
+    """lightly's ``update_momentum(model, model_ema, m)``: EMA of ``model``'s parameters into ``model_ema``'s.
+
+    Like lightly, only parameters are updated (buffers such as BatchNorm running statistics are not; see
+    :class:`ssl_fast.nn.EMA` for buffer handling), in ``model.parameters()`` order, with one fused
+    :func:`ema_update_` call instead of lightly's ``_foreach_mul_`` + ``_foreach_add_`` (two passes).
+
+    Args:
+        model: the online (student) model.
+        model_ema: the EMA (teacher) model with the same parameter shapes.
+        m: momentum in [0, 1], a float or a 0-dim tensor.
+
+    Returns:
+        None.
+
+    Example:
+        >>> update_momentum(backbone, backbone_momentum, m=0.99)
+    """
+    return _ema.update_momentum(model, model_ema, m)
+
+
+def negative_cosine_similarity(x0: torch.Tensor, x1: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """SimSiam's loss: ``-cosine_similarity(x0, x1, dim, eps).mean()`` (lightly's NegativeCosineSimilarity).
+
+    Args:
+        x0, x1: tensors of broadcastable shapes, e.g. (N, D) predictions and stop-gradient targets: the
+            caller detaches the target (``x1.detach()``), as in the paper.
+        dim: the dimension of the vectors.
+        eps: lower bound on each norm (``torch.nn.functional.cosine_similarity``).
+
+    Returns:
+        0-dim tensor: minus the mean cosine similarity over the remaining dimensions.
+    """
+    return _byol.negative_cosine_similarity(x0, x1, dim=dim, eps=eps)
+
+
+def byol_loss(p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    """BYOL's symmetric loss: ``mean_i [(2 - 2 cos(p0_i, z1_i)) + (2 - 2 cos(p1_i, z0_i))] / 2``.
+
+    ``2 - 2 cos(p, z) = |p/|p| - z/|z||^2``: the squared distance of the l2-normalized vectors. The paper's
+    loss is the SUM of the two view terms (``L + L~``) per sample; this returns their AVERAGE, averaged over
+    the batch (half the paper's value; same minimizer, gradients halved), in [0, 4].
+
+    Args:
+        p0, p1: online predictions of views 0 and 1, shape (N, D).
+        z0, z1: target projections of views 0 and 1, shape (N, D). Stop-gradient is the caller's: pass
+            the target network's outputs (computed under ``torch.no_grad`` or ``.detach()``-ed).
+
+    Returns:
+        0-dim tensor, float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: inputs that are not 2-D or do not all have the same shape.
+    """
+    return _byol.byol_loss(p0, p1, z0, z1)
+
+
+__all__ += ["ema_update_", "update_momentum", "negative_cosine_similarity", "byol_loss"]

@@ -158,3 +158,29 @@ def sinkhorn_knopp_log_reference(scores: torch.Tensor, epsilon: float = 0.05, it
         lq = lq - torch.logsumexp(lq, dim=0, keepdim=True) - math.log(k)  # prototype sums (rows of Q)
         lq = lq - torch.logsumexp(lq, dim=1, keepdim=True) - math.log(b)  # sample sums (columns of Q)
     return torch.exp(lq + math.log(b))
+
+# EMA teacher update, BYOL / SimSiam losses
+
+
+def ema_update_reference(ema_tensors, online_tensors, momentum) -> list:
+    """New float64 tensors m * ema + (1 - m) * online (the inputs are not modified)."""
+    m = float(momentum)
+    return [m * e.detach().double() + (1.0 - m) * o.detach().double() for e, o in zip(ema_tensors, online_tensors)]
+
+
+def negative_cosine_similarity_reference(x0: torch.Tensor, x1: torch.Tensor, dim: int = 1,
+                                         eps: float = 1e-8) -> torch.Tensor:
+    """-mean cos(x0, x1) along ``dim``, each norm clamped at ``eps``, written out."""
+    n0 = x0.norm(dim=dim).clamp_min(eps)
+    n1 = x1.norm(dim=dim).clamp_min(eps)
+    return -((x0 * x1).sum(dim=dim) / (n0 * n1)).mean()
+
+
+def byol_loss_reference(p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of the average of the two view terms |p^ - z^|^2 (2 - 2 cos)."""
+    def term(p, z):
+        pn = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        zn = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return ((pn - zn) ** 2).sum(dim=1)
+
+    return (0.5 * (term(p0, z1) + term(p1, z0))).mean()

@@ -11,3 +11,10 @@ __all__ += ["MemoryBank"]
 from .swav import SwaVLoss, SwaVPrototypes  # noqa: E402
 
 __all__ += ["SwaVLoss", "SwaVPrototypes"]
+
+
+# EMA teacher and the BYOL / SimSiam losses (issue 10)
+from .byol import BYOLLoss, NegativeCosineSimilarity  # noqa: E402
+from .ema import EMA  # noqa: E402
+
+__all__ += ["BYOLLoss", "EMA", "NegativeCosineSimilarity"]

@@ -137,6 +137,21 @@ class DirectCLRLoss(NTXentLoss):
         return super().forward(out0, out1)
 
 
-# The lightly namespace grows with the ops: SwaVLoss, NegativeCosineSimilarity and update_momentum are
-# re-exported here when they land (add them to __all__ below).
-__all__ = ["DirectCLRLoss", "NTXentLoss"]
+# The other lightly drop-ins, backed by the fused ops. lightly 1.6's SwaVLoss returns shape (1,) (ssl_fast's own
+# returns a 0-dim tensor): the class here keeps lightly's shape so nothing downstream changes.
+from ..ops.ema import update_momentum  # noqa: E402  (lightly.models.utils.update_momentum)
+from .byol import NegativeCosineSimilarity  # noqa: E402  (lightly.loss.NegativeCosineSimilarity)
+from .swav import SwaVLoss as _SwaVLoss  # noqa: E402
+
+
+class SwaVLoss(_SwaVLoss):
+    """lightly's ``SwaVLoss`` (same signature, defaults and output shape (1,)), with the fused Sinkhorn-Knopp.
+
+    Args / Shape / Example: as ``ssl_fast.nn.SwaVLoss``; the output has shape (1,) like lightly's.
+    """
+
+    def forward(self, high_resolution_outputs, low_resolution_outputs, queue_outputs=None):
+        return super().forward(high_resolution_outputs, low_resolution_outputs, queue_outputs).reshape(1)
+
+
+__all__ = ["DirectCLRLoss", "NTXentLoss", "NegativeCosineSimilarity", "SwaVLoss", "update_momentum"]
