@@ -13,7 +13,8 @@ Findings under test (Chen & He 2021; Grill et al. 2020; Tian, Yu, Chen, Ganguli 
 
 Set-up: digits (16 x 16), MLP encoder (64-dim representation) + MLP projector (64) + MLP predictor
 (64 -> 128 -> 64), symmetric negative cosine loss, batch 256, Adam lr 1e-3, EMA target (momentum 0.99 unless
-swept, ``ssl_fast.ema_update_`` when available), the same seed and views for every variant.
+swept, ``ssl_fast.ema_update_``), the loss through ``ssl_fast.nn.NegativeCosineSimilarity`` (both when the
+package has them), the same seed and views for every variant.
 
 Collapse indicator: s = mean per-dimension std of the l2-normalized projector output on the held-out split,
 times sqrt(d) (1 for isotropic outputs, 0 for complete collapse). Collapsed: s < 0.15; healthy: s > 0.25.
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ssl_fast
 from ssl_fast import diagnostics as dg
 from ssl_fast.diagnostics import plots
 from ssl_fast.diagnostics.report import MarkdownReport
@@ -61,6 +63,10 @@ def predictor(norm: str) -> nn.Module:
 
 
 def _neg_cos(p, z):
+    """-mean cos(p_i, z_i): ``ssl_fast.nn.NegativeCosineSimilarity`` where the package has it (gradient to both)."""
+    crit = getattr(ssl_fast.nn, "NegativeCosineSimilarity", None)
+    if crit is not None:
+        return crit()(p, z)
     return -(F.normalize(p, dim=1) * F.normalize(z, dim=1)).sum(dim=1).mean()
 
 
