@@ -4,6 +4,8 @@
     ssl-fast train          self-supervised training (simclr, directclr, moco, byol, simsiam, swav)
     ssl-fast eval           kNN accuracy of a checkpoint's encoder; --export its backbone state_dict
     ssl-fast linear-probe   logistic regression on a checkpoint's frozen features
+    ssl-fast lab            reproduce the findings about collapse (ssl-fast lab --list; ssl-fast lab all)
+    ssl-fast diagnose       collapse diagnostics (spectra, effective rank, alignment/uniformity) of a run or embeddings
 """
 
 from __future__ import annotations
@@ -43,6 +45,111 @@ def _info() -> int:
     return 0
 
 
+# ---- lab (collapse experiments) -------------------------------------------------------------------------
+def _add_lab_parser(sub) -> None:
+    p = sub.add_parser("lab", help="run the collapse experiments of the lab (markdown report + plots + verdict)",
+                       description="Run a lab experiment: seeded, minutes on a CPU, writes <out>/<name>/report.md "
+                                   "with plots and a verdict computed from the measured numbers.")
+    p.add_argument("name", nargs="?", default=None, help="experiment name, or 'all' (see --list)")
+    p.add_argument("--out", default="lab_runs", help="output folder (default: lab_runs, ignored by git)")
+    p.add_argument("--quick", action="store_true", help="the small budget the test suite uses")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for tiny models)")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--readme", default=None, metavar="README.md",
+                   help="also rewrite the verdict table between the lab-verdicts markers of this file")
+
+
+def _lab(args) -> int:
+    from ssl_fast import lab
+
+    if args.list or args.name is None:
+        for name in lab.EXPERIMENTS:
+            print(name)
+        return 0 if args.list else 2
+    names = list(lab.EXPERIMENTS) if args.name == "all" else [args.name]
+    for n in names:
+        if n not in lab.EXPERIMENTS:
+            print(f"ssl-fast lab: unknown experiment {n!r}; choose from {', '.join(lab.EXPERIMENTS)} or all",
+                  file=sys.stderr)
+            return 2
+    results = []
+    for n in names:
+        r = lab.run(n, args.out, quick=args.quick, seed=args.seed, num_threads=args.threads)
+        print(f"[{'PASS' if r.passed else 'FAIL'}] {n} ({r.seconds:.0f} s): {r.verdict}\n        report: {r.report}",
+              flush=True)
+        results.append(r)
+    summary = lab.write_summary(results, args.out, quick=args.quick, seed=args.seed)
+    print(f"verdicts: {summary}")
+    if args.readme:
+        lab.update_readme(args.readme, args.out)
+        print(f"updated the verdict table in {args.readme}")
+    return 0 if all(r.passed for r in results) else 1
+def _add_diagnose_parser(sub) -> None:
+    p = sub.add_parser("diagnose", help="collapse diagnostics of a run, a checkpoint or saved embeddings",
+                       description="Compute collapse diagnostics (covariance spectrum, effective rank, alignment, "
+                                   "uniformity, normalized-output std, kNN) on held-out data and write report.md, "
+                                   "spectrum.png and spectrum.csv. PATH: an ssl-fast train run directory, a "
+                                   "checkpoint ckpt_*.pt, or a .pt file holding an (N, D) tensor or a dict of them.")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/diagnose, or next to the .pt file)")
+    p.add_argument("--device", default="cpu", help="device for the encoder (default cpu)")
+    p.add_argument("--max-samples", type=int, default=4096, help="held-out images used at most (default 4096)")
+
+
+def _diagnose(args) -> int:
+    import os
+
+    import torch
+
+    from ssl_fast.diagnostics import diagnose as dgn
+
+    path = args.path
+    if not os.path.exists(path):
+        print(f"ssl-fast diagnose: {path!r} does not exist", file=sys.stderr)
+        return 2
+    obj = None
+    if os.path.isfile(path):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"ssl-fast diagnose: cannot read {path!r}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+            return 2
+    is_embeddings = isinstance(obj, torch.Tensor) or (
+        isinstance(obj, dict) and obj and "step" not in obj and all(isinstance(v, torch.Tensor) for v in obj.values()))
+    if is_embeddings:
+        emb = {"embedding": obj} if isinstance(obj, torch.Tensor) else obj
+        bad = [k for k, v in emb.items() if v.dim() < 2 or v.shape[0] < 2 or not v.is_floating_point()]
+        if bad:
+            print(f"ssl-fast diagnose: {', '.join(map(str, bad))}: need floating (N, D) tensors with N >= 2",
+                  file=sys.stderr)
+            return 2
+        out = args.out or os.path.splitext(path)[0] + "_diagnose"
+        report, summaries = dgn.diagnose_embeddings({k: v[: args.max_samples] for k, v in emb.items()}, out,
+                                                    notes=f"Embeddings from `{os.path.basename(path)}`.")
+    else:
+        try:
+            import ssl_fast.train  # noqa: F401
+        except ImportError:
+            print("ssl-fast diagnose: run directories and training checkpoints need ssl_fast.train, which this "
+                  "installation lacks; pass a .pt file of embeddings instead", file=sys.stderr)
+            return 2
+        try:
+            report, summaries = dgn.diagnose_checkpoint(path, args.out, device=args.device,
+                                                        max_samples=args.max_samples)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            print(f"ssl-fast diagnose: {exc}", file=sys.stderr)
+            return 2
+    for name, s in summaries.items():
+        print(f"{name}: {s['state']}  effective rank {s['effective_rank']:.2f} / rank at 1e-3 {s['rank_at_1e-3']} "
+              f"of {s['dim']}, std x sqrt(d) {s['std_sqrt_d']:.3f}, uniformity {s['uniformity']:.3f}"
+              + (f", alignment {s['alignment']:.3f}" if "alignment" in s else "")
+              + (f", kNN {s['knn_accuracy']:.3f}" if "knn_accuracy" in s else ""))
+    print(f"report: {report}")
+    return 0
+# ---- end lab ----------------------------------------------------------------------------------------------
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ssl-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +158,13 @@ def main(argv=None) -> int:
     from . import _train_cli
 
     _train_cli.add_parsers(sub)
+    _add_lab_parser(sub)
+    _add_diagnose_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "lab":
+        return _lab(args)
+    if args.command == "diagnose":
+        return _diagnose(args)
     if args.command == "info":
         return _info()
     return _train_cli.run(args, parser)

@@ -1,0 +1,147 @@
+"""The lab: small, seeded experiments that reproduce the published findings about collapse.
+
+    ssl-fast lab mechanisms --out lab_runs        # or: python -m ssl_fast.cli lab all
+
+    from ssl_fast import lab
+    result = lab.run("normalization", out="lab_runs", quick=True)
+    result.passed, result.verdict, result.report
+
+Each experiment writes ``<out>/<name>/report.md`` with its plots and a one-line verdict computed from the
+measured numbers (the thresholds are stated in the report). ``quick=True`` is the small budget the test suite
+uses; the verdicts must hold at both budgets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from typing import Dict, List, Optional
+
+from ._common import DEFAULT_OUT, LabResult, threads
+
+# name -> module (imported on demand)
+EXPERIMENTS: Dict[str, str] = {
+    "mechanisms": "ssl_fast.lab.mechanisms",
+    "normalization": "ssl_fast.lab.normalization",
+    "projector": "ssl_fast.lab.projector",
+    "noncontrastive": "ssl_fast.lab.noncontrastive",
+    "swav": "ssl_fast.lab.swav",
+    "alignment-uniformity": "ssl_fast.lab.alignment_uniformity",
+}
+
+
+def run(name: str, out: str = DEFAULT_OUT, *, quick: bool = False, seed: int = 0, num_threads: int = 1) -> LabResult:
+    """Run one experiment.
+
+    Args:
+        name: one of :data:`EXPERIMENTS`.
+        out: output root; the report goes to ``<out>/<name>/report.md``.
+        quick: the small budget (the test suite's).
+        seed: base seed (every random draw comes from generators seeded from it).
+        num_threads: torch CPU threads during the run (1 is fastest for these tiny models).
+
+    Returns:
+        :class:`LabResult` with the verdict, the numbers and the report path.
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown lab experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or 'all'")
+    mod = importlib.import_module(EXPERIMENTS[name])
+    t0 = time.perf_counter()
+    with threads(num_threads):
+        import torch
+
+        torch.manual_seed(seed)
+        res = mod.run(out, quick=quick, seed=seed)
+    res.seconds = time.perf_counter() - t0
+    _save_result(res, out, quick=quick, seed=seed)
+    return res
+
+
+def _save_result(res: LabResult, out: str, *, quick: bool, seed: int) -> None:
+    import json
+
+    d = os.path.dirname(res.report) if res.report else os.path.join(out, res.name)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "result.json"), "w") as fh:
+        json.dump({"name": res.name, "finding": res.finding, "verdict": res.verdict, "passed": res.passed,
+                   "seconds": round(res.seconds, 1), "quick": quick, "seed": seed,
+                   "report": os.path.relpath(res.report, out) if res.report else ""}, fh, indent=1)
+
+
+def load_results(out: str) -> List[LabResult]:
+    """The results saved under ``out`` (one ``result.json`` per experiment folder), in :data:`EXPERIMENTS` order."""
+    import json
+
+    found = {}
+    if os.path.isdir(out):
+        for sub in sorted(os.listdir(out)):
+            p = os.path.join(out, sub, "result.json")
+            if os.path.isfile(p):
+                with open(p) as fh:
+                    r = json.load(fh)
+                found[r["name"]] = LabResult(r["name"], r["finding"], r["verdict"], r["passed"],
+                                             report=os.path.join(out, r["report"]), seconds=r["seconds"],
+                                             notes=["quick" if r.get("quick") else "full", f"seed {r.get('seed')}"])
+    order = list(EXPERIMENTS)
+    return [found[n] for n in sorted(found, key=lambda n: order.index(n) if n in order else len(order))]
+
+
+def run_all(out: str = DEFAULT_OUT, *, names: Optional[List[str]] = None, quick: bool = False, seed: int = 0,
+            num_threads: int = 1) -> List[LabResult]:
+    """Run several experiments and write ``<out>/verdicts.md`` (the table of verdicts)."""
+    results = [run(n, out, quick=quick, seed=seed, num_threads=num_threads) for n in (names or list(EXPERIMENTS))]
+    write_summary(results, out, quick=quick, seed=seed)
+    return results
+
+
+def summary_table(results: List[LabResult], out: str, link_prefix: str = "") -> str:
+    """A markdown table of results; report links are relative to ``out`` (prefixed by ``link_prefix``)."""
+    lines = ["| experiment | finding | reproduced | verdict (computed from the numbers) | time |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        rel = link_prefix + os.path.relpath(r.report, out) if r.report else ""
+        verdict = r.verdict.replace("|", "\\|")
+        lines.append(f"| [{r.name}]({rel}) | {r.finding} | {'yes' if r.passed else '**no**'} | {verdict} | "
+                     f"{r.seconds:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(results: List[LabResult], out: str, *, quick: bool = False, seed: int = 0) -> str:
+    """Write ``<out>/verdicts.md``: the table of every result saved under ``out`` (``results`` included)."""
+    import platform
+
+    import torch
+
+    os.makedirs(out, exist_ok=True)
+    merged = {r.name: r for r in load_results(out)}
+    merged.update({r.name: r for r in results})
+    order = list(EXPERIMENTS)
+    rows = [merged[n] for n in sorted(merged, key=lambda n: order.index(n) if n in order else len(order))]
+    path = os.path.join(out, "verdicts.md")
+    with open(path, "w") as fh:
+        fh.write("# Lab verdicts\n\n")
+        fh.write(f"Regenerate: `ssl-fast lab all --out {out}`. Latest run: budget {'quick' if quick else 'full'}, "
+                 f"seed {seed}, torch {torch.__version__}, {platform.machine()} CPU, 1 thread.\n\n")
+        fh.write(summary_table(rows, out))
+    return path
+
+
+README_START, README_END = "<!-- lab-verdicts:start -->", "<!-- lab-verdicts:end -->"
+
+
+def update_readme(readme: str, out: str) -> None:
+    """Replace the text between the lab-verdicts markers of ``readme`` with the table of the results in ``out``."""
+    with open(readme) as fh:
+        text = fh.read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
+    prefix = os.path.relpath(out, os.path.dirname(os.path.abspath(readme)) or ".").replace(os.sep, "/") + "/"
+    table = summary_table(load_results(out), out, link_prefix=prefix)
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme, "w") as fh:
+        fh.write(head + README_START + "\n" + table + README_END + tail)
+
+
+__all__ = ["EXPERIMENTS", "update_readme", "LabResult", "load_results", "run", "run_all", "summary_table", "write_summary"]
