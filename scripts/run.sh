@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh
-exec .venv/bin/ssl-fast train --method simclr --data digits --epochs 8 --run-dir runs/default "$@"
+exec .venv/bin/ssl-fast train --method simclr --data digits --run-dir runs/default "$@"
