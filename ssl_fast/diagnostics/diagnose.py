@@ -89,7 +89,8 @@ def diagnose_embeddings(embeddings: Mapping[str, torch.Tensor], out_dir: str, *,
         pair = views.get(name) if views else None
         s = summarize(z, pair[1].detach().flatten(1).cpu() if pair is not None else None)
         if pair is not None:  # alignment of the two views, not of (clean, view)
-            s["alignment"] = float(metrics.alignment(pair[0].detach().flatten(1).cpu(), pair[1].detach().flatten(1).cpu()))
+            a, b = (v.detach().flatten(1).cpu() for v in pair)
+            s["alignment"] = float(metrics.alignment(a, b))
         if labels is not None and train_embeddings is not None and name in train_embeddings:
             s["knn_accuracy"] = _knn(train_embeddings[name].detach().flatten(1).cpu(), labels[0], z, labels[1])
         s["state"] = state_of(s)
