@@ -1,8 +1,11 @@
 """The ``ssl-fast`` command.
 
-    ssl-fast info     versions, the compiled extension, Triton, and the backend each device gets
-    ssl-fast lab      reproduce the findings about collapse (ssl-fast lab --list; ssl-fast lab all)
-    ssl-fast diagnose collapse diagnostics (spectra, effective rank, alignment/uniformity) of a run or embeddings
+    ssl-fast info           versions, the compiled extension, Triton, and the backend each device gets
+    ssl-fast train          self-supervised training (simclr, directclr, moco, byol, simsiam, swav)
+    ssl-fast eval           kNN accuracy of a checkpoint's encoder; --export its backbone state_dict
+    ssl-fast linear-probe   logistic regression on a checkpoint's frozen features
+    ssl-fast lab            reproduce the findings about collapse (ssl-fast lab --list; ssl-fast lab all)
+    ssl-fast diagnose       collapse diagnostics (spectra, effective rank, alignment/uniformity) of a run or embeddings
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, extension, Triton and backend per device")
+    from . import _train_cli
+
+    _train_cli.add_parsers(sub)
     _add_lab_parser(sub)
     _add_diagnose_parser(sub)
     args = parser.parse_args(argv)
@@ -161,7 +167,7 @@ def main(argv=None) -> int:
         return _diagnose(args)
     if args.command == "info":
         return _info()
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return _train_cli.run(args, parser)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,192 @@
+"""``ssl-fast train | eval | linear-probe``: argument parsing and error reporting (the work is in ssl_fast.train).
+
+Every ``TrainConfig`` field is a flag of ``train`` (``--batch-size``, ``--channels-last`` / ``--no-channels-last``
+...). Values come from: defaults < the method's recipe < ``--config file.yaml`` < flags. Errors (missing data
+path, unknown method, impossible configuration, unreadable checkpoint) print one line and exit non-zero:
+2 for usage / configuration / data, 1 for a checkpoint that cannot be used, 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+TRAIN_EPILOG = """examples:
+  ssl-fast train --method simclr                           # embedded digits, CPU, a few minutes
+  ssl-fast train --method byol --epochs 10 --run-dir runs/byol
+  ssl-fast train --config my.yaml --lr 0.5                 # YAML keys are the flag names (- or _)
+  torchrun --nproc-per-node 8 -m ssl_fast.cli train --method simclr --data /data/imagenet
+  ssl-fast train --method simclr --run-dir runs/x --resume auto   # continue the newest good checkpoint
+
+recipes: with --data digits the CPU-sized recipe of the method is the base; with a folder, the paper's
+ImageNet recipe (--recipe imagenet_v3 for MoCo v3). Any flag overrides the recipe."""
+
+_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str,
+          "Optional[float]": float}
+
+
+def _train_parser(sub):
+    from .train.config import TrainConfig
+
+    p = sub.add_parser("train", help="self-supervised training (see ssl-fast train --help)",
+                       description="Train a self-supervised encoder. Each option's default is shown; the "
+                       "method's recipe for the data replaces it unless the option is given.",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of option names to values "
+                   "(flags given on the command line win)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata['help']} (default: {f.default})"
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+            p.add_argument(flag, type=_TYPES[str(f.type)], help=help_, metavar=f.name.upper() if not kw else None, **kw)
+    return p
+
+
+def add_parsers(sub) -> None:
+    _train_parser(sub)
+    e = sub.add_parser("eval", help="kNN accuracy of a checkpoint's encoder; --export its backbone",
+                       description="Weighted kNN accuracy (held-out split) of the encoder of a training "
+                       "checkpoint, and optionally export its backbone state_dict (torchvision key names "
+                       "for the ResNets: load with strict=False, fc is absent).")
+    e.add_argument("--checkpoint", required=True, help="a ckpt_*.pt written by ssl-fast train")
+    e.add_argument("--data", help="data to evaluate on (default: the checkpoint's)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    e.add_argument("--knn-k", type=int, default=20, help="neighbours (default: 20)")
+    e.add_argument("--knn-t", type=float, default=0.07, help="similarity temperature (default: 0.07)")
+    e.add_argument("--export", metavar="OUT.pt", help="write the backbone's state_dict here")
+    lp = sub.add_parser("linear-probe", help="logistic regression on a checkpoint's frozen features",
+                        description="Train a linear classifier on frozen, un-augmented features of the "
+                        "training split and report its accuracy on the held-out split.")
+    lp.add_argument("--checkpoint", required=True, help="a ckpt_*.pt written by ssl-fast train")
+    lp.add_argument("--data", help="data (default: the checkpoint's)")
+    lp.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    lp.add_argument("--epochs", type=int, default=100, help="probe epochs (default: 100)")
+    lp.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
+    lp.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default: 1e-4)")
+
+
+def _err(cmd: str, msg: str, code: int) -> int:
+    print(f"ssl-fast {cmd}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of option names to values")
+    return values
+
+
+def _train(args) -> int:
+    from .train import CheckpointError, Trainer, TrainingInterrupted, make_config
+
+    values = vars(args).copy()
+    values.pop("command")
+    config_file = values.pop("config", None)
+    try:
+        cfg = make_config(values, _load_yaml(config_file) if config_file else None)
+        trainer = Trainer(cfg)
+        out = trainer.fit()
+    except TrainingInterrupted as exc:
+        print(f"\ninterrupted at step {exc.step}; checkpoint {exc.checkpoint}. Continue with the same command "
+              f"plus --resume auto", file=sys.stderr)
+        return 130
+    except CheckpointError as exc:
+        return _err("train", str(exc), 1)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        return _err("train", str(exc), 2)
+    if out["rank"] == 0:
+        data = "digits" if cfg.data == "digits" else cfg.data
+        print(f"{cfg.method} on {data}: {out['steps']} steps ({out['epochs']:.1f} epochs, batch {cfg.batch_size}) "
+              f"in {out['time_s']:.1f} s, final loss {out['final_loss']:.4f}")
+        if out["knn_final"] is not None:
+            init = out["knn_init"]
+            init_s = f"{100 * init:.1f}%" if init is not None else "n/a"
+            print(f"kNN accuracy (held-out split, k={cfg.knn_k}): {init_s} at initialization -> "
+                  f"{100 * out['knn_final']:.1f}% trained")
+        print(f"run directory: {cfg.run_dir} (metrics.csv, eval.csv, checkpoints, backbone.pt)")
+    return 0
+
+
+def _encoder_from_checkpoint(path: str, data, device: str):
+    import torch
+
+    from .data import build_source
+    from .methods import build_backbone
+    from .train import load_checkpoint, make_config
+
+    state = load_checkpoint(path)
+    saved = dict(state.get("config", {}))
+    if data:
+        saved["data"] = data
+    keep = {k: v for k, v in saved.items() if k not in ("resume",)}
+    cfg = make_config(keep)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    source = build_source(cfg.data, cfg.dataset, image_size=cfg.image_size, workers=cfg.workers,
+                          load_size=cfg.load_size or max(cfg.image_size, round(cfg.image_size * 256 / 224)))
+    backbone, _ = build_backbone(cfg.backbone, source.channels, cfg.small_stem, cfg.width)
+    sd = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    backbone.load_state_dict(sd)
+    return backbone.to(dev), source, cfg, dev
+
+
+def _eval(args) -> int:
+    import torch
+
+    from .train import CheckpointError, knn_eval
+
+    try:
+        enc, source, cfg, dev = _encoder_from_checkpoint(args.checkpoint, args.data, args.device)
+    except CheckpointError as exc:
+        return _err("eval", str(exc), 1)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        return _err("eval", str(exc), 2)
+    acc = knn_eval(enc, source, dev, cfg.image_size, args.knn_k, args.knn_t)
+    print(f"kNN accuracy (held-out split of {source.name}, k={args.knn_k}): {100 * acc:.2f}%")
+    if args.export:
+        torch.save({k: v.detach().cpu() for k, v in enc.state_dict().items()}, args.export)
+        print(f"backbone state_dict -> {args.export}")
+    return 0
+
+
+def _linear_probe(args) -> int:
+    from .train import CheckpointError, extract_features, linear_probe
+
+    try:
+        enc, source, cfg, dev = _encoder_from_checkpoint(args.checkpoint, args.data, args.device)
+    except CheckpointError as exc:
+        return _err("linear-probe", str(exc), 1)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        return _err("linear-probe", str(exc), 2)
+    tr = extract_features(enc, source, "train", dev, cfg.image_size)
+    te = extract_features(enc, source, "test", dev, cfg.image_size)
+    if te[0].numel() == 0:
+        return _err("linear-probe", "the data has no held-out split (an ImageFolder needs val/)", 2)
+    acc_tr, acc_te = linear_probe(*tr, *te, num_classes=source.num_classes, epochs=args.epochs, lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    print(f"linear probe on frozen features ({tr[0].shape[1]} dims): train {100 * acc_tr:.2f}%, "
+          f"held-out {100 * acc_te:.2f}%")
+    return 0
+
+
+def run(args, parser) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "linear-probe":
+        return _linear_probe(args)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2

@@ -1,0 +1,130 @@
+"""What the six methods share: the Method interface, MLP heads, and optional-keyword plumbing.
+
+A method is an ``nn.Module`` holding the backbone, its heads, its loss module and any teacher/queue state
+(as submodules and buffers, so that ``state_dict`` holds everything a resume needs). ``forward(views, step,
+total_steps)`` returns ``(loss, logs)``; ``on_step_end(step, total_steps)`` runs after the optimizer step
+(the momentum-teacher update). Methods call only the public ssl_fast losses and ops.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+def mlp(dims: Sequence[int], bn_last: bool = False, bn_last_affine: bool = True, bias_last: bool = True,
+        bn: bool = True) -> nn.Sequential:
+    """Linear -> BN -> ReLU blocks through ``dims``; the last Linear optionally followed by BN.
+
+    Args:
+        dims: layer widths including input and output, e.g. (2048, 2048, 128).
+        bn: BatchNorm1d in the hidden layers (MoCo v2's head has none).
+        bn_last: BatchNorm1d after the last Linear (SimSiam's projector, MoCo v3's heads).
+        bn_last_affine: whether that last BN has affine parameters.
+        bias_last: bias of the last Linear.
+    """
+    layers: List[nn.Module] = []
+    for i in range(len(dims) - 2):
+        if bn:
+            layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1])]
+        else:
+            layers += [nn.Linear(dims[i], dims[i + 1])]
+        layers.append(nn.ReLU(inplace=True))
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=bias_last and not bn_last))
+    if bn_last:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=bn_last_affine))
+    return nn.Sequential(*layers)
+
+
+def accepts(fn, name: str) -> bool:
+    """Whether callable ``fn`` takes a keyword argument ``name``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def loss_kwargs(cls, gather: bool) -> Dict[str, bool]:
+    """``{"gather_distributed": True}`` when asked and supported by ``cls``; warns once when unsupported."""
+    if not gather:
+        return {}
+    if accepts(cls, "gather_distributed"):
+        return {"gather_distributed": True}
+    warnings.warn(f"{cls.__name__} has no gather_distributed option in this build: each rank's loss uses its "
+                  f"local batch only", stacklevel=3)
+    return {}
+
+
+def require(*names: str, owner: str = "ssl_fast.nn"):
+    """The first of ``owner.<name>`` that exists (alternative spellings, e.g. SwAVLoss / SwaVLoss), or a clear
+    ImportError naming the missing op."""
+    import importlib
+
+    mod = importlib.import_module(owner)
+    for name in names:
+        obj = getattr(mod, name, None)
+        if obj is not None:
+            return obj
+    raise ImportError(f"{owner}.{' / '.join(names)} is not available in this build of ssl_fast (the method needs it)")
+
+
+def teacher_of(ema: nn.Module) -> nn.Module:
+    """The teacher network held by an ``ssl_fast.nn.EMA`` (``.module`` or ``.teacher``, whichever it has)."""
+    for name in ("module", "teacher"):
+        m = getattr(ema, name, None)
+        if isinstance(m, nn.Module):
+            return m
+    return ema
+
+
+class Tower(nn.Sequential):
+    """backbone -> projector (the part a momentum teacher copies)."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name`` and implement ``forward``.
+
+    Attributes:
+        backbone: the encoder whose representation is evaluated and exported.
+        n_global_views / n_local_views: how many views ``forward`` expects.
+    """
+
+    name = "method"
+    n_global_views = 2
+    n_local_views = 0
+    needs_unused_parameters = False
+
+    def __init__(self, backbone: nn.Module, feature_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+
+    def forward(self, views: List[torch.Tensor], step: int = 0, total_steps: int = 1
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """After each optimizer step (``step`` = steps done, 1-based). Default: nothing."""
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+
+def std_of_normalized(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of the l2-normalized output: about 1/sqrt(d) when healthy, 0 when collapsed."""
+    return nn.functional.normalize(z.detach().float(), dim=1).std(0).mean()

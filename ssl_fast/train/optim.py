@@ -1,0 +1,117 @@
+"""Optimizers and the learning-rate schedule.
+
+- Parameter groups: weights (decayed, LARS-adapted) and biases / normalization parameters (every 0- or
+  1-dimensional tensor: no weight decay, no LARS adaptation), as in SimCLR / BYOL / SwAV.
+- LARS (You et al. 2017) as used by SimCLR/BYOL: g <- g + wd * w; g <- g * eta * ||w|| / ||g|| (1 where a
+  norm is 0); SGD momentum on the result. Written with ``torch._foreach`` ops: one launch per step per
+  group, no per-parameter Python loop over tensors' values.
+- Schedule: linear warmup to the peak lr, then cosine to ``min_lr_ratio`` x peak (a LambdaLR factor).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = True) -> List[dict]:
+    """[{weights, weight_decay, lars=True}, {biases and norm params, weight_decay 0, lars=False}] (trainable only)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if exclude_bias_norm and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lars": True}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False})
+    return groups
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS with momentum; groups with ``lars=False`` (biases, norms) are plain SGD with momentum.
+
+    Args:
+        params: parameters or groups (a group may set ``lars``).
+        lr, momentum, weight_decay: as SGD.
+        eta: trust coefficient.
+
+    Example:
+        >>> opt = LARS(param_groups(model, 1e-6), lr=4.8, momentum=0.9)
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001):
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd = group["weight_decay"]
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if group["lars"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                    torch.ones_like(w_norm))
+                grads = torch._foreach_mul(grads, list(trust.unbind(0)))
+            bufs = []
+            for p, g in zip(params, grads):
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(st["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
+                    eta: float = 0.001, exclude_bias_norm: bool = True) -> torch.optim.Optimizer:
+    """``sgd`` | ``lars`` | ``adamw`` over ``param_groups(model, weight_decay)``."""
+    groups = param_groups(model, weight_decay, exclude_bias_norm)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, eta=eta)
+    for g in groups:
+        g.pop("lars")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    raise ValueError(f"optimizer must be sgd | lars | adamw, got {name!r}")
+
+
+class WarmupCosine:
+    """LambdaLR factor: linear warmup over ``warmup`` steps, then cosine from 1 to ``floor`` at ``total`` steps."""
+
+    def __init__(self, total: int, warmup: int = 0, floor: float = 0.0):
+        self.total, self.warmup, self.floor = max(1, int(total)), max(0, int(warmup)), float(floor)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def scaled_lr(lr: float, batch_size: int, rule: str = "linear") -> float:
+    """Peak lr for a global batch: lr x B/256 (linear), lr x sqrt(B/256) (sqrt) or lr (none)."""
+    if rule == "linear":
+        return lr * batch_size / 256
+    if rule == "sqrt":
+        return lr * math.sqrt(batch_size / 256)
+    return lr

@@ -1,0 +1,404 @@
+"""The training loop shared by every method.
+
+One ``Trainer(cfg).fit()`` call: distributed set-up (torchrun env -> NCCL on GPUs, gloo on CPU), seeding,
+data, backbone + method, optimizer + warmup/cosine schedule, autocast (bf16 / fp16 with a scaler),
+channels_last, optional ``torch.compile`` of the backbone, gradient accumulation, DDP (optional SyncBN),
+kNN monitor, checkpoints (atomic; exact resume) and logs (tqdm, CSV, TensorBoard).
+
+Exact resume. Data order is a function of (seed, epoch) and the augmentation generator is re-seeded from
+(seed, step, rank) before each step, so a resumed run draws the same batches and views as an uninterrupted
+one; the checkpoint also holds model (incl. EMA teacher and queues, which are module state), optimizer,
+scheduler, gradient scaler, step, and every rank's torch / CUDA / numpy / Python RNG states.
+
+Signals and faults. SIGINT / SIGTERM finish the current step, write a checkpoint and raise
+``TrainingInterrupted`` (the CLI exits with 130 and prints how to resume). Test hook: with
+``SSL_FAST_FAULT_STEP=k`` the process of rank ``SSL_FAST_FAULT_RANK`` (default 0) exits abruptly (exit code
+13, no clean-up) right after step k, on the first attempt of a torchrun job only
+(``TORCHELASTIC_RESTART_COUNT`` 0 or unset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data import Pipeline, build_source, byol_views, digits_view, multicrop, simclr_views
+from ..methods import build_backbone, build_method
+from .checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoint, load_checkpoint,
+                         prune_checkpoints, save_checkpoint)
+from .config import TrainConfig
+from .evaluate import knn_eval
+from .log import RunLogger, peak_memory_mb
+from .optim import WarmupCosine, build_optimizer, scaled_lr
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a signal stopped training; ``.checkpoint`` is the checkpoint written on the way out."""
+
+    def __init__(self, checkpoint: Optional[str], step: int):
+        super().__init__(f"training interrupted at step {step}; checkpoint {checkpoint}")
+        self.checkpoint, self.step = checkpoint, step
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                    "cached": float(cached)}}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def build_pipeline(cfg: TrainConfig, source, n_local: int) -> Pipeline:
+    """The views of ``cfg.method`` for ``source`` (digits: grayscale-friendly; otherwise the paper's)."""
+    size = cfg.image_size
+    if source.name == "digits":
+        g = digits_view(size)
+        glob, loc = [g, g], []
+        if n_local:
+            glob, loc = multicrop(g, n_local, cfg.local_size, global_scale=(0.4, 1.0), local_scale=(0.15, 0.4))
+    elif cfg.method == "swav":
+        glob, loc = multicrop(simclr_views(size), n_local, cfg.local_size)
+    elif cfg.method == "byol" or (cfg.method == "moco" and cfg.moco_version == "v3"):
+        glob, loc = byol_views(size), []
+    elif cfg.method == "moco":
+        v = simclr_views(size, strength=0.5, scale=(0.2, 1.0))
+        glob, loc = [v, v], []
+    else:
+        glob, loc = [simclr_views(size)] * 2, []
+    if source.size < 64 and source.name != "digits":  # CIFAR: no blur (SimCLR's CIFAR setting)
+        from dataclasses import replace
+
+        glob = [replace(v, blur=0.0) for v in glob]
+        loc = [replace(v, blur=0.0) for v in loc]
+    return Pipeline(glob, loc, mean=source.mean, std=source.std)
+
+
+class Trainer:
+    """Trains ``cfg.method`` as configured; ``fit()`` returns a summary dict.
+
+    Args:
+        cfg: a resolved ``TrainConfig`` (``ssl_fast.train.make_config``).
+
+    Example:
+        >>> from ssl_fast.train import Trainer, make_config
+        >>> out = Trainer(make_config({"method": "simclr", "data": "digits", "epochs": 5})).fit()
+        >>> out["knn_init"], out["knn_final"]
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._interrupt = False
+        self.loss_history: List[torch.Tensor] = []
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _setup_distributed(self) -> None:
+        cfg = self.cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device} requested but CUDA is not available")
+        if want_cuda:
+            idx = self.local_rank if (self.world > 1 or cfg.device in ("auto", "cuda")) else int(cfg.device.split(":")[1])
+            self.device = torch.device("cuda", idx)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.owns_pg = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.owns_pg = True
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._setup_distributed()
+        if cfg.batch_size % (self.world * cfg.accum_steps):
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size x accum steps "
+                             f"({self.world} x {cfg.accum_steps})")
+        self.local_batch = cfg.batch_size // self.world
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        load_size = cfg.load_size or max(cfg.image_size, round(cfg.image_size * 256 / 224))
+        self.source = build_source(cfg.data, cfg.dataset, load_size=load_size, workers=cfg.workers,
+                                   image_size=cfg.image_size)
+        self.steps_per_epoch = self.source.steps_per_epoch(self.local_batch, self.world)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                             f"({len(self.source)} images)")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+        backbone, dim = build_backbone(cfg.backbone, self.source.channels, cfg.small_stem, cfg.width)
+        self.method = build_method(cfg, backbone, dim, self.steps_per_epoch, self.world)
+        n_local = getattr(self.method, "n_local_views", 0)
+        self.pipeline = build_pipeline(cfg, self.source, n_local)
+        if cfg.sync_bn and self.world > 1:
+            if self.device.type != "cuda":
+                raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        self.method.to(self.device)
+        if cfg.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            self.method.backbone.compile()
+        self.model = self.method
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=self.method.needs_unused_parameters)
+        self.peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+        self.optimizer = build_optimizer(cfg.optimizer, self.method, self.peak_lr, cfg.weight_decay, cfg.momentum,
+                                         cfg.lars_eta)
+        warm = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(self.total_steps, min(warm, self.total_steps - 1), cfg.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.step = 0
+        self.metrics: Dict[str, float] = {}
+        self.logger = RunLogger(cfg.run_dir, enabled=self.rank == 0)
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        rng = _rng_state(self.device)
+        if self.world > 1:
+            all_rng: List[Any] = [None] * self.world
+            dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        return {"format": "ssl_fast.train/1", "step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": all_rng, "world_size": self.world, "config": self.cfg.to_dict(), "metrics": dict(self.metrics)}
+
+    def save(self) -> Optional[str]:
+        state = self.state_dict()  # collective: every rank takes part
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(state, checkpoint_path(self.cfg.run_dir, self.step))
+            prune_checkpoints(self.cfg.run_dir, self.cfg.keep_checkpoints)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def load(self, state: Dict[str, Any]) -> None:
+        saved = state.get("config", {})
+        if saved.get("method") not in (None, self.cfg.method):
+            raise CheckpointError(f"checkpoint was trained with --method {saved.get('method')}, not {self.cfg.method}")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.metrics = dict(state.get("metrics", {}))
+        rng = state.get("rng", [])
+        if len(rng) == self.world:
+            _set_rng_state(rng[self.rank], self.device)
+        else:
+            warnings.warn(f"checkpoint has RNG states of {len(rng)} ranks, this run has {self.world}: global RNG "
+                          f"states not restored (data order and views still match)", stacklevel=2)
+
+    def _maybe_resume(self) -> bool:
+        r = self.cfg.resume
+        if not r:
+            return False
+        if r == "auto":
+            state = latest_good_checkpoint(self.cfg.run_dir)
+            if state is None:
+                return False
+        else:
+            state = load_checkpoint(r)
+        self.load(state)
+        self.resumed_from = state.get("_path", r)
+        return True
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def _signal(self, signum, frame):
+        if self._interrupt:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self._interrupt = True
+
+    def _views(self, x: torch.Tensor) -> List[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_000_007 + self.step * 1009 + self.rank)
+        views = self.pipeline(x.to(self.device, non_blocking=True), g)
+        if self.cfg.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
+
+    def _train_step(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        views = self._views(x)
+        n = cfg.accum_steps
+        mb = views[0].shape[0] // n
+        total = torch.zeros((), device=self.device)
+        for i in range(n):
+            chunk = [v[i * mb:(i + 1) * mb] for v in views]
+            sync = contextlib.nullcontext() if (i == n - 1 or self.world == 1) else self.model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    loss, _ = self.model(chunk, self.step, self.total_steps)
+                loss = loss.float() / n
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.method.on_step_end(self.step, self.total_steps)
+        return total
+
+    def _knn(self) -> float:
+        acc = float("nan")
+        if self.rank == 0:
+            acc = knn_eval(self.method.encoder, self.source, self.device, self.cfg.image_size, self.cfg.knn_k,
+                           self.cfg.knn_t, self.cfg.channels_last)
+        if self.world > 1:
+            dist.barrier()
+        return acc
+
+    def _stop_requested(self) -> bool:
+        if self.world == 1:
+            return self._interrupt
+        flag = torch.tensor([1.0 if self._interrupt else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def fit(self) -> Dict[str, Any]:
+        """Train (or continue) to the configured number of steps. Returns a summary dict."""
+        cfg = self.cfg
+        self._setup()
+        resumed = self._maybe_resume()
+        rank0 = self.rank == 0
+        if rank0:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+        if cfg.knn and "knn_init" not in self.metrics and self.step == 0:
+            self.metrics["knn_init"] = self._knn()
+            self.logger.log_eval({"step": 0, "epoch": 0, "knn_acc": self.metrics["knn_init"], "elapsed_s": 0.0})
+        old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                old[s] = signal.signal(s, self._signal)
+        fault_step = int(os.environ.get("SSL_FAST_FAULT_STEP", "0") or 0)
+        fault_rank = int(os.environ.get("SSL_FAST_FAULT_RANK", "0") or 0)
+        first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
+        stop_at = min(self.total_steps, cfg.stop_at_step or self.total_steps)
+        bar = None
+        if cfg.progress and rank0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.method}", dynamic_ncols=True,
+                       file=sys.stderr)
+        t0 = time.perf_counter()
+        t_log, step_log = t0, self.step
+        interrupted = False
+        last_loss = float("nan")
+        self.method.train()
+        try:
+            while self.step < stop_at and not interrupted:
+                epoch = self.step // self.steps_per_epoch
+                start = self.step % self.steps_per_epoch
+                for x in self.source.train_batches(self.local_batch, cfg.seed, epoch, start, self.rank, self.world):
+                    loss = self._train_step(x)
+                    self.loss_history.append(loss)
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == stop_at:
+                        last_loss = float(loss)
+                        if not math.isfinite(last_loss):
+                            raise FloatingPointError(f"loss became {last_loss} at step {self.step}: lower --lr or "
+                                                     f"use --precision fp32")
+                        now = time.perf_counter()
+                        ips = (self.step - step_log) * cfg.batch_size / max(now - t_log, 1e-9)
+                        t_log, step_log = now, self.step
+                        mem = peak_memory_mb(self.device)
+                        self.logger.log_train({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                               "loss": last_loss, "lr": self.scheduler.get_last_lr()[0],
+                                               "images_per_s": ips, "memory_mb": mem, "elapsed_s": now - t0})
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}", mem=f"{mem:.0f}MiB")
+                    if self.step % cfg.ckpt_every == 0 and self.step < stop_at:
+                        self.save()
+                    if fault_step and self.step == fault_step and first_attempt and self.rank == fault_rank:
+                        os._exit(13)  # test hook: die like a killed worker
+                    if self._stop_requested():
+                        interrupted = True
+                        break
+                    if self.step >= stop_at:
+                        break
+                else:
+                    if cfg.knn and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and self.step < stop_at:
+                        acc = self._knn()
+                        self.logger.log_eval({"step": self.step, "epoch": epoch + 1, "knn_acc": acc,
+                                              "elapsed_s": time.perf_counter() - t0})
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        elapsed = time.perf_counter() - t0
+        path = self.save()
+        if interrupted:
+            self.logger.close()
+            self._teardown()
+            raise TrainingInterrupted(path, self.step)
+        done = self.step >= self.total_steps
+        if cfg.knn and done:
+            self.metrics["knn_final"] = self._knn()
+            self.logger.log_eval({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                  "knn_acc": self.metrics["knn_final"], "elapsed_s": elapsed})
+        if done and rank0:
+            sd = {k: v.detach().cpu() for k, v in self.method.encoder.state_dict().items()}
+            torch.save(sd, os.path.join(cfg.run_dir, "backbone.pt"))
+        self.logger.close()
+        out = {"method": cfg.method, "steps": self.step, "total_steps": self.total_steps,
+               "epochs": self.step / self.steps_per_epoch, "time_s": elapsed, "final_loss": last_loss,
+               "knn_init": self.metrics.get("knn_init"), "knn_final": self.metrics.get("knn_final"),
+               "checkpoint": path, "run_dir": cfg.run_dir, "resumed": resumed, "done": done,
+               "rank": self.rank, "world_size": self.world}
+        self._teardown()
+        return out
+
+    def losses(self) -> List[float]:
+        """Per-step training losses of this process (one host sync, after training)."""
+        return torch.stack(self.loss_history).tolist() if self.loss_history else []
+
+    def _teardown(self) -> None:
+        if getattr(self, "owns_pg", False) and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_pg = False
