@@ -284,7 +284,10 @@ def test_diagnose_nonnegative_features_are_not_called_collapsed(tmp_path):
     g = torch.Generator().manual_seed(0)
     relu = 5.0 + torch.rand(300, 32, generator=g)  # a big common mean, full-rank variation
     _, s = diagnose_embeddings({"relu": relu}, str(tmp_path))
-    assert s["relu"]["std_sqrt_d"] < 0.15 and s["relu"]["state"].startswith("concentrated")
+    assert s["relu"]["std_sqrt_d"] < 0.15 and s["relu"]["state"].startswith("healthy")
+    _, s = diagnose_embeddings({"relu rank 2": torch.rand(300, 2, generator=g) @ torch.rand(2, 32, generator=g)},
+                               str(tmp_path))
+    assert s["relu rank 2"]["state"] == "dimensional collapse"
 
 
 def test_diagnose_checkpoint_of_a_training_run(tmp_path, capsys):

@@ -50,13 +50,19 @@ def summarize(z: torch.Tensor, z2: Optional[torch.Tensor] = None) -> Dict[str, f
 
 
 def state_of(summary: Mapping[str, float]) -> str:
-    """'complete collapse' / 'dimensional collapse' / 'healthy' from a :func:`summarize` dict (thresholds above)."""
+    """'complete collapse' / 'dimensional collapse' / 'healthy' from a :func:`summarize` dict (thresholds above).
+
+    Non-negative features (ReLU outputs) share a large mean direction, which alone lowers the normalized std:
+    they are judged by their spectrum only.
+    """
+    rank_low = summary["rank_at_1e-3"] < RANK_FRACTION * summary["dim"]
+    if summary.get("nonnegative"):
+        if summary["rank_at_1e-3"] <= 1:
+            return "complete collapse"
+        return "dimensional collapse" if rank_low else "healthy (non-negative features: judged by the spectrum)"
     if summary["std_sqrt_d"] < COLLAPSED_STD:
-        if summary.get("nonnegative") and summary["rank_at_1e-3"] >= RANK_FRACTION * summary["dim"]:
-            # ReLU outputs share a large mean direction: a low std there is not by itself a collapse
-            return "concentrated (non-negative features around a common direction; spectrum not collapsed)"
         return "complete collapse"
-    if summary["rank_at_1e-3"] < RANK_FRACTION * summary["dim"] or summary["std_sqrt_d"] < HEALTHY_STD:
+    if rank_low or summary["std_sqrt_d"] < HEALTHY_STD:
         return "dimensional collapse"
     return "healthy"
 
@@ -104,8 +110,8 @@ def diagnose_embeddings(embeddings: Mapping[str, torch.Tensor], out_dir: str, *,
                   f"0 complete collapse). State: complete collapse when std_sqrt_d < {COLLAPSED_STD}; dimensional "
                   f"collapse when fewer than {RANK_FRACTION:.0%} of the dimensions have a covariance eigenvalue "
                   f"above 1e-3 of the largest or std_sqrt_d < {HEALTHY_STD}; healthy otherwise. Non-negative "
-                  f"features (ReLU outputs) share a large mean direction, which alone lowers std_sqrt_d: a low "
-                  f"std with an uncollapsed spectrum is reported as 'concentrated'.")
+                  f"features (ReLU outputs) share a large mean direction, which alone lowers std_sqrt_d: they are "
+                  f"judged by the spectrum only.")
     rep.image(plots.plot_spectra(spectra, os.path.join(out_dir, "spectrum.png"), title=title), "spectrum")
     with open(os.path.join(out_dir, "spectrum.csv"), "w") as fh:
         names = list(spectra)
