@@ -284,7 +284,10 @@ def test_diagnose_nonnegative_features_are_not_called_collapsed(tmp_path):
     g = torch.Generator().manual_seed(0)
     relu = 5.0 + torch.rand(300, 32, generator=g)  # a big common mean, full-rank variation
     _, s = diagnose_embeddings({"relu": relu}, str(tmp_path))
-    assert s["relu"]["std_sqrt_d"] < 0.15 and s["relu"]["state"].startswith("concentrated")
+    assert s["relu"]["std_sqrt_d"] < 0.15 and s["relu"]["state"].startswith("healthy")
+    _, s = diagnose_embeddings({"relu rank 2": torch.rand(300, 2, generator=g) @ torch.rand(2, 32, generator=g)},
+                               str(tmp_path))
+    assert s["relu rank 2"]["state"] == "dimensional collapse"
 
 
 def test_diagnose_checkpoint_of_a_training_run(tmp_path, capsys):
@@ -303,3 +306,29 @@ def test_diagnose_checkpoint_of_a_training_run(tmp_path, capsys):
     text = (tmp_path / "d" / "report.md").read_text()
     assert "method simclr" in text and "alignment" in text
     assert main(["diagnose", str(tmp_path / "nothing_here")]) == 2
+
+
+def test_trainer_diagnostics_every_logs_without_changing_training(tmp_path):
+    """--diagnostics-every N: diagnostics.csv every N steps; the losses and weights equal a run without it."""
+    pytest.importorskip("ssl_fast.train")
+    from ssl_fast.train.config import make_config
+    from ssl_fast.train.trainer import Trainer
+
+    def run(name, every):
+        cfg = make_config(overrides=dict(method="simclr", max_steps=4, batch_size=32, run_dir=str(tmp_path / name),
+                                         knn=False, progress=False, backbone="small_cnn", image_size=16,
+                                         ckpt_every=100, diagnostics_every=every))
+        t = Trainer(cfg)
+        t.fit()
+        return t
+
+    a, b = run("with", 2), run("without", 0)
+    with open(tmp_path / "with" / "diagnostics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert {"representation/effective_rank", "projection/std_sqrt_d", "view/alignment"} <= set(rows[0])
+    assert all(math.isfinite(float(v)) for v in rows[-1].values())
+    assert not (tmp_path / "without" / "diagnostics.csv").exists()
+    assert a.losses() == b.losses()
+    for (k, v), w in zip(a.method.state_dict().items(), b.method.state_dict().values()):
+        assert torch.equal(v, w), k

@@ -50,13 +50,19 @@ def summarize(z: torch.Tensor, z2: Optional[torch.Tensor] = None) -> Dict[str, f
 
 
 def state_of(summary: Mapping[str, float]) -> str:
-    """'complete collapse' / 'dimensional collapse' / 'healthy' from a :func:`summarize` dict (thresholds above)."""
+    """'complete collapse' / 'dimensional collapse' / 'healthy' from a :func:`summarize` dict (thresholds above).
+
+    Non-negative features (ReLU outputs) share a large mean direction, which alone lowers the normalized std:
+    they are judged by their spectrum only.
+    """
+    rank_low = summary["rank_at_1e-3"] < RANK_FRACTION * summary["dim"]
+    if summary.get("nonnegative"):
+        if summary["rank_at_1e-3"] <= 1:
+            return "complete collapse"
+        return "dimensional collapse" if rank_low else "healthy (non-negative features: judged by the spectrum)"
     if summary["std_sqrt_d"] < COLLAPSED_STD:
-        if summary.get("nonnegative") and summary["rank_at_1e-3"] >= RANK_FRACTION * summary["dim"]:
-            # ReLU outputs share a large mean direction: a low std there is not by itself a collapse
-            return "concentrated (non-negative features around a common direction; spectrum not collapsed)"
         return "complete collapse"
-    if summary["rank_at_1e-3"] < RANK_FRACTION * summary["dim"] or summary["std_sqrt_d"] < HEALTHY_STD:
+    if rank_low or summary["std_sqrt_d"] < HEALTHY_STD:
         return "dimensional collapse"
     return "healthy"
 
@@ -89,7 +95,8 @@ def diagnose_embeddings(embeddings: Mapping[str, torch.Tensor], out_dir: str, *,
         pair = views.get(name) if views else None
         s = summarize(z, pair[1].detach().flatten(1).cpu() if pair is not None else None)
         if pair is not None:  # alignment of the two views, not of (clean, view)
-            s["alignment"] = float(metrics.alignment(pair[0].detach().flatten(1).cpu(), pair[1].detach().flatten(1).cpu()))
+            a, b = (v.detach().flatten(1).cpu() for v in pair)
+            s["alignment"] = float(metrics.alignment(a, b))
         if labels is not None and train_embeddings is not None and name in train_embeddings:
             s["knn_accuracy"] = _knn(train_embeddings[name].detach().flatten(1).cpu(), labels[0], z, labels[1])
         s["state"] = state_of(s)
@@ -103,8 +110,8 @@ def diagnose_embeddings(embeddings: Mapping[str, torch.Tensor], out_dir: str, *,
                   f"0 complete collapse). State: complete collapse when std_sqrt_d < {COLLAPSED_STD}; dimensional "
                   f"collapse when fewer than {RANK_FRACTION:.0%} of the dimensions have a covariance eigenvalue "
                   f"above 1e-3 of the largest or std_sqrt_d < {HEALTHY_STD}; healthy otherwise. Non-negative "
-                  f"features (ReLU outputs) share a large mean direction, which alone lowers std_sqrt_d: a low "
-                  f"std with an uncollapsed spectrum is reported as 'concentrated'.")
+                  f"features (ReLU outputs) share a large mean direction, which alone lowers std_sqrt_d: they are "
+                  f"judged by the spectrum only.")
     rep.image(plots.plot_spectra(spectra, os.path.join(out_dir, "spectrum.png"), title=title), "spectrum")
     with open(os.path.join(out_dir, "spectrum.csv"), "w") as fh:
         names = list(spectra)

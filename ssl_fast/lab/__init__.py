@@ -144,4 +144,5 @@ def update_readme(readme: str, out: str) -> None:
         fh.write(head + README_START + "\n" + table + README_END + tail)
 
 
-__all__ = ["EXPERIMENTS", "update_readme", "LabResult", "load_results", "run", "run_all", "summary_table", "write_summary"]
+__all__ = ["EXPERIMENTS", "LabResult", "load_results", "run", "run_all", "summary_table", "update_readme",
+           "write_summary"]

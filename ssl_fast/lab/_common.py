@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
@@ -47,15 +46,6 @@ def threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
 
 
 def out_dir(root: str, name: str) -> str:

@@ -24,7 +24,6 @@ from torch import nn
 
 import ssl_fast
 from ssl_fast import diagnostics as dg
-from ssl_fast.diagnostics import plots
 from ssl_fast.diagnostics.report import MarkdownReport
 
 from . import _digits as D
@@ -139,7 +138,8 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
                f"{f(u['uniformity'])}, {u['knn']:.3f}); kNN on augmented views: contrastive {c['knn_aug']:.3f}, "
                f"uniformity-only {u['knn_aug']:.3f}; positive/random-pair distance: contrastive "
                f"{f(c['align_ratio'])}, uniformity-only {f(u['align_ratio'])}: "
-               + ("as published" if passed else "NOT as published: " + ", ".join(k for k, ok in checks.items() if not ok)))
+               + ("as published" if passed
+                  else "NOT as published: " + ", ".join(k for k, ok in checks.items() if not ok)))
     rep.heading("Verdict")
     rep.paragraph(f"Checks (collapse: uniformity > {COLLAPSED_UNIFORMITY}; kNN margin {KNN_MARGIN}; not clustered: "
                   f"positive/random-pair distance > {ALIGN_RATIO_FAR}): "

@@ -91,6 +91,9 @@ class TrainConfig:
     knn_k: int = _f(20, "kNN neighbours")
     knn_t: float = _f(0.07, "kNN temperature of the similarity weights")
     progress: bool = _f(True, "tqdm progress bar")
+    diagnostics_every: int = _f(0, "collapse diagnostics (ssl_fast.diagnostics: covariance spectrum, effective "
+                                "rank, alignment, uniformity, normalized std) every N steps to diagnostics.csv "
+                                "(0 = off)")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

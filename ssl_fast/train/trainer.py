@@ -191,6 +191,11 @@ class Trainer:
         self.step = 0
         self.metrics: Dict[str, float] = {}
         self.logger = RunLogger(cfg.run_dir, enabled=self.rank == 0)
+        self.diagnostics, self._diag_views = None, None
+        if cfg.diagnostics_every and self.rank == 0:
+            from ..diagnostics import DiagnosticsCallback
+
+            self.diagnostics = DiagnosticsCallback(every=cfg.diagnostics_every, out_dir=cfg.run_dir)
 
     # -------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
@@ -262,6 +267,8 @@ class Trainer:
     def _train_step(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         views = self._views(x)
+        due = self.diagnostics is not None and self.diagnostics.due(self.step + 1)
+        self._diag_views = views if due else None
         n = cfg.accum_steps
         mb = views[0].shape[0] // n
         total = torch.zeros((), device=self.device)
@@ -291,6 +298,23 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return acc
+
+    @torch.no_grad()
+    def _diagnose(self, views: List[torch.Tensor]) -> None:
+        """Collapse diagnostics of this step's first two views (eval mode, no gradient, rank 0 only)."""
+        m = self.method
+        was = m.training
+        m.eval()
+        try:
+            r0, r1 = m.encoder(views[0]).float(), m.encoder(views[1]).float()
+            emb = {"representation": r0}
+            proj = getattr(m, "projector", None)
+            if isinstance(proj, nn.Module):
+                emb["projection"] = proj(r0).float()
+            self.diagnostics.on_step(self.step, embeddings=emb, views=(r0, r1), model=m)
+        finally:
+            m.train(was)
+            self._diag_views = None
 
     def _stop_requested(self) -> bool:
         if self.world == 1:
@@ -352,6 +376,8 @@ class Trainer:
                                                "images_per_s": ips, "memory_mb": mem, "elapsed_s": now - t0})
                         if bar is not None:
                             bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}", mem=f"{mem:.0f}MiB")
+                    if self._diag_views is not None:
+                        self._diagnose(self._diag_views)
                     if self.step % cfg.ckpt_every == 0 and self.step < stop_at:
                         self.save()
                     if fault_step and self.step == fault_step and first_attempt and self.rank == fault_rank:
