@@ -44,33 +44,12 @@
 #include <tuple>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace ssl_fast {
 namespace {
 
 // exp that vectorizes (Cephes range reduction + degree-6 polynomial, ~2 ulp); exp(x < -87) = 0.
-inline float sk_exp(float x) {
-  const bool tiny = x < -87.0f;
-  float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float fx = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  int32_t bits = ((int32_t)fx + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return tiny ? 0.0f : y * scale;
-}
-inline double sk_exp(double x) { return std::exp(x); }
-
-template <typename T>
-constexpr T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
 
 constexpr int64_t kMinChunkRows = 16;  // rows per chunk at least ...
 constexpr int64_t kMaxChunks = 64;     // ... and at most this many chunks (partial buffers: chunks x K)
@@ -108,7 +87,7 @@ inline acc_t exp_shifted(acc_t* x, int64_t K) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < K; ++k) {
-    const acc_t e = sk_exp(x[k] - mx);
+    const acc_t e = vexp(x[k] - mx);
     x[k] = e;
     sum += e;
   }
@@ -173,13 +152,13 @@ std::tuple<at::Tensor, at::Tensor> col_lse_impl(const at::Tensor& x, acc_t inv_e
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) {
           const acc_t d = m[k] - bm[k];
-          z[k] = m[k] == neg_inf<acc_t>() ? acc_t(0) : z[k] * sk_exp(d);
+          z[k] = m[k] == neg_inf<acc_t>() ? acc_t(0) : z[k] * vexp(d);
           m[k] = bm[k];
         }
         for (int64_t r = 0; r < nr; ++r) {
           const acc_t* row = &buf[r * K];
 #pragma omp simd
-          for (int64_t k = 0; k < K; ++k) z[k] += sk_exp(row[k] - m[k]);
+          for (int64_t k = 0; k < K; ++k) z[k] += vexp(row[k] - m[k]);
         }
       }
     }
@@ -196,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> col_lse_impl(const at::Tensor& x, acc_t inv_e
       if (mx != neg_inf<acc_t>()) {
         for (int64_t c = 0; c < nc; ++c) {
           const acc_t mc = PM[c * K + k];
-          if (mc != neg_inf<acc_t>()) s += PZ[c * K + k] * sk_exp(mc - mx);
+          if (mc != neg_inf<acc_t>()) s += PZ[c * K + k] * vexp(mc - mx);
         }
       }
       M[k] = mx;
