@@ -267,7 +267,8 @@ def ddp_simclr(tmp_path_factory):
 def test_ddp_simclr_ranks_stay_in_sync(ddp_simclr):
     _, (r0, r1) = ddp_simclr
     _assert_same(r0["state"], r1["state"])
-    assert r0["losses"] != r1["losses"] or True  # each rank's loss is over its own shard (or gathered)
+    # with gather_distributed every rank's loss is the loss of the global batch: the same value on both ranks
+    assert r0["losses"] == pytest.approx(r1["losses"], rel=1e-5) and len(r0["losses"]) == 5
     assert r0["summary"]["world_size"] == 2 and r0["summary"]["steps"] == 5
 
 
@@ -279,26 +280,15 @@ def test_ddp_byol_ranks_stay_in_sync(tmp_path):
 
 
 def test_killed_worker_restarts_and_resumes(ddp_simclr, tmp_path):
+    # rank 1 dies (exit 13) right after step 3; torchrun restarts both workers, which resume from the step-2
+    # checkpoint. The restarted workers must not read the dead attempt's keys in torchrun's shared store
+    # (ssl_fast.train.trainer.init_process_group prefixes each attempt): no retry, any failure fails.
     over, (ref0, _) = ddp_simclr
-    for attempt in range(3):
-        # After the elastic restart, gloo's full-mesh connect between the new workers sometimes fails
-        # ("connectFullMesh ... Connection refused": a worker of the new attempt reads a peer address that
-        # nobody listens on). That is gloo's restart transport, not the resume logic under test: retried in a
-        # fresh run directory, and skipped (with the reason) if it persists; any other failure fails at once.
-        base = tmp_path / f"attempt{attempt}"
-        try:
-            (f0, f1), r = _torchrun(base / "out", dict(over, run_dir=str(base / "run"), resume="auto"),
-                                    max_restarts=1, env={"SSL_FAST_FAULT_STEP": "3", "SSL_FAST_FAULT_RANK": "1"},
-                                    timeout=120)
-            break
-        except (AssertionError, subprocess.TimeoutExpired) as exc:
-            transport = "connectFullMesh" in str(exc) or isinstance(exc, subprocess.TimeoutExpired)
-            if not transport:
-                raise
-            if attempt == 2:
-                pytest.skip(f"gloo could not reconnect the workers after the elastic restart 3 times: {exc!s:.300}")
+    (f0, f1), r = _torchrun(tmp_path / "out", dict(over, run_dir=str(tmp_path / "run"), resume="auto"),
+                            max_restarts=1, env={"SSL_FAST_FAULT_STEP": "3", "SSL_FAST_FAULT_RANK": "1"})
+    log = r.stdout + r.stderr
+    assert "exitcode: 13" in log, log[-2000:]  # the fault hook fired and the agent restarted the workers
     assert f0["summary"]["resumed"] == 1 and f0["summary"]["steps"] == 5
-    assert "exitcode" in (r.stdout + r.stderr) or "restart" in (r.stdout + r.stderr).lower()
     _assert_same(ref0["state"], f0["state"])
     _assert_same(f0["state"], f1["state"])
 

@@ -73,6 +73,25 @@ def _set_rng_state(st: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
+def init_process_group(backend: str) -> None:
+    """``dist.init_process_group(backend)`` from torchrun's environment, isolated per elastic attempt.
+
+    torchrun's agent shares its rendezvous TCPStore with the workers and keeps the same server across
+    restarts, and ``env://`` adds no per-attempt prefix (torch 2.11-2.15). The keys the failed attempt's
+    workers wrote (gloo's listening addresses, NCCL's unique id) are still there when the restarted workers
+    look them up: a worker that reads its peer's key before the peer rewrites it connects to a dead port
+    ("connectFullMesh ... Connection refused") or waits on a stale barrier count. Every attempt therefore
+    gets its own key space, ``PrefixStore("ssl_fast/attempt_<TORCHELASTIC_RESTART_COUNT>")``.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend)
+        return
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ssl_fast/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
+
+
 def build_pipeline(cfg: TrainConfig, source, n_local: int) -> Pipeline:
     """The views of ``cfg.method`` for ``source`` (digits: grayscale-friendly; otherwise the paper's)."""
     size = cfg.image_size
@@ -132,7 +151,7 @@ class Trainer:
             self.device = torch.device("cpu")
         self.owns_pg = False
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.owns_pg = True
 
     def _setup(self) -> None:
