@@ -110,13 +110,20 @@ def cuda_available() -> bool:
 # timing
 
 
-def _stats_ms(samples_ms: Sequence[float]) -> Tuple[float, float]:
-    return float(statistics.median(samples_ms)), float(min(samples_ms))
+def _stats_ms(samples_ms: Sequence[float]) -> Tuple[float, float, float]:
+    """(median, min, interquartile range) of the samples, ms."""
+    xs = sorted(float(x) for x in samples_ms)
+    if len(xs) >= 4:
+        q = statistics.quantiles(xs, n=4)
+        iqr = q[2] - q[0]
+    else:
+        iqr = xs[-1] - xs[0]
+    return float(statistics.median(xs)), xs[0], float(iqr)
 
 
 def time_cpu(run: Callable[[], object], prep: Optional[Callable[[], object]] = None, *, repeats: int = 5,
-             warmup: int = 1, min_sample_s: float = 0.02, max_inner: int = 1000) -> Tuple[float, float]:
-    """(median, min) milliseconds of ``run()`` over ``repeats`` samples after ``warmup`` calls (CPU).
+             warmup: int = 1, min_sample_s: float = 0.02, max_inner: int = 1000) -> Tuple[float, float, float]:
+    """(median, min, IQR) milliseconds of ``run()`` over ``repeats`` samples after ``warmup`` calls (CPU).
 
     ``prep()`` runs before every call, untimed. A call shorter than ``min_sample_s`` is repeated inside
     one sample (the sample is then the mean of its calls) so that fast shapes are not timer noise.
@@ -138,8 +145,8 @@ def time_cpu(run: Callable[[], object], prep: Optional[Callable[[], object]] = N
 
 def time_cuda(run: Callable[[], object], prep: Optional[Callable[[], object]] = None, *, rep_ms: float = 100.0,
               warmup_ms: float = 25.0, samples: int = 10,
-              grad_to_none: Optional[Sequence] = None) -> Tuple[float, float]:
-    """(median, min) milliseconds of ``run()`` on the current CUDA device.
+              grad_to_none: Optional[Sequence] = None) -> Tuple[float, float, float]:
+    """(median, min, IQR) milliseconds of ``run()`` on the current CUDA device.
 
     Without ``prep``: ``triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms)`` (time budgets in ms,
     L2 cache flushed before every call, ``grad_to_none`` cleared between calls). With ``prep`` (e.g. a
@@ -443,16 +450,18 @@ def sort_key_num(v):
 
 
 def render_markdown(rows: List[Dict], *, title: str, section_cols: Sequence[str], shape_cols: Sequence[str],
-                    provider_order: Sequence[str], notes: Sequence[str] = ()) -> str:
+                    provider_order: Sequence[str], notes: Sequence[str] = (), baseline: str = "torch",
+                    extra_tables: Sequence[Tuple[str, str]] = ()) -> str:
     """Markdown from CSV rows: one section per ``section_cols`` value, in it one time table and one memory
-    table with a line per (shape, mode) and the providers side by side. Only the latest row per key."""
+    table with a line per (shape, mode) and the providers side by side (speedups against ``baseline``), and
+    one table per ``(column, title)`` of ``extra_tables`` that has a value. Only the latest row per key."""
     key = list(section_cols) + list(shape_cols) + ["mode", "provider"]
     rows = latest_rows(rows, key)
     sections: Dict[tuple, List[Dict]] = {}
     for r in rows:
         sections.setdefault(tuple(r.get(c, "") for c in section_cols), []).append(r)
     out = [f"# {title}", ""]
-    out += [f"_Generated from the CSV by bench/bench_*.py; the latest row per (setting, shape, mode, provider)._", ""]
+    out += [f"_Generated from the CSV by bench/suite.py (`ssl-fast bench`); the latest row per (setting, shape, mode, provider)._", ""]
     out += list(notes) + ([""] if notes else [])
     mode_rank = {"fwd": 0, "bwd": 1, "full": 2}
     for sec, srows in sections.items():
@@ -486,7 +495,7 @@ def render_markdown(rows: List[Dict], *, title: str, section_cols: Sequence[str]
                     continue
                 t, sp = to_float(r.get("median_ms")), to_float(r.get("speedup"))
                 cell = fmt_num(t)
-                if not math.isnan(t) and not math.isnan(sp) and p != "torch":
+                if not math.isnan(t) and not math.isnan(sp) and p != baseline:
                     cell += f" ({sp:.3g}x)"
                 if r.get("status") not in ("ok", None, "") and math.isnan(t):
                     cell += f" [{r.get('status')}]"
@@ -497,8 +506,12 @@ def render_markdown(rows: List[Dict], *, title: str, section_cols: Sequence[str]
             t_body.append(list(k) + cells_t)
             m_body.append(list(k) + cells_m)
             p_body.append(list(k) + cells_p)
-        out += ["**Time, median ms** (speedup vs torch eager in the same run)", "", md_table(hdr, t_body), ""]
+        out += [f"**Time, median ms** (speedup vs {baseline} in the same run)", "", md_table(hdr, t_body), ""]
         out += ["**Peak extra memory, MiB** (above the inputs)", "", md_table(hdr, m_body), ""]
+        for col, title in extra_tables:
+            body = [list(k) + [fmt_num(lines[k][p].get(col)) if p in lines[k] else "" for p in provs] for k in order]
+            if any(not math.isnan(to_float(lines[k][p].get(col))) for k in order for p in lines[k]):
+                out += [f"**{title}**", "", md_table(hdr, body), ""]
         if any(c for row in p_body for c in row[len(k):]):
             out += ["**What a fresh process pays: peak RSS growth over its first call, MiB / that first call, ms** "
                     "(imports, libraries and caches the call loads included; torch_compile: its compile)", "",

@@ -6,6 +6,7 @@
     ssl-fast linear-probe   logistic regression on a checkpoint's frozen features
     ssl-fast lab            reproduce the findings about collapse (ssl-fast lab --list; ssl-fast lab all)
     ssl-fast diagnose       collapse diagnostics (spectra, effective rank, alignment/uniformity) of a run or embeddings
+    ssl-fast bench          every op's providers side by side (bench/suite.py of a source checkout; bench --help)
 """
 
 from __future__ import annotations
@@ -150,7 +151,36 @@ def _diagnose(args) -> int:
 # ---- end lab ----------------------------------------------------------------------------------------------
 
 
+def _bench_script():
+    """bench/suite.py of the source checkout this package runs from (an editable install or a checkout on
+    sys.path); None for an installed wheel, which ships no benchmarks."""
+    import os
+
+    import ssl_fast
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ssl_fast.__file__))), "bench", "suite.py")
+    return path if os.path.isfile(path) else None
+
+
+def _bench(argv) -> int:
+    import importlib.util
+
+    path = _bench_script()
+    if path is None:
+        print("ssl-fast bench: the benchmarks live in the source checkout (bench/suite.py) and this installation "
+              "has none; clone the repository and install it editable (pip install --no-build-isolation -e .)",
+              file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("ssl_fast_bench_suite", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    return suite.main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every flag goes to bench/suite.py (ssl-fast bench --help lists them)
+        return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="ssl-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +190,7 @@ def main(argv=None) -> int:
     _train_cli.add_parsers(sub)
     _add_lab_parser(sub)
     _add_diagnose_parser(sub)
+    sub.add_parser("bench", help="benchmark every op's providers side by side (ssl-fast bench --help)", add_help=False)
     args = parser.parse_args(argv)
     if args.command == "lab":
         return _lab(args)

@@ -159,6 +159,29 @@ def sinkhorn_knopp_log_reference(scores: torch.Tensor, epsilon: float = 0.05, it
         lq = lq - torch.logsumexp(lq, dim=1, keepdim=True) - math.log(b)  # sample sums (columns of Q)
     return torch.exp(lq + math.log(b))
 
+
+def swav_loss_reference(high, low, temperature: float = 0.1, epsilon: float = 0.05, iterations: int = 3, *,
+                        log_domain: bool = True) -> torch.Tensor:
+    """SwAV's multi-crop swapped-prediction loss (main_swav.py; lightly's SwaVLoss), written out.
+
+    For each high-resolution crop i: codes q_i = Sinkhorn(scores_i) without gradient; sub-loss of every
+    other crop v: -mean_b sum_k q_i log softmax(scores_v / T); each i averages over the n_crops - 1 others;
+    the loss averages over the high-resolution crops. ``log_domain`` computes the codes with
+    :func:`sinkhorn_knopp_log_reference` (finite for any scores), else with SwAV's code as written.
+    """
+    sink = sinkhorn_knopp_log_reference if log_domain else sinkhorn_knopp_reference
+    crops = list(high) + list(low)
+    loss = high[0].new_zeros(())
+    for i in range(len(high)):
+        with torch.no_grad():
+            q = sink(high[i].detach(), epsilon, iterations)
+        sub = high[0].new_zeros(())
+        for v, z in enumerate(crops):
+            if v != i:
+                sub = sub - torch.mean(torch.sum(q * F.log_softmax(z / temperature, dim=1), dim=1))
+        loss = loss + sub / (len(crops) - 1)
+    return loss / len(high)
+
 # EMA teacher update, BYOL / SimSiam losses
 
 

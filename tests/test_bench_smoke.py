@@ -1,6 +1,7 @@
-"""Smoke test of the benchmark harness (bench/bench_ntxent.py): it runs, and writes finite numbers.
+"""The benchmark suite (bench/suite.py, ``ssl-fast bench``): the correctness gate of every provider, the CLI on
+tiny sweeps (CSV, markdown, PNG, index), refusal of a wrong provider, largest batch, e2e, pytest-benchmark.
 
-No timing assertions: this machine is shared. The benchmark runs in a subprocess, as users run it.
+No timing assertions: this machine is shared. The benchmark runs in subprocesses, as users run it.
 """
 
 import csv
@@ -8,102 +9,211 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
+import torch
+
+import ssl_fast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "bench", "bench_ntxent.py")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import ops as O  # noqa: E402
+import suite  # noqa: E402
 
 
-def _run(args, timeout=120):
+def _env():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the benchmark's CPU path never needs the interpreter
-    return subprocess.run([sys.executable, BENCH, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return env
+
+
+def _bench(args, timeout=600):
+    """``ssl-fast bench ARGS`` through the CLI entry point, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "ssl_fast.cli", "bench", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _device_dir(out):
+    dirs = [d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))]
+    assert len(dirs) == 1, dirs
+    return os.path.join(out, dirs[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the correctness gate, in-process: every provider that can run here matches the float64 reference
+
+
+GATE_CASES = [pytest.param(op.name, p.name, id=f"{op.name}-{p.name}") for op in O.OPS.values() for p in op.providers]
+
+
+@pytest.mark.parametrize("op_name,provider", GATE_CASES)
+def test_every_provider_passes_the_gate(op_name, provider):
+    op = O.OPS[op_name]
+    prov = op.provider(provider)
+    skip = suite._unrunnable(op, prov, "cpu", "fp32")
+    if skip:
+        pytest.skip(skip["note"])
+    if provider == "ssl_fast_cpp" and not ssl_fast.HAS_EXT:
+        pytest.skip("ssl_fast._C not built")
+    err = suite.gate(op, prov, torch.device("cpu"), dict(op.hparams))
+    assert err <= op.gate_tol, f"{op_name}/{provider}: error {err:.2e} > {op.gate_tol:.0e}"
+
+
+def test_gate_catches_a_wrong_value_and_a_wrong_gradient():
+    op = O.OPS["ntxent"]
+    hp = dict(op.hparams)
+    good = op.provider("torch")
+    scaled = O.Provider("x", lambda inputs, hp_, dev: (lambda f=good.build(inputs, hp_, dev): f() * 1.001))
+    assert suite.gate(op, scaled, torch.device("cpu"), hp) > op.gate_tol
+
+    def wrong_grad(inputs, hp_, dev):  # the right value, the gradient of z2 dropped
+        from ssl_fast import reference
+        z1, z2 = inputs["z1"], inputs["z2"]
+        return lambda: reference.ntxent_reference(z1, z2.detach(), hp_["temperature"])
+    assert suite.gate(op, O.Provider("y", wrong_grad), torch.device("cpu"), hp) > op.gate_tol
+    ema = O.OPS["ema"]
+    lazy = O.Provider("z", lambda inputs, hp_, dev: (lambda: None))  # an EMA that does nothing
+    assert suite.gate(ema, lazy, torch.device("cpu"), dict(ema.hparams)) > ema.gate_tol
+
+
+# ----------------------------------------------------------------------------------------------------
+# the CLI: a tiny sweep writes CSV + markdown + PNG, refuses a wrong provider, renders the index
+
+
+WRONG = textwrap.dedent('''
+    import ops
+    from ssl_fast import reference
+
+    def build(inputs, hp, device):
+        z1, z2 = inputs["z1"], inputs["z2"]
+        return lambda: 1.01 * reference.ntxent_reference(z1, z2, hp["temperature"])
+
+    PROVIDERS = {"ntxent": [ops.Provider("wrong", build, about="1% off, on purpose")]}
+''')
 
 
 @pytest.fixture(scope="module")
-def smoke_out(tmp_path_factory):
+def ntxent_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = _run(["--n2", "64", "--dim", "16", "--providers", "torch", "ssl_fast", "--modes", "fwd", "full",
-                 "--repeats", "1", "--threads", "1", "--device", "cpu", "--out", str(out)])
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    extra = out / "wrong.py"
+    extra.write_text(WRONG)
+    proc = _bench(["ntxent", "--n2", "64", "128", "--dim", "16", "--providers", "torch", "ssl_fast_cpp", "lightly",
+                   "ssl_fast_triton", "wrong", "--providers-file", str(extra), "--modes", "fwd", "full", "--repeats",
+                   "1", "--threads", "1", "--device", "cpu", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
 
-def test_csv_rows(smoke_out):
-    out, _ = smoke_out
-    with open(out / "ntxent.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    got = sorted((r["provider"], r["mode"]) for r in rows)
-    assert got == sorted((p, m) for p in ("torch", "ssl_fast") for m in ("fwd", "full"))
+def test_cli_csv_rows(ntxent_run):
+    out, _ = ntxent_run
+    rows = _rows(os.path.join(_device_dir(out), "ntxent.csv"))
+    assert len(rows) == 2 * 2 * 5
+    by = {(r["provider"], r["mode"], r["n2"]): r for r in rows}
+    for n2 in ("64", "128"):
+        for mode in ("fwd", "full"):
+            for prov in ("torch", "ssl_fast_cpp"):
+                r = by[prov, mode, n2]
+                assert r["status"] == "ok", r
+                assert r["gate"].startswith("pass"), r
+                for col in ("median_ms", "min_ms", "iqr_ms", "peak_mem_mib", "speedup", "tflops", "pct_peak",
+                            "peak_tflops", "peak_gbps", "value", "max_err", "first_call_ms"):
+                    assert math.isfinite(float(r[col])), (col, r)
+                assert float(r["median_ms"]) > 0 and float(r["max_err"]) < 1e-5
+                assert r["commit"] and r["torch"] and r["device_name"] and r["timestamp"]
+            assert float(by["torch", mode, n2]["speedup"]) == 1.0
+            assert abs(float(by["torch", mode, n2]["value"]) - float(by["ssl_fast_cpp", mode, n2]["value"])) < 1e-5
+            assert by["ssl_fast_cpp", mode, n2]["backend"] == "cpp"
+            tri = by["ssl_fast_triton", mode, n2]
+            assert tri["status"] == "unavailable" and math.isnan(float(tri["median_ms"])) and "cuda" in tri["note"]
+            wrong = by["wrong", mode, n2]  # refused: no time, the reason in the note
+            assert wrong["status"] == "wrong" and math.isnan(float(wrong["median_ms"]))
+            assert "refused" in wrong["note"] and wrong["gate"].startswith("FAIL")
+            lightly = by["lightly", mode, n2]
+            assert lightly["status"] in ("ok", "unavailable"), lightly
+
+
+def test_cli_markdown_plot_and_summary(ntxent_run):
+    out, stdout = ntxent_run
+    d = _device_dir(out)
+    md = open(os.path.join(d, "ntxent.md")).read()
+    assert "| n2 | dim | mode | torch | lightly | ssl_fast_cpp | ssl_fast_triton | wrong |" in md
+    assert "**Peak extra memory, MiB**" in md and "% of the measured device peak" in md
+    assert [f for f in os.listdir(d) if f.endswith(".png")]
+    assert os.path.exists(os.path.join(d, "peak.csv"))
+    assert "ssl_fast x faster" in stdout and "refused" in stdout
+
+
+def test_cli_report_index(ntxent_run):
+    out, _ = ntxent_run
+    proc = _bench(["--report", "--out", str(out), "--no-plot"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    index = open(out / "README.md").read()
+    assert "## Headline" in index and "[ntxent](" in index
+    line = next(ln for ln in index.splitlines() if "[ntxent](" in ln and "n2=128" in ln)
+    assert "ssl_fast_cpp" in line and "torch " in line
+
+
+@pytest.mark.parametrize("args,op,providers", [
+    (["sinkhorn", "--b", "64", "--k", "30", "--providers", "swav", "ssl_fast_cpp", "lightly"], "sinkhorn",
+     ["swav", "ssl_fast_cpp", "lightly"]),
+    (["ema", "--model", "tiny", "--dtype", "fp32-bf16", "--providers", "loop", "ssl_fast_cpp", "timm"], "ema",
+     ["loop", "ssl_fast_cpp", "timm"]),
+    (["info_nce_queue", "--n", "16", "--queue", "64", "--dim", "16", "--modes", "full"], "info_nce_queue", None),
+    (["e2e", "--batch", "4", "--res", "16", "--providers", "torch", "ssl_fast_nn"], "e2e", ["torch", "ssl_fast_nn"]),
+])
+def test_cli_other_ops(tmp_path, args, op, providers):
+    proc = _bench(args + ["--repeats", "1", "--threads", "1", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(os.path.join(_device_dir(tmp_path), f"{op}.csv"))
+    got = [r["provider"] for r in rows]
+    assert got == (providers or [p.name for p in O.OPS[op].providers])
     for r in rows:
-        assert r["status"] == "ok", r
-        assert (r["loss"], r["n2"], r["dim"], r["dtype"], r["device"]) == ("ntxent", "64", "16", "fp32", "cpu")
-        for col in ("median_ms", "min_ms", "peak_mem_mib", "speedup", "loss_value", "first_call_ms",
-                    "process_rss_mib"):
-            assert math.isfinite(float(r[col])), (col, r)
+        if r["provider"] in ("timm", "lightly") and r["status"] == "unavailable":
+            continue
+        if r["provider"] == "ssl_fast_triton":
+            assert r["status"] == "unavailable"
+            continue
+        assert r["status"] == "ok" and r["gate"].startswith("pass"), r
         assert float(r["median_ms"]) > 0 and float(r["peak_mem_mib"]) >= 0
-        assert r["commit"] and r["torch"] and r["device_name"]
-    by = {(r["provider"], r["mode"]): r for r in rows}
-    assert float(by["torch", "fwd"]["speedup"]) == 1.0
-    # both providers compute the same loss on the same inputs
-    assert abs(float(by["torch", "full"]["loss_value"]) - float(by["ssl_fast", "full"]["loss_value"])) < 1e-4
-    assert by["ssl_fast", "full"]["backend"] == "cpp"
+        if op in ("sinkhorn", "ema"):
+            assert float(r["gbps"]) > 0 and float(r["pct_peak"]) > 0
+        if op == "sinkhorn":
+            assert float(r["max_err"]) < 1e-5
+        if op == "e2e":
+            assert float(r["images_s"]) > 0 and math.isfinite(float(r["value"]))
 
 
-def test_markdown_and_stdout(smoke_out):
-    out, stdout = smoke_out
-    md = (out / "ntxent.md").read_text()
-    assert "| n2 | dim | mode | torch | ssl_fast |" in md
-    body = [ln for ln in md.splitlines() if ln.startswith("| 64 | 16 |")]
-    assert len(body) == 6  # (fwd, full) x (time, memory, fresh-process RSS / first call tables)
-    for ln in body:
-        cells = [c.strip() for c in ln.strip("|").split("|")][3:]
-        assert all(c and not c.startswith("nan") for c in cells), ln
-    assert "What a fresh process pays" in md
-    assert "ssl_fast x faster" in stdout and "1st call ms" in stdout
-    assert list(out.glob("ntxent_*.png")), "plot.py wrote no PNG"
+def test_cli_largest_batch(tmp_path):
+    proc = _bench(["ntxent", "--largest-batch", "--mem-budget-gib", "0.002", "--dim", "16", "--providers", "torch",
+                   "--threads", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = _rows(os.path.join(_device_dir(tmp_path), "largest.csv"))
+    assert row["provider"] == "torch" and row["batch_key"] == "n2"
+    largest, over = int(row["largest"]), int(row["first_over"])
+    assert 256 <= largest < over and float(row["mib_at_largest"]) <= 0.002 * 1024
+    assert "Largest batch" in open(os.path.join(_device_dir(tmp_path), "largest.md")).read()
 
 
-def test_missing_library_is_a_nan_row(tmp_path):
-    proc = _run(["--loss", "info_nce", "--n2", "16", "--dim", "8", "--providers", "open_clip", "--modes", "fwd",
-                 "--repeats", "1", "--device", "cpu", "--no-plot", "--out", str(tmp_path)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    with open(tmp_path / "ntxent.csv", newline="") as f:
-        (row,) = list(csv.DictReader(f))
-    try:
-        import open_clip  # noqa: F401
-        assert row["status"] == "ok"
-    except ImportError:
-        assert row["status"] == "unavailable" and math.isnan(float(row["median_ms"])) and row["note"]
+def test_cli_errors():
+    proc = _bench(["nosuchop"])
+    assert proc.returncode == 2 and "unknown op" in proc.stderr
+    proc = _bench(["sinkhorn", "--n2", "64"])
+    assert proc.returncode != 0 and "has no shape" in proc.stderr
+    proc = _bench(["--list"])
+    assert proc.returncode == 0 and "inf_cl" in proc.stdout and "timm" in proc.stdout
 
 
-def test_cpu_peak_rss_sees_a_known_allocation():
-    code = (
-        "import sys, torch; sys.path.insert(0, 'bench'); import _harness as H\n"
-        "n = 32 * 1024 * 1024 // 4\n"
-        "f = lambda: torch.ones(n).sum()\n"
-        "f(); print(H.cpu_peak_extra_mib(f))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    extra = float(proc.stdout.strip().splitlines()[-1])
-    assert 30 <= extra <= 40, extra  # a 32 MiB tensor, allocated after a warm-up that freed one
-
-
-def test_default_results_folder_is_ignored_by_git():
-    """A user's runs (no --save) go to a folder git ignores, so the checkout stays clean; --save writes the
-    committed bench/results/."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import _harness as H
-
-    scratch, saved = H.results_dir(), H.results_dir(save=True)
-    assert saved == os.path.join(ROOT, "bench", "results") and scratch.startswith(saved + os.sep)
-    probe = os.path.join(scratch, "ntxent.csv")
-    res = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT)
-    if res.returncode == 128:
-        pytest.skip("not a git checkout")
-    assert res.returncode == 0, f"{probe} is not ignored by git"
-    res = subprocess.run(["git", "check-ignore", "-q", os.path.join(saved, "ntxent.csv")], cwd=ROOT)
-    assert res.returncode == 1, "the committed results must not be ignored"
+def test_pytest_benchmark_entry():
+    """bench/test_bench_cpu.py (the pytest-benchmark CPU tier) runs: each case once, gate included."""
+    pytest.importorskip("pytest_benchmark")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           os.path.join(ROOT, "bench", "test_bench_cpu.py"), "-k", "ntxent or sinkhorn or ema"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
