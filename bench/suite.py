@@ -674,8 +674,8 @@ def headline(root: str) -> str:
             rows = [r for r in rows if r.get("status") == "ok"]
             main_mode = "full" if "full" in op.modes else op.modes[0]
             by: Dict[tuple, List[Dict]] = {}
-            for r in rows:
-                if r["mode"] == main_mode:
+            for r in rows:  # "+thp"-style variants (another allocator setting) are not peers of the default
+                if r["mode"] == main_mode and "+" not in r["provider"]:
                     by.setdefault(tuple(r[k] for k in ("threads", "dtype") + op.shape_keys), []).append(r)
             cands = [(k, g) for k, g in by.items() if _fast_providers(g) and any(
                 not r["provider"].startswith("ssl_fast") for r in g)]
@@ -690,8 +690,9 @@ def headline(root: str) -> str:
                 if r["provider"].startswith("ssl_fast"):
                     continue
                 t = H.to_float(r["median_ms"]) / H.to_float(fast["median_ms"])
-                m = H.to_float(r["peak_mem_mib"]) / max(H.to_float(fast["peak_mem_mib"]), 1e-9)
-                peers.append(f"{r['provider']} {t:.2g}x / {m:.2g}x")
+                fm = H.to_float(fast["peak_mem_mib"])
+                m = f"{H.to_float(r['peak_mem_mib']) / fm:.2g}x" if fm >= 0.5 else "- (ssl_fast ~0 MiB)"
+                peers.append(f"{r['provider']} {t:.2g}x / {m}")
             shape = " ".join(f"{k}={v}" for k, v in zip(op.shape_keys, key[2:]))
             lines.append(f"| {fast['device_name']} ({key[0]} thr) | [{op.name}]({dev}/{op.name}.md) | {shape} | "
                          f"{key[1]} | {main_mode} | {fast['provider']}: {H.fmt_num(fast['median_ms'])} "
