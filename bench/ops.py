@@ -510,6 +510,15 @@ def _ema_providers() -> List[Provider]:
                 e.mul_(m).add_(o, alpha=1.0 - m)
         return run
 
+    def torch_compile(inputs, hp, device):
+        ema, online, m = inputs["ema"], inputs["online"], hp["momentum"]
+
+        def update(ema_, online_):
+            for e, o in zip(ema_, online_):
+                e.mul_(m).add_(o, alpha=1.0 - m)
+        fn = _torch().compile(update)
+        return lambda: fn(ema, online)
+
     def foreach_lerp(inputs, hp, device):
         ema, online, m = inputs["ema"], inputs["online"], hp["momentum"]
         same = all(e.dtype == o.dtype for e, o in zip(ema, online))
@@ -537,6 +546,7 @@ def _ema_providers() -> List[Provider]:
         return lambda: ssl_fast.ema_update_(ema, online, m)
 
     return [Provider("loop", loop, about="per-parameter mul_ + add_ (the reference code of BYOL / MoCo)"),
+            Provider("torch_compile", torch_compile, about="torch.compile of that loop (inductor fuses it)"),
             Provider("foreach_lerp", foreach_lerp, about="torch._foreach_lerp_ (online cast when dtypes differ)"),
             Provider("lightly", lightly, requires="lightly", about="lightly.models.utils.update_momentum"),
             Provider("timm", timm, requires="timm", about="timm.utils.ModelEmaV3.update")] \
@@ -594,6 +604,12 @@ def _swav_providers() -> List[Provider]:
         return lambda: reference.swav_loss_reference(h, lo, hp["temperature"], hp["epsilon"],
                                                      int(hp["iterations"]), log_domain=False)
 
+    def torch_compile(inputs, hp, device):
+        from ssl_fast import reference
+        fn = _torch().compile(reference.swav_loss_reference)
+        h, lo = inputs["high"], inputs["low"]
+        return lambda: fn(h, lo, hp["temperature"], hp["epsilon"], int(hp["iterations"]), log_domain=False)
+
     def lightly(inputs, hp, device):
         from lightly.loss import SwaVLoss
         crit = SwaVLoss(temperature=hp["temperature"], sinkhorn_iterations=int(hp["iterations"]),
@@ -609,6 +625,7 @@ def _swav_providers() -> List[Provider]:
         return lambda: crit(h, lo)
 
     return [Provider("torch", torch_eager, about="SwAV's loss loop with distributed_sinkhorn, eager torch"),
+            Provider("torch_compile", torch_compile, about="torch.compile of that loop"),
             Provider("lightly", lightly, requires="lightly", about="lightly.loss.SwaVLoss")] \
         + [p for p in _ssl_fast_providers(None, nn_module=module) if p.name == "ssl_fast_nn"]
 
@@ -647,6 +664,13 @@ def _directclr_providers() -> List[Provider]:
         r1, r2, d0 = inputs["r1"], inputs["r2"], int(hp["d0"])
         return lambda: reference.ntxent_reference(r1[:, :d0], r2[:, :d0], hp["temperature"])
 
+    def torch_compile(inputs, hp, device):
+        from ssl_fast import reference
+        d0 = int(hp["d0"])
+        fn = _torch().compile(lambda a, b: reference.ntxent_reference(a[:, :d0], b[:, :d0], hp["temperature"]))
+        r1, r2 = inputs["r1"], inputs["r2"]
+        return lambda: fn(r1, r2)
+
     def lightly(inputs, hp, device):
         from lightly.loss import DirectCLRLoss
         crit = DirectCLRLoss(loss_dim=int(hp["d0"]), temperature=hp["temperature"])
@@ -660,6 +684,7 @@ def _directclr_providers() -> List[Provider]:
         return lambda: crit(r1, r2)
 
     return [Provider("torch", torch_eager, about="NT-Xent reference on r[:, :d0], eager"),
+            Provider("torch_compile", torch_compile, about="torch.compile of that reference"),
             Provider("lightly", lightly, requires="lightly", about="lightly.loss.DirectCLRLoss(loss_dim=d0)")] \
         + [p for p in _ssl_fast_providers(None, nn_module=module) if p.name == "ssl_fast_nn"]
 
