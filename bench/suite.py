@@ -354,7 +354,8 @@ def parse_args(argv=None):
     p.add_argument("--providers-file", help="a .py file with PROVIDERS = {op: [ops.Provider(...)]} to add")
     p.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                    help="override a hyperparameter, e.g. --set temperature=0.2")
-    p.add_argument("--repeats", type=int, default=5, help="timed samples on CPU (median; CUDA: do_bench budget)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed samples (default 5 or the preset's); CPU: their median; CUDA: do_bench's budget")
     p.add_argument("--cuda-rep-ms", type=float, default=100.0, help="do_bench measurement budget, ms")
     p.add_argument("--threads", type=int, default=2, help="torch threads in the children (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (auto: cuda when present)")
@@ -408,6 +409,7 @@ def _jobs(op: O.Op, args, device: str) -> List[Dict]:
         job["dtype"] = args.dtype or job.get("dtype") or [op.dtypes[0]]
         job["modes"] = args.modes or job.get("modes") or list(op.modes)
         job["providers"] = args.providers or job.get("providers") or [p.name for p in op.providers]
+        job["repeats"] = args.repeats if args.repeats is not None else job.get("repeats", 5)
         for dt in job["dtype"]:
             if dt not in op.dtypes:
                 raise SystemExit(f"--dtype {dt}: op {op.name} takes {', '.join(op.dtypes)}")
@@ -496,7 +498,7 @@ class Runner:
                     for mode in job["modes"]:
                         for prov in job["providers"]:
                             out.append(dict(kind="measure", op=op.name, provider=prov, mode=mode, dtype=dtype,
-                                            device=device, threads=self.args.threads, repeats=self.args.repeats,
+                                            device=device, threads=self.args.threads, repeats=job["repeats"],
                                             cuda_rep_ms=self.args.cuda_rep_ms, providers_file=self.args.providers_file,
                                             requires=op.provider(prov).requires,
                                             mem_budget_gib=budget if device == "cpu" else 0.0,
