@@ -19,6 +19,7 @@ from .simsiam import SimSiam
 from .swav import SwAV
 
 METHODS = ("simclr", "directclr", "moco", "byol", "simsiam", "swav")
+CLASSES = {"simclr": SimCLR, "directclr": DirectCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam, "swav": SwAV}
 _MODULES = {"simclr": simclr, "directclr": directclr, "moco": moco, "byol": byol, "simsiam": simsiam, "swav": swav}
 
 
@@ -56,5 +57,5 @@ def build_method(cfg, backbone, feature_dim: int, steps_per_epoch: int = 1, worl
     raise ValueError(f"unknown method {m!r}; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["BACKBONES", "BYOL", "DirectCLR", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SmallCNN", "SwAV",
+__all__ = ["BACKBONES", "BYOL", "CLASSES", "DirectCLR", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SmallCNN", "SwAV",
            "build_backbone", "build_method", "mlp", "recipe"]

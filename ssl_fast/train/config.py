@@ -41,6 +41,11 @@ class TrainConfig:
     batch_size: int = _f(256, "global batch size (all ranks together)")
     accum_steps: int = _f(1, "gradient accumulation: micro-batches per optimizer step (each micro-batch's loss "
                           "sees only its own negatives)")
+    grad_cache_chunk: Optional[int] = _f(None, "gradient caching (GradCache / Inf-CL large batches; SimCLR, "
+                                         "DirectCLR): embed each view in chunks of N images without a graph, take "
+                                         "the loss of the whole batch, replay each chunk with its cached embedding "
+                                         "gradient: every negative of the batch at the activation memory of N "
+                                         "images. BatchNorm then normalizes per chunk of N (as --accum-steps does)")
     optimizer: str = _f("lars", "sgd | lars | adamw", choices=("sgd", "lars", "adamw"))
     lr: float = _f(0.3, "base learning rate, scaled by batch_size / 256 unless --lr-scaling none")
     lr_scaling: str = _f("linear", "linear (lr x B/256) | sqrt | none", choices=("linear", "sqrt", "none"))
@@ -145,6 +150,19 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--batch-size must be >= 2 (views of one image need other images), got {cfg.batch_size}")
     if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
         bad(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps}")
+    if cfg.grad_cache_chunk is not None:
+        from ..methods import CLASSES
+
+        if isinstance(cfg.grad_cache_chunk, bool) or not isinstance(cfg.grad_cache_chunk, int) \
+                or cfg.grad_cache_chunk < 1:
+            bad(f"--grad-cache-chunk must be a positive int, got {cfg.grad_cache_chunk!r}")
+        if not CLASSES[cfg.method].supports_grad_cache:
+            ok = ", ".join(m for m, c in CLASSES.items() if c.supports_grad_cache)
+            bad(f"--grad-cache-chunk is not supported by --method {cfg.method} (its loss is not a function of "
+                f"two views' embeddings alone: momentum keys / queue / predictor / prototypes); supported: {ok}")
+        if cfg.accum_steps != 1:
+            bad(f"--grad-cache-chunk replaces --accum-steps (got --accum-steps {cfg.accum_steps}): gradient "
+                f"caching already bounds the memory, with the whole batch's negatives")
     if cfg.epochs < 1 and not cfg.max_steps:
         bad("--epochs must be >= 1")
     if cfg.max_steps is not None and cfg.max_steps < 1:

@@ -2,8 +2,8 @@
 
 One ``Trainer(cfg).fit()`` call: distributed set-up (torchrun env -> NCCL on GPUs, gloo on CPU), seeding,
 data, backbone + method, optimizer + warmup/cosine schedule, autocast (bf16 / fp16 with a scaler),
-channels_last, optional ``torch.compile`` of the backbone, gradient accumulation, DDP (optional SyncBN),
-kNN monitor, checkpoints (atomic; exact resume) and logs (tqdm, CSV, TensorBoard).
+channels_last, optional ``torch.compile`` of the backbone, gradient accumulation or gradient caching
+(``--grad-cache-chunk``), DDP (optional SyncBN), kNN monitor, checkpoints (atomic; exact resume) and logs (tqdm, CSV, TensorBoard).
 
 Exact resume. Data order is a function of (seed, epoch) and the augmentation generator is re-seeded from
 (seed, step, rank) before each step, so a resumed run draws the same batches and views as an uninterrupted
@@ -54,6 +54,18 @@ class TrainingInterrupted(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+class _Embedder:
+    """``model(x, embed=True)`` (through DDP's forward when wrapped) with DDP's ``no_sync`` for gradient caching."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        if hasattr(model, "no_sync"):
+            self.no_sync = model.no_sync
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, embed=True)
+
+
 def _rng_state(device: torch.device) -> Dict[str, Any]:
     keys, pos, has_gauss, cached = np.random.get_state()[1:]
     st = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -163,6 +175,10 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size x accum steps "
                              f"({self.world} x {cfg.accum_steps})")
         self.local_batch = cfg.batch_size // self.world
+        if cfg.grad_cache_chunk and self.local_batch % cfg.grad_cache_chunk == 1:
+            raise ValueError(f"--grad-cache-chunk {cfg.grad_cache_chunk} splits the per-rank batch of "
+                             f"{self.local_batch} into chunks whose last one holds 1 image (BatchNorm cannot "
+                             f"normalize it): pick a chunk size that divides the batch")
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -283,11 +299,29 @@ class Trainer:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views
 
+    def _grad_cache_step(self, views: List[torch.Tensor]) -> torch.Tensor:
+        """Forward + backward of the two global views by gradient caching (``ssl_fast.gradcache``): chunks of
+        ``--grad-cache-chunk`` images, the loss once on the whole batch (one collective with DDP gathering)."""
+        from ..gradcache import cached_step
+
+        out: Dict[str, torch.Tensor] = {}
+
+        def loss_fn(z0, z1):
+            loss = self.method.loss_from_embeddings(z0, z1).float()
+            out["loss"] = loss.detach()
+            return self.scaler.scale(loss)
+
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            cached_step(_Embedder(self.model), views[:2], loss_fn, self.cfg.grad_cache_chunk)
+        return out["loss"]
+
     def _train_step(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         views = self._views(x)
         due = self.diagnostics is not None and self.diagnostics.due(self.step + 1)
         self._diag_views = views if due else None
+        if cfg.grad_cache_chunk:
+            return self._optimizer_step(self._grad_cache_step(views))
         n = cfg.accum_steps
         mb = views[0].shape[0] // n
         total = torch.zeros((), device=self.device)
@@ -301,6 +335,9 @@ class Trainer:
                 loss = loss.float() / n
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+        return self._optimizer_step(total)
+
+    def _optimizer_step(self, total: torch.Tensor) -> torch.Tensor:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
