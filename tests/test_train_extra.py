@@ -76,3 +76,87 @@ def test_grad_cache_bad_values():
         make_config(tiny("simclr", "x", grad_cache_chunk=4, accum_steps=2))
     with pytest.raises(ValueError, match="--grad-cache-chunk 5 splits .* last one holds 1 image"):
         Trainer(make_config(tiny("simclr", "x", batch_size=16, grad_cache_chunk=5)))._setup()
+
+
+# ------------------------------------------------------------------------------------- MoCo shuffle-BN
+def _moco(**kw):
+    from ssl_fast.methods import build_backbone, build_method
+
+    cfg = make_config(tiny("moco", "x", **kw))
+    backbone, dim = build_backbone("small_cnn", 1, width=4)
+    return build_method(cfg, backbone, dim)
+
+
+def test_batch_unshuffle_inverts_batch_shuffle_single_process():
+    from ssl_fast.methods.moco import batch_shuffle, batch_unshuffle
+
+    x = torch.randn(16, 3, 2, 2)
+    xs, idx = batch_shuffle(x)
+    assert not torch.equal(xs, x) and torch.equal(xs.sort(0).values, x.sort(0).values)  # a real permutation
+    assert torch.equal(batch_unshuffle(xs, idx), x)
+    assert torch.equal(batch_unshuffle(xs * 2 + 1, idx), x * 2 + 1)  # per-sample f commutes
+
+
+def test_moco_shuffle_bn_groups_single_process():
+    skip_if_missing("moco")
+    m = _moco(shuffle_bn=True, shuffle_bn_groups=4)
+    teacher = m.teacher.module if hasattr(m.teacher, "module") else m.teacher.teacher
+    x = torch.randn(16, 1, 16, 16)
+    # BN in train mode: 4 groups of 4 permuted samples normalize differently from one batch of 16
+    assert not torch.allclose(m.keys(x), teacher(x), atol=1e-4)
+    _bn_eval(teacher)  # per-sample key encoder: the shuffle must be invisible in the keys
+    torch.testing.assert_close(m.keys(x), teacher(x), rtol=1e-5, atol=1e-6)
+    one = _moco(shuffle_bn=True)  # one process, one group: exactly the plain key encoder (no permutation)
+    t1 = one.teacher.module if hasattr(one.teacher, "module") else one.teacher.teacher
+    assert torch.equal(one.keys(x), t1(x))
+    from ssl_fast.methods import recipe
+
+    assert recipe("moco", "imagenet")["shuffle_bn"] is True and "shuffle_bn" not in recipe("moco", "imagenet_v3")
+    with pytest.raises(ValueError, match="--shuffle-bn / --shuffle-bn-groups apply to --method moco only"):
+        make_config(tiny("simclr", "x", shuffle_bn=True))
+    with pytest.raises(ValueError, match="--shuffle-bn-groups 3 must divide"):
+        Trainer(make_config(tiny("moco", "x", batch_size=16, shuffle_bn=True, shuffle_bn_groups=3)))._setup()
+
+
+def _shuffle_worker(rank, world):
+    from ssl_fast.methods.moco import batch_shuffle, batch_unshuffle
+    import torch.distributed as dist
+
+    b = 8
+    x = torch.randn(b, 5, generator=torch.Generator().manual_seed(100 + rank))  # different on every rank
+    torch.manual_seed(rank)  # different RNG streams: the permutation must still be the one of rank 0
+    xs, idx = batch_shuffle(x)
+    everyone = [torch.empty_like(idx) for _ in range(world)]
+    dist.all_gather(everyone, idx)
+    assert all(torch.equal(e, everyone[0]) for e in everyone), "permutation not broadcast from rank 0"
+    x_all = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(x_all, x)
+    x_all = torch.cat(x_all)
+    src = torch.argsort(idx).view(world, b)[rank]  # rows of the global batch this rank encodes
+    assert torch.equal(xs, x_all[src])
+    assert (src // b != rank).any(), "no sample crossed ranks"
+    torch.manual_seed(0)  # the same encoder weights on every rank (as DDP keeps them)
+    enc = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))  # BN-free
+    torch.testing.assert_close(batch_unshuffle(enc(xs), idx), enc(x), rtol=0, atol=1e-6)
+    # the MoCo key path: with a per-sample (eval-mode BN) key encoder the shuffled keys equal the plain ones
+    m = _moco(shuffle_bn=True)
+    teacher = m.teacher.module if hasattr(m.teacher, "module") else m.teacher.teacher
+    _bn_eval(teacher)
+    img = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(7 + rank))
+    torch.testing.assert_close(m.keys(img), teacher(img), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_shuffle_under_two_gloo_processes():
+    skip_if_missing("moco")
+    from test_distributed import spawn
+
+    spawn(_shuffle_worker, 2)
+
+
+def test_ddp_moco_v2_shuffle_bn_ranks_stay_in_sync(tmp_path):
+    skip_if_missing("moco")
+    over = tiny("moco", tmp_path / "run", max_steps=3, shuffle_bn=True, gather_distributed=True)
+    (r0, r1), _ = _torchrun(tmp_path / "out", over)
+    _assert_same(r0["state"], r1["state"])  # weights, EMA teacher and the (gathered) queue
+    assert any(k.startswith("queue.") for k in r0["state"])
+    assert len(r0["losses"]) == 3 and all(v == v for v in r0["losses"] + r1["losses"])

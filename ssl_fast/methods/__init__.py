@@ -43,7 +43,8 @@ def build_method(cfg, backbone, feature_dim: int, steps_per_epoch: int = 1, worl
         return DirectCLR(backbone, feature_dim, cfg.d0, cfg.temperature, cfg.directclr_variant, gather)
     if m == "moco":
         return MoCo(backbone, feature_dim, cfg.moco_version, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim,
-                    cfg.temperature, cfg.queue_size, cfg.ema_momentum, cfg.ema_final_momentum, gather)
+                    cfg.temperature, cfg.queue_size, cfg.ema_momentum, cfg.ema_final_momentum, gather,
+                    cfg.shuffle_bn, cfg.shuffle_bn_groups)
     if m == "byol":
         return BYOL(backbone, feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim, cfg.ema_momentum,
                     cfg.ema_final_momentum)

@@ -63,6 +63,11 @@ class TrainConfig:
     directclr_variant: str = _f("official", "DirectCLR loss: official (symmetric cross-view InfoNCE) | ntxent",
                                 choices=("official", "ntxent"))
     moco_version: str = _f("v2", "MoCo: v2 (queue) | v3 (predictor, symmetric in-batch)", choices=("v2", "v3"))
+    shuffle_bn: bool = _f(False, "MoCo: shuffle-BN of the key encoder (official MoCo v1/v2; on in the v2 ImageNet "
+                          "recipe): keys are encoded on a random permutation of every rank's batch, split per "
+                          "rank, then un-permuted. One process and --shuffle-bn-groups 1: nothing to do")
+    shuffle_bn_groups: int = _f(1, "MoCo shuffle-BN: BatchNorm groups of the permuted key batch per rank (G > 1 "
+                                "emulates G GPUs' per-GPU statistics on one process)")
     queue_size: int = _f(65536, "MoCo v2 / SwAV queue length (0 = none)")
     queue_start_epoch: float = _f(15, "SwAV: epoch from which the queue is used")
     ema_momentum: float = _f(0.996, "teacher momentum (BYOL tau_base, MoCo m)")
@@ -175,6 +180,11 @@ def validate(cfg: TrainConfig) -> None:
         bad("--ema-momentum and --ema-final-momentum must be in [0, 1]")
     if cfg.d0 < 1:
         bad(f"--d0 must be >= 1, got {cfg.d0}")
+    if (cfg.shuffle_bn or cfg.shuffle_bn_groups != 1) and cfg.method != "moco":
+        bad(f"--shuffle-bn / --shuffle-bn-groups apply to --method moco only, not {cfg.method}")
+    if isinstance(cfg.shuffle_bn_groups, bool) or not isinstance(cfg.shuffle_bn_groups, int) \
+            or cfg.shuffle_bn_groups < 1:
+        bad(f"--shuffle-bn-groups must be a positive int, got {cfg.shuffle_bn_groups!r}")
     if cfg.queue_size < 0:
         bad("--queue-size must be >= 0")
     if cfg.ckpt_every < 1 or cfg.log_every < 1:

@@ -175,6 +175,9 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size x accum steps "
                              f"({self.world} x {cfg.accum_steps})")
         self.local_batch = cfg.batch_size // self.world
+        if cfg.method == "moco" and cfg.shuffle_bn and (2 * self.local_batch) % cfg.shuffle_bn_groups:
+            raise ValueError(f"--shuffle-bn-groups {cfg.shuffle_bn_groups} must divide the per-rank key batch "
+                             f"(2 views x {self.local_batch} images)")
         if cfg.grad_cache_chunk and self.local_batch % cfg.grad_cache_chunk == 1:
             raise ValueError(f"--grad-cache-chunk {cfg.grad_cache_chunk} splits the per-rank batch of "
                              f"{self.local_batch} into chunks whose last one holds 1 image (BatchNorm cannot "
