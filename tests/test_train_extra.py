@@ -160,3 +160,44 @@ def test_ddp_moco_v2_shuffle_bn_ranks_stay_in_sync(tmp_path):
     _assert_same(r0["state"], r1["state"])  # weights, EMA teacher and the (gathered) queue
     assert any(k.startswith("queue.") for k in r0["state"])
     assert len(r0["losses"]) == 3 and all(v == v for v in r0["losses"] + r1["losses"])
+
+
+# ---------------------------------------------------------------------------- SimSiam's fixed predictor lr
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_simsiam_fix_pred_lr_keeps_predictor_at_initial_lr(optimizer, tmp_path):
+    skip_if_missing("simsiam")
+    from ssl_fast.methods import recipe
+
+    assert recipe("simsiam", "imagenet")["fix_pred_lr"] is True
+    tr = Trainer(make_config(tiny("simsiam", tmp_path, optimizer=optimizer, lr=0.05, lr_scaling="none",
+                                  warmup_epochs=0, max_steps=5, fix_pred_lr=True)))
+    out = tr.fit()
+    assert out["done"]
+    pred = {id(p) for p in tr.method.predictor.parameters()}
+    fixed = [g for g in tr.optimizer.param_groups if g.get("fix_lr")]
+    assert {id(p) for g in fixed for p in g["params"]} == pred  # exactly the predictor's parameters
+    others = [g for g in tr.optimizer.param_groups if not g.get("fix_lr")]
+    assert not pred & {id(p) for g in others for p in g["params"]}
+    assert all(g["lr"] == pytest.approx(0.05) for g in fixed)
+    # the cosine schedule after 5 of 5 steps: the others decayed to (almost) 0
+    assert all(g["lr"] < 0.05 * 0.1 for g in others), [g["lr"] for g in others]
+    # without the flag every group decays
+    tr2 = Trainer(make_config(tiny("simsiam", tmp_path / "b", optimizer=optimizer, lr=0.05, lr_scaling="none",
+                                   warmup_epochs=0, max_steps=5)))
+    tr2.fit()
+    assert all(g["lr"] < 0.05 * 0.1 and not g.get("fix_lr") for g in tr2.optimizer.param_groups)
+
+
+def test_fix_pred_lr_resume_keeps_groups(tmp_path):
+    skip_if_missing("simsiam")
+    over = tiny("simsiam", tmp_path, lr=0.05, lr_scaling="none", max_steps=4, fix_pred_lr=True)
+    Trainer(make_config(dict(over, stop_at_step=2))).fit()
+    tr = Trainer(make_config(dict(over, resume="auto")))
+    tr.fit()
+    assert [g["lr"] for g in tr.optimizer.param_groups if g.get("fix_lr")] == pytest.approx([0.05, 0.05])
+
+
+def test_fix_pred_lr_rejected_without_predictor():
+    for over in (dict(method="simclr"), dict(method="moco", moco_version="v2")):
+        with pytest.raises(ValueError, match="--fix-pred-lr needs a method with a predictor"):
+            make_config(tiny(over["method"], "x", fix_pred_lr=True, **{k: v for k, v in over.items() if k != "method"}))

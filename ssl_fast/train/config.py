@@ -54,6 +54,9 @@ class TrainConfig:
     lars_eta: float = _f(0.001, "LARS trust coefficient")
     warmup_epochs: float = _f(10, "linear warmup length in epochs")
     min_lr_ratio: float = _f(0.0, "cosine floor as a fraction of the peak learning rate")
+    fix_pred_lr: bool = _f(False, "the predictor keeps the peak learning rate (no warmup, no cosine decay), as "
+                           "the official SimSiam --fix-pred-lr (on in the SimSiam ImageNet recipe); methods with a "
+                           "predictor: simsiam, byol, moco v3")
     # method hyperparameters
     temperature: float = _f(0.1, "contrastive / SwAV temperature")
     proj_hidden_dim: int = _f(2048, "projector hidden width")
@@ -180,6 +183,9 @@ def validate(cfg: TrainConfig) -> None:
         bad("--ema-momentum and --ema-final-momentum must be in [0, 1]")
     if cfg.d0 < 1:
         bad(f"--d0 must be >= 1, got {cfg.d0}")
+    if cfg.fix_pred_lr and not (cfg.method in ("simsiam", "byol") or (cfg.method == "moco" and cfg.moco_version == "v3")):
+        bad(f"--fix-pred-lr needs a method with a predictor (simsiam, byol, moco v3), not --method {cfg.method}"
+            + (f" --moco-version {cfg.moco_version}" if cfg.method == "moco" else ""))
     if (cfg.shuffle_bn or cfg.shuffle_bn_groups != 1) and cfg.method != "moco":
         bad(f"--shuffle-bn / --shuffle-bn-groups apply to --method moco only, not {cfg.method}")
     if isinstance(cfg.shuffle_bn_groups, bool) or not isinstance(cfg.shuffle_bn_groups, int) \

@@ -42,7 +42,7 @@ from .checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoin
 from .config import TrainConfig
 from .evaluate import knn_eval
 from .log import RunLogger, peak_memory_mb
-from .optim import WarmupCosine, build_optimizer, scaled_lr
+from .optim import WarmupCosine, build_optimizer, lr_lambdas, scaled_lr
 
 
 class TrainingInterrupted(Exception):
@@ -219,11 +219,18 @@ class Trainer:
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=self.method.needs_unused_parameters)
         self.peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+        fixed = ()
+        if cfg.fix_pred_lr:
+            pred = getattr(self.method, "predictor", None)
+            if not isinstance(pred, nn.Module):
+                raise ValueError(f"--fix-pred-lr needs a method with a predictor (simsiam, byol, moco v3); "
+                                 f"--method {cfg.method} has none")
+            fixed = list(pred.parameters())
         self.optimizer = build_optimizer(cfg.optimizer, self.method, self.peak_lr, cfg.weight_decay, cfg.momentum,
-                                         cfg.lars_eta)
+                                         cfg.lars_eta, fixed_lr=fixed)
         warm = int(round(cfg.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(self.total_steps, min(warm, self.total_steps - 1), cfg.min_lr_ratio))
+        schedule = WarmupCosine(self.total_steps, min(warm, self.total_steps - 1), cfg.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambdas(self.optimizer, schedule))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.step = 0
