@@ -4,6 +4,8 @@ GPU JPEG decoding of ImageFolder data, --compile, --precision bf16 / fp16 and --
 CPU, tiny settings (``tiny`` of test_train.py); the CUDA decode test runs only where a GPU is present.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -201,3 +203,116 @@ def test_fix_pred_lr_rejected_without_predictor():
     for over in (dict(method="simclr"), dict(method="moco", moco_version="v2")):
         with pytest.raises(ValueError, match="--fix-pred-lr needs a method with a predictor"):
             make_config(tiny(over["method"], "x", fix_pred_lr=True, **{k: v for k, v in over.items() if k != "method"}))
+
+
+# ------------------------------------------------------------------------------------ GPU JPEG decoding
+def _image_folder(root, n=3):
+    """root/{train,val}/{a,b}/ with JPEGs (RGB, quality 75 / 95, grayscale) and PNGs (RGB, RGBA) of odd sizes."""
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    for split in ("train", "val"):
+        for ci, c in enumerate(("a", "b")):
+            os.makedirs(root / split / c)
+            for i in range(n):
+                rng = np.random.default_rng(100 * ci + i)
+                h, w = 29 + 3 * i, 41 - 2 * i
+                yy, xx = np.mgrid[0:h, 0:w]
+                base = np.stack([(xx * 5 + 20 * i) % 256, (yy * 7) % 256, ((xx + yy) * 3) % 256], -1)
+                pix = np.clip(base + rng.integers(-25, 25, base.shape), 0, 255).astype(np.uint8)
+                kind = (i + ci) % 4
+                p = root / split / c / f"{i}.{'jpg' if kind < 2 else 'png'}"
+                if kind == 0:
+                    Image.fromarray(pix).save(p, quality=75)
+                elif kind == 1:
+                    Image.fromarray(pix[..., 0]).save(p, quality=95)  # grayscale JPEG
+                elif kind == 2:
+                    Image.fromarray(pix).save(p)
+                else:
+                    Image.fromarray(np.dstack([pix, pix[..., :1]])).save(p)  # RGBA PNG
+                files.append(p)
+    return files
+
+
+def _pil_rgb(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def test_decode_images_cpu_matches_pil(tmp_path):
+    import torchvision
+
+    from ssl_fast.data import decode_images
+    from ssl_fast.data.datasets import is_jpeg
+
+    files = _image_folder(tmp_path)
+    datas = [torchvision.io.read_file(str(p)) for p in files]
+    assert [is_jpeg(d) for d in datas] == [p.suffix == ".jpg" for p in files]
+    for p, img in zip(files, decode_images(datas, "cpu")):
+        ref = _pil_rgb(p)
+        assert img.dtype == torch.uint8 and img.shape == ref.shape, p
+        err = (img.int() - ref.int()).abs().max().item()
+        if p.suffix == ".png":
+            assert err == 0, p
+        else:  # libjpeg-turbo in both: identical in the tested build; allow IDCT rounding of other builds
+            assert err <= 2, (p, err)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_imagefolder_gpu_decode_path_on_cpu(tmp_path, workers):
+    from ssl_fast.data import build_source, resize_center_crop
+    from ssl_fast.data.datasets import epoch_order
+
+    _image_folder(tmp_path)
+    raw = build_source(str(tmp_path), load_size=20, workers=workers, decode="gpu", device="cpu")
+    pil = build_source(str(tmp_path), load_size=20, workers=0)
+    assert raw.decode == "gpu" and pil.decode == "pil"
+    assert build_source(str(tmp_path), load_size=20, workers=0, decode="auto", device="cpu").decode == "pil"
+    got = torch.cat(list(raw.train_batches(2, seed=3, epoch=1)))
+    ref_pil = torch.cat(list(pil.train_batches(2, seed=3, epoch=1)))
+    assert got.shape == ref_pil.shape == (6, 3, 20, 20) and got.dtype == torch.uint8
+    order = epoch_order(len(raw), 3, 1).tolist()
+    samples = raw.train.samples
+    ref = torch.stack([resize_center_crop(_pil_rgb(samples[i][0]), 20) for i in order[:6]])
+    assert torch.equal(got, ref)  # decode_image == PIL's pixels, then the same resize + crop
+    diff = (got.int() - ref_pil.int()).abs()
+    assert diff.max() <= 2 and diff.float().mean() < 0.05  # torch's antialiased bicubic vs PIL's bicubic
+    (x, y), = list(raw.eval_batches("test", batch_size=6))
+    assert x.shape == (6, 3, 20, 20) and y.tolist() == [s[1] for s in [raw.test.samples[i] for i in
+            torch.randperm(6, generator=torch.Generator().manual_seed(1)).tolist()]]
+
+
+def test_trainer_with_gpu_decode_option_on_cpu(tmp_path):
+    _image_folder(tmp_path / "img")
+    with pytest.raises(ValueError, match="--decode must be one of"):
+        make_config(tiny("simclr", tmp_path / "run", data=str(tmp_path / "img"), decode="nvjpeg"))
+    out = Trainer(make_config(tiny("simclr", tmp_path / "run", data=str(tmp_path / "img"), batch_size=4,
+                                   load_size=20, workers=0, max_steps=2, decode="gpu", knn=True))).fit()
+    assert out["done"] and 0 <= out["knn_final"] <= 1
+
+
+@pytest.mark.requires_cuda
+def test_gpu_jpeg_decode_on_cuda_matches_cpu(tmp_path):
+    import torchvision
+
+    from ssl_fast.data import build_source, decode_images
+
+    files = _image_folder(tmp_path)
+    datas = [torchvision.io.read_file(str(p)) for p in files]
+    gpu = decode_images(datas, "cuda")
+    cpu = decode_images(datas, "cpu")
+    for p, g, c in zip(files, gpu, cpu):
+        assert g.is_cuda and g.shape == c.shape, p
+        err = (g.cpu().int() - c.int()).abs()
+        if p.suffix == ".png":
+            assert err.max() == 0, p  # PNGs are decoded on the CPU in both paths
+        else:  # nvJPEG vs libjpeg-turbo: IDCT / upsampling rounding
+            assert err.float().mean() < 2 and err.max() <= 16, (p, err.max())
+    src = build_source(str(tmp_path), load_size=20, workers=0, decode="auto", device="cuda")
+    assert src.decode == "gpu"
+    x = next(src.train_batches(4, 0, 0))
+    assert x.is_cuda and x.shape == (4, 3, 20, 20) and x.dtype == torch.uint8

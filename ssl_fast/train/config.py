@@ -92,6 +92,11 @@ class TrainConfig:
     seed: int = _f(0, "seed of weights, data order and augmentations")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms (slower on GPU)")
     workers: int = _f(8, "ImageFolder decoding workers")
+    decode: str = _f("auto", "ImageFolder decoding: auto (gpu on a CUDA device, else pil) | pil (PIL decode + "
+                     "bicubic resize in the workers) | gpu (workers read the bytes; JPEGs decoded in batches "
+                     "on the GPU by nvJPEG, torchvision.io.decode_jpeg; other formats and CPU runs by "
+                     "torchvision.io.decode_image on the CPU; resize + center crop on the device)",
+                     choices=("auto", "pil", "gpu"))
     threads: Optional[int] = _f(None, "CPU threads for torch (default: torch's choice)")
     # outputs
     run_dir: str = _f("runs/default", "run directory: checkpoints, metrics.csv, tensorboard/, backbone.pt")

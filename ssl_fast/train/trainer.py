@@ -193,7 +193,7 @@ class Trainer:
 
         load_size = cfg.load_size or max(cfg.image_size, round(cfg.image_size * 256 / 224))
         self.source = build_source(cfg.data, cfg.dataset, load_size=load_size, workers=cfg.workers,
-                                   image_size=cfg.image_size)
+                                   image_size=cfg.image_size, decode=cfg.decode, device=self.device)
         self.steps_per_epoch = self.source.steps_per_epoch(self.local_batch, self.world)
         if self.steps_per_epoch < 1:
             raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set "
