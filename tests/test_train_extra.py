@@ -316,3 +316,84 @@ def test_gpu_jpeg_decode_on_cuda_matches_cpu(tmp_path):
     assert src.decode == "gpu"
     x = next(src.train_batches(4, 0, 0))
     assert x.is_cuda and x.shape == (4, 3, 20, 20) and x.dtype == torch.uint8
+
+
+# ------------------------------------------------------------------- --compile, --precision, --sync-bn
+@pytest.mark.slow  # inductor's first compile: ~40 s on 2 cores
+def test_compile_two_steps_finite(tmp_path):
+    tr = Trainer(make_config(tiny("simclr", tmp_path, compile=True, max_steps=2, batch_size=8)))
+    out = tr.fit()
+    assert out["done"] and len(tr.losses()) == 2 and all(torch.isfinite(torch.tensor(tr.losses())))
+    assert hasattr(tr.method.backbone, "_compiled_call_impl") and tr.method.backbone._compiled_call_impl is not None
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_low_precision_steps_on_cpu(precision, dtype, tmp_path):
+    tr = Trainer(make_config(tiny("simclr", tmp_path, precision=precision, max_steps=3, batch_size=16)))
+    seen = []
+    tr._setup_orig = tr._setup
+
+    def setup():
+        tr._setup_orig()
+        tr.method.projector.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    tr._setup = setup
+    out = tr.fit()
+    losses = tr.losses()
+    assert out["done"] and len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
+    assert seen and all(d == dtype for d in seen)  # autocast really ran in the low precision
+    assert tr.amp_dtype == dtype
+    # fp16: the gradient scaler is on (CPU too) and the weights stay fp32; bf16 needs none
+    assert tr.scaler.is_enabled() == (precision == "fp16")
+    if precision == "fp16":
+        assert tr.scaler.get_scale() > 0 and tr.scaler.state_dict()["_growth_tracker"] >= 0
+    assert all(p.dtype == torch.float32 for p in tr.method.parameters())
+
+
+def _sync_bn_worker(rank, world, run_dir):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))  # as torchrun sets them
+    cfg = make_config(tiny("simclr", f"{run_dir}", sync_bn=True, max_steps=1, batch_size=8))
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA devices"):
+        Trainer(cfg).fit()
+
+
+def test_sync_bn_on_cpu_ddp_raises_clear_error(tmp_path):
+    # torch's SyncBatchNorm has no CPU kernel ("expected input tensor to be on GPU or XPU or privateuseone"):
+    # under DDP on CPU the trainer refuses --sync-bn with a ValueError naming it, before any step
+    import torch.distributed as dist
+
+    from test_distributed import spawn
+
+    x = torch.nn.SyncBatchNorm(3)
+    with pytest.raises(ValueError, match="GPU"):  # the torch behaviour the trainer's check stands for
+        _init_single_gloo(tmp_path)
+        try:
+            x(torch.randn(4, 3))
+        finally:
+            dist.destroy_process_group()
+    spawn(_sync_bn_worker, 2, str(tmp_path / "run"))
+
+
+def _init_single_gloo(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+
+
+def test_sync_bn_single_process_is_a_no_op(tmp_path):
+    tr = Trainer(make_config(tiny("simclr", tmp_path, sync_bn=True, max_steps=1, batch_size=8)))
+    tr.fit()
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in tr.method.modules())
+
+
+
+def test_cli_help_documents_new_options(capsys):
+    code, out, _ = _cli(capsys, "train", "--help")
+    assert code == 0
+    for opt in ("--grad-cache-chunk", "--shuffle-bn", "--no-shuffle-bn", "--shuffle-bn-groups", "--fix-pred-lr",
+                "--no-fix-pred-lr", "--decode", "--compile", "--precision", "--sync-bn"):
+        assert opt in out, opt
+    code, _, err = _cli(capsys, "train", "--method", "moco", "--grad-cache-chunk", "8", "--no-knn")
+    assert code == 2 and "--grad-cache-chunk is not supported by --method moco" in err
+    code, _, err = _cli(capsys, "train", "--decode", "nvjpeg")
+    assert code == 2 and "invalid choice: 'nvjpeg'" in err

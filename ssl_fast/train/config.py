@@ -84,11 +84,13 @@ class TrainConfig:
     gather_distributed: bool = _f(True, "DDP: negatives / Sinkhorn over every rank's batch where supported")
     # performance and numerics
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun sets the local GPU)")
-    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)",
+    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast, fp32 weights; fp16 with a gradient scaler, on "
+                        "CUDA and CPU)",
                         choices=("fp32", "bf16", "fp16"))
     channels_last: bool = _f(False, "channels_last memory format for the convolutions")
-    compile: bool = _f(False, "torch.compile the backbone")
-    sync_bn: bool = _f(False, "DDP: convert BatchNorm to SyncBatchNorm")
+    compile: bool = _f(False, "torch.compile the backbone (inductor; the first steps pay the compilation)")
+    sync_bn: bool = _f(False, "DDP on CUDA: convert BatchNorm to SyncBatchNorm (torch has no CPU SyncBatchNorm: "
+                       "a ValueError under DDP on CPU; nothing to do on one process)")
     seed: int = _f(0, "seed of weights, data order and augmentations")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms (slower on GPU)")
     workers: int = _f(8, "ImageFolder decoding workers")
