@@ -21,15 +21,16 @@ def _bn_eval(module):
             m.eval()
 
 
-def _one_step(over, bn_eval=True):
+def _one_step(over, bn_eval=True, buffers=False):
     tr = Trainer(make_config(over))
     tr._setup()
     if bn_eval:
         _bn_eval(tr.method)
     x = next(tr.source.train_batches(tr.local_batch, tr.cfg.seed, 0))
-    before = {k: p.detach().clone() for k, p in tr.method.named_parameters()}
+    state = tr.method.state_dict if buffers else lambda: dict(tr.method.named_parameters())
+    before = {k: p.detach().clone() for k, p in state().items()}
     loss = tr._train_step(x)
-    after = {k: p.detach().clone() for k, p in tr.method.named_parameters()}
+    after = {k: p.detach().clone() for k, p in state().items()}
     return float(loss), before, after
 
 
@@ -58,11 +59,45 @@ def test_grad_cache_differs_from_per_chunk_losses(tmp_path):
     assert abs(loss_gc - loss_acc) > 1e-3
 
 
+@pytest.mark.parametrize("method", ["simclr", "directclr"])
+def test_grad_cache_one_chunk_equals_plain_step_with_train_mode_bn(method, tmp_path):
+    # a chunk of >= 2B images holds both views: BatchNorm (train mode) sees the plain step's batch
+    over = tiny(method, tmp_path, batch_size=16, optimizer="sgd", lr=0.5, lr_scaling="none", momentum=0.0,
+                weight_decay=0.0)
+    loss_ref, _, ref = _one_step(over, bn_eval=False, buffers=True)
+    loss_gc, _, got = _one_step(dict(over, grad_cache_chunk=32), bn_eval=False, buffers=True)
+    assert any("running_mean" in k for k in ref)  # BN statistics compared too: updated once, not per replay
+    assert loss_gc == pytest.approx(loss_ref, rel=1e-6, abs=1e-6)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    loss_small, _, _ = _one_step(dict(over, grad_cache_chunk=8), bn_eval=False)
+    assert abs(loss_small - loss_ref) > 1e-4  # smaller chunks: per-chunk BN statistics (documented)
+
+
 def test_grad_cache_trains_with_batchnorm_in_train_mode(tmp_path):
     # the documented behaviour with train-mode BN: per-chunk statistics; the run trains and the loss is finite
     tr = Trainer(make_config(tiny("simclr", tmp_path, batch_size=16, grad_cache_chunk=4, max_steps=3)))
     out = tr.fit()
     assert out["done"] and len(tr.losses()) == 3 and all(v == v for v in tr.losses())
+
+
+@pytest.mark.slow  # three 2-process torchrun jobs (~15 s each on 2 cores)
+def test_ddp_grad_cache_gathered_negatives(tmp_path):
+    # DDP + gathered negatives: the cached step's single loss call does the gather once; a one-chunk cached
+    # step equals the plain DDP step, and with 4 chunks per rank (no_sync on all but the last replay) the
+    # gradients are still all-reduced: both ranks end with the same weights
+    base = tiny("simclr", tmp_path / "run", max_steps=3, batch_size=32, gather_distributed=True)
+    (p0, p1), _ = _torchrun(tmp_path / "plain", dict(base, run_dir=str(tmp_path / "r0")))
+    (g0, g1), _ = _torchrun(tmp_path / "gc32", dict(base, run_dir=str(tmp_path / "r1"), grad_cache_chunk=32))
+    (c0, c1), _ = _torchrun(tmp_path / "gc8", dict(base, run_dir=str(tmp_path / "r2"), grad_cache_chunk=8))
+    assert g0["losses"] == pytest.approx(p0["losses"], rel=1e-5) and g1["losses"] == pytest.approx(p1["losses"],
+                                                                                                     rel=1e-5)
+    for k, v in p0["state"].items():  # weights and BN statistics
+        if torch.is_tensor(v):
+            torch.testing.assert_close(g0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    _assert_same(c0["state"], c1["state"])
+    assert c0["losses"] == pytest.approx(c1["losses"], rel=1e-5)  # the loss of the global batch on both ranks
+    assert all(v == v for v in c0["losses"])
 
 
 @pytest.mark.parametrize("method", ["moco", "byol", "simsiam", "swav"])
@@ -76,8 +111,8 @@ def test_grad_cache_bad_values():
         make_config(tiny("simclr", "x", grad_cache_chunk=0))
     with pytest.raises(ValueError, match="--grad-cache-chunk replaces --accum-steps"):
         make_config(tiny("simclr", "x", grad_cache_chunk=4, accum_steps=2))
-    with pytest.raises(ValueError, match="--grad-cache-chunk 5 splits .* last one holds 1 image"):
-        Trainer(make_config(tiny("simclr", "x", batch_size=16, grad_cache_chunk=5)))._setup()
+    with pytest.raises(ValueError, match="--grad-cache-chunk 31 splits .* last one holds 1 image"):
+        Trainer(make_config(tiny("simclr", "x", batch_size=16, grad_cache_chunk=31)))._setup()
 
 
 # ------------------------------------------------------------------------------------- MoCo shuffle-BN

@@ -42,10 +42,11 @@ class TrainConfig:
     accum_steps: int = _f(1, "gradient accumulation: micro-batches per optimizer step (each micro-batch's loss "
                           "sees only its own negatives)")
     grad_cache_chunk: Optional[int] = _f(None, "gradient caching (GradCache / Inf-CL large batches; SimCLR, "
-                                         "DirectCLR): embed each view in chunks of N images without a graph, take "
+                                         "DirectCLR): embed the views in chunks of N images without a graph, take "
                                          "the loss of the whole batch, replay each chunk with its cached embedding "
                                          "gradient: every negative of the batch at the activation memory of N "
-                                         "images. BatchNorm then normalizes per chunk of N (as --accum-steps does)")
+                                         "images. The chunks split the 2 x B images of both views; BatchNorm "
+                                         "normalizes per chunk (N >= 2B: exactly the plain step)")
     optimizer: str = _f("lars", "sgd | lars | adamw", choices=("sgd", "lars", "adamw"))
     lr: float = _f(0.3, "base learning rate, scaled by batch_size / 256 unless --lr-scaling none")
     lr_scaling: str = _f("linear", "linear (lr x B/256) | sqrt | none", choices=("linear", "sqrt", "none"))

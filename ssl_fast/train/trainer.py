@@ -55,15 +55,31 @@ class TrainingInterrupted(Exception):
 
 # ----------------------------------------------------------------------------------------------- helpers
 class _Embedder:
-    """``model(x, embed=True)`` (through DDP's forward when wrapped) with DDP's ``no_sync`` for gradient caching."""
+    """``model(x, embed=True)`` (through DDP's forward when wrapped) with DDP's ``no_sync`` for gradient caching.
+
+    BatchNorm running statistics are updated in the first pass only (once per chunk): during the replay with
+    graph (grad enabled) every BatchNorm's momentum is 0 and its ``num_batches_tracked`` is put back.
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
         if hasattr(model, "no_sync"):
             self.no_sync = model.no_sync
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and m.training and m.track_running_stats]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, embed=True)
+        if not torch.is_grad_enabled() or not self.bns:  # pass 1 (no graph): the statistics update here
+            return self.model(x, embed=True)
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0
+        try:
+            return self.model(x, embed=True)
+        finally:
+            for m, (mom, n) in zip(self.bns, saved):
+                m.momentum = mom
+                m.num_batches_tracked.copy_(n)
 
 
 def _rng_state(device: torch.device) -> Dict[str, Any]:
@@ -178,10 +194,10 @@ class Trainer:
         if cfg.method == "moco" and cfg.shuffle_bn and (2 * self.local_batch) % cfg.shuffle_bn_groups:
             raise ValueError(f"--shuffle-bn-groups {cfg.shuffle_bn_groups} must divide the per-rank key batch "
                              f"(2 views x {self.local_batch} images)")
-        if cfg.grad_cache_chunk and self.local_batch % cfg.grad_cache_chunk == 1:
-            raise ValueError(f"--grad-cache-chunk {cfg.grad_cache_chunk} splits the per-rank batch of "
-                             f"{self.local_batch} into chunks whose last one holds 1 image (BatchNorm cannot "
-                             f"normalize it): pick a chunk size that divides the batch")
+        if cfg.grad_cache_chunk and (2 * self.local_batch) % cfg.grad_cache_chunk == 1:
+            raise ValueError(f"--grad-cache-chunk {cfg.grad_cache_chunk} splits the per-rank batch of 2 views x "
+                             f"{self.local_batch} images into chunks whose last one holds 1 image (BatchNorm "
+                             f"cannot normalize it): pick a chunk size that divides {2 * self.local_batch}")
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -310,19 +326,21 @@ class Trainer:
         return views
 
     def _grad_cache_step(self, views: List[torch.Tensor]) -> torch.Tensor:
-        """Forward + backward of the two global views by gradient caching (``ssl_fast.gradcache``): chunks of
-        ``--grad-cache-chunk`` images, the loss once on the whole batch (one collective with DDP gathering)."""
+        """Forward + backward of the two global views by gradient caching (``ssl_fast.gradcache``): the views
+        concatenated as in the plain step (2B images: view 0, then view 1) are embedded in chunks of
+        ``--grad-cache-chunk`` images, the loss runs once on the whole batch (one collective with DDP
+        gathering). A chunk of >= 2B images is the plain step, BatchNorm statistics included."""
         from ..gradcache import cached_step
 
         out: Dict[str, torch.Tensor] = {}
 
-        def loss_fn(z0, z1):
-            loss = self.method.loss_from_embeddings(z0, z1).float()
+        def loss_fn(z):
+            loss = self.method.loss_from_embeddings(*z.chunk(2)).float()
             out["loss"] = loss.detach()
             return self.scaler.scale(loss)
 
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            cached_step(_Embedder(self.model), views[:2], loss_fn, self.cfg.grad_cache_chunk)
+            cached_step(_Embedder(self.model), [torch.cat(views[:2])], loss_fn, self.cfg.grad_cache_chunk)
         return out["loss"]
 
     def _train_step(self, x: torch.Tensor) -> torch.Tensor:
