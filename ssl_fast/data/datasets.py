@@ -4,6 +4,16 @@ Nothing is ever downloaded. Each source yields uint8 image batches (B, C, H, W) 
 augmentations run afterwards on the batch's device (``ssl_fast.data.augment``), so the CPU only reads and
 decodes files (ImageFolder) or indexes an in-memory tensor (digits, CIFAR).
 
+ImageFolder decoding (``decode``): ``"pil"`` decodes and resizes in the DataLoader workers (PIL, bicubic);
+``"gpu"`` has the workers only read the files' bytes (``torchvision.io.read_file``) and decodes the JPEGs of
+a batch in one call on the GPU (nvJPEG, ``torchvision.io.decode_jpeg(device="cuda")``), other formats (and
+every file when the device is a CPU, or a JPEG nvJPEG rejects) with ``torchvision.io.decode_image`` on the
+CPU; the shorter-side resize (bicubic, antialiased) and the center crop then run on the device. ``"auto"``:
+``gpu`` on a CUDA device, ``pil`` otherwise. On the CPU, ``decode_image`` gives PIL's pixels (PNG: always;
+JPEG: both use libjpeg-turbo, identical in the tested build); nvJPEG's JPEG pixels differ from libjpeg's by
+IDCT rounding (a few levels). The two resizes (PIL's bicubic and torch's antialiased bicubic) differ by at
+most about one gray level.
+
 Data order: epoch e visits ``randperm(N)`` of a generator seeded with ``(seed, e)``; rank r of W takes
 every W-th index (as ``DistributedSampler``), the last incomplete batch is dropped. A run resumed at step
 s of epoch e therefore continues with exactly the batches an uninterrupted run would see.
@@ -19,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DECODERS = ("auto", "pil", "gpu")
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -149,26 +160,107 @@ class _Decoded(torch.utils.data.Dataset):
         path, label = self.samples[i]
         with Image.open(path) as im:
             im = im.convert("RGB")
-            w, h = im.size
-            s = self.size / min(w, h)
-            nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
+            nw, nh, left, top = _square_geometry(*im.size, self.size)
             im = im.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - self.size) // 2, (nh - self.size) // 2
             im = im.crop((left, top, left + self.size, top + self.size))
             img = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
         return img, label
 
 
+def _square_geometry(w: int, h: int, size: int) -> Tuple[int, int, int, int]:
+    """(new width, new height, left, top): shorter side resized to ``size``, then a centered size x size crop."""
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
+class _FileBytes(torch.utils.data.Dataset):
+    """Reads an image file's bytes (uint8 1-D tensor); decoding happens in the main process (``decode_images``)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        import torchvision
+
+        path, label = self.samples[i]
+        return torchvision.io.read_file(path), label
+
+
+def _collate_bytes(batch):
+    """One flat uint8 tensor of every file's bytes + their lengths + labels: a worker sends one storage per
+    batch (a list of B small tensors, one shared-memory file descriptor each, has been seen to fail with
+    EBADF in the worker's queue feeder)."""
+    return (torch.cat([b for b, _ in batch]), torch.tensor([b.numel() for b, _ in batch], dtype=torch.long),
+            torch.tensor([label for _, label in batch], dtype=torch.long))
+
+
+def is_jpeg(data: torch.Tensor) -> bool:
+    """Whether the encoded bytes (a CPU uint8 tensor) start with the JPEG SOI marker FF D8 FF."""
+    return data.numel() >= 3 and data[:3].tolist() == [0xFF, 0xD8, 0xFF]
+
+
+def decode_images(datas: Sequence[torch.Tensor], device="cpu") -> list:
+    """Decode encoded images (CPU uint8 1-D tensors) to RGB uint8 (3, H, W) tensors on ``device``.
+
+    On a CUDA device the JPEGs are decoded in one batched nvJPEG call (``torchvision.io.decode_jpeg``);
+    other formats, and JPEGs nvJPEG cannot decode (e.g. CMYK), by ``torchvision.io.decode_image`` on the
+    CPU, then copied. On a CPU device everything goes through ``decode_image``.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    device = torch.device(device)
+    out: list = [None] * len(datas)
+    if device.type == "cuda":
+        jpg = [i for i, d in enumerate(datas) if is_jpeg(d)]
+        if jpg:
+            try:
+                for i, img in zip(jpg, decode_jpeg([datas[i] for i in jpg], mode=ImageReadMode.RGB, device=device)):
+                    out[i] = img
+            except RuntimeError:  # one file nvJPEG rejects: the CPU decoder for the batch's JPEGs
+                pass
+    for i, d in enumerate(datas):
+        if out[i] is None:
+            out[i] = decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+    return out
+
+
+def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, size, size): shorter side to ``size`` (bicubic, antialiased), center crop
+    (the geometry of the PIL path)."""
+    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    h, w = img.shape[-2:]
+    nw, nh, left, top = _square_geometry(w, h, size)
+    if (nh, nw) != (h, w):
+        img = TF.resize(img, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return img[:, top:top + size, left:left + size]
+
+
 class ImageFolderSource(Source):
     """An ImageFolder tree: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` (ImageNet layout).
 
-    Files are decoded by DataLoader workers into ``load_size`` squares (shorter side resized, center crop);
-    the random resized crops are then taken from these on the device. ``root`` without ``train/`` is used as
-    the training folder itself (no held-out split: the kNN monitor is then skipped).
+    Files are decoded into ``load_size`` squares (shorter side resized, center crop): by the DataLoader
+    workers (``decode="pil"``) or, with ``decode="gpu"``, on ``device`` from the bytes the workers read (see
+    the module docstring); the random resized crops are then taken from these on the device. ``root``
+    without ``train/`` is used as the training folder itself (no held-out split: the kNN monitor is then
+    skipped).
     """
 
-    def __init__(self, root: str, load_size: int = 256, workers: int = 8, eval_subset: Optional[int] = 10000):
+    def __init__(self, root: str, load_size: int = 256, workers: int = 8, eval_subset: Optional[int] = 10000,
+                 decode: str = "pil", device="cpu"):
         import torchvision
+
+        if decode not in DECODERS:
+            raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+        device = torch.device(device)
+        if decode == "auto":
+            decode = "gpu" if device.type == "cuda" else "pil"
+        self.decode, self.device = decode, device
 
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root!r} does not exist")
@@ -180,17 +272,28 @@ class ImageFolderSource(Source):
         except (FileNotFoundError, RuntimeError) as exc:
             raise FileNotFoundError(f"no ImageFolder layout (<class>/<image>) under {train_dir!r}: {exc}") from exc
         super().__init__("imagefolder", 3, load_size, IMAGENET_MEAN, IMAGENET_STD, len(tr.classes))
-        self.train = _Decoded(tr.samples, load_size)
-        self.test = _Decoded(te.samples, load_size) if te is not None else None
+        wrap = (lambda s: _FileBytes(s)) if decode == "gpu" else (lambda s: _Decoded(s, load_size))
+        self.train = wrap(tr.samples)
+        self.test = wrap(te.samples) if te is not None else None
         self.workers, self.eval_subset = workers, eval_subset
 
     def __len__(self) -> int:
         return len(self.train)
 
     def _loader(self, ds, batches):
-        return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=self.workers,
-                                           pin_memory=torch.cuda.is_available(),
-                                           persistent_workers=False, prefetch_factor=4 if self.workers else None)
+        raw = self.decode == "gpu"
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=self.workers,
+                                             pin_memory=torch.cuda.is_available() and not raw,
+                                             collate_fn=_collate_bytes if raw else None,
+                                             persistent_workers=False, prefetch_factor=4 if self.workers else None)
+        for item in loader:
+            if raw:
+                flat, lengths, y = item
+                datas = torch.split(flat, lengths.tolist())  # CPU tensors: no device sync
+                x = torch.stack([resize_center_crop(img, self.size) for img in decode_images(datas, self.device)])
+            else:
+                x, y = item
+            yield x, y
 
     def train_batches(self, batch_size, seed, epoch, start=0, rank=0, world=1):
         order = epoch_order(len(self), seed, epoch, rank, world).tolist()
@@ -208,8 +311,11 @@ class ImageFolderSource(Source):
 
 
 def build_source(data: str, dataset: Optional[str] = None, load_size: Optional[int] = None, workers: int = 8,
-                 image_size: int = 32) -> Source:
+                 image_size: int = 32, decode: str = "pil", device="cpu") -> Source:
     """The data source for ``data`` (``"digits"`` or a path) and an optional explicit ``dataset`` kind.
+
+    ``decode`` and ``device``: how an ImageFolder's files are decoded (``ImageFolderSource``; ignored for the
+    in-memory data sets).
 
     With ``dataset`` None a path is CIFAR-10 when it contains ``cifar-10-batches-py``, CIFAR-100 when it
     contains ``cifar-100-python``, otherwise an ImageFolder tree.
@@ -234,4 +340,4 @@ def build_source(data: str, dataset: Optional[str] = None, load_size: Optional[i
             dataset = "imagefolder"
     if dataset in ("cifar10", "cifar100"):
         return load_cifar(data, dataset)
-    return ImageFolderSource(data, load_size=load_size or 256, workers=workers)
+    return ImageFolderSource(data, load_size=load_size or 256, workers=workers, decode=decode, device=device)

@@ -19,6 +19,7 @@ from .simsiam import SimSiam
 from .swav import SwAV
 
 METHODS = ("simclr", "directclr", "moco", "byol", "simsiam", "swav")
+CLASSES = {"simclr": SimCLR, "directclr": DirectCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam, "swav": SwAV}
 _MODULES = {"simclr": simclr, "directclr": directclr, "moco": moco, "byol": byol, "simsiam": simsiam, "swav": swav}
 
 
@@ -42,7 +43,8 @@ def build_method(cfg, backbone, feature_dim: int, steps_per_epoch: int = 1, worl
         return DirectCLR(backbone, feature_dim, cfg.d0, cfg.temperature, cfg.directclr_variant, gather)
     if m == "moco":
         return MoCo(backbone, feature_dim, cfg.moco_version, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim,
-                    cfg.temperature, cfg.queue_size, cfg.ema_momentum, cfg.ema_final_momentum, gather)
+                    cfg.temperature, cfg.queue_size, cfg.ema_momentum, cfg.ema_final_momentum, gather,
+                    cfg.shuffle_bn, cfg.shuffle_bn_groups)
     if m == "byol":
         return BYOL(backbone, feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim, cfg.ema_momentum,
                     cfg.ema_final_momentum)
@@ -56,5 +58,5 @@ def build_method(cfg, backbone, feature_dim: int, steps_per_epoch: int = 1, worl
     raise ValueError(f"unknown method {m!r}; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["BACKBONES", "BYOL", "DirectCLR", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SmallCNN", "SwAV",
+__all__ = ["BACKBONES", "BYOL", "CLASSES", "DirectCLR", "METHODS", "Method", "MoCo", "SimCLR", "SimSiam", "SmallCNN", "SwAV",
            "build_backbone", "build_method", "mlp", "recipe"]

@@ -106,6 +106,9 @@ class Method(nn.Module):
     n_global_views = 2
     n_local_views = 0
     needs_unused_parameters = False
+    #: Methods whose loss couples the samples only through the embeddings of the views set this and implement
+    #: ``embed`` / ``loss_from_embeddings`` (gradient caching: ``ssl_fast.gradcache``, ``--grad-cache-chunk``).
+    supports_grad_cache = False
 
     def __init__(self, backbone: nn.Module, feature_dim: int):
         super().__init__()
@@ -115,6 +118,15 @@ class Method(nn.Module):
     def forward(self, views: List[torch.Tensor], step: int = 0, total_steps: int = 1
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding the loss sees of one batch of one view (B, C, H, W) -> (B, D); per-sample except for
+        BatchNorm statistics. Only where ``supports_grad_cache``."""
+        raise ValueError(f"--grad-cache-chunk is not supported by --method {self.name}")
+
+    def loss_from_embeddings(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+        """The loss of the two views' embeddings (``embed`` of each view). Only where ``supports_grad_cache``."""
+        raise ValueError(f"--grad-cache-chunk is not supported by --method {self.name}")
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:

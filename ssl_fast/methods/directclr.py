@@ -32,6 +32,7 @@ class DirectCLR(Method):
     """
 
     name = "directclr"
+    supports_grad_cache = True
 
     def __init__(self, backbone, feature_dim: int, d0: int = 360, temperature: float = 0.1,
                  variant: str = "official", gather_distributed: bool = False):
@@ -42,7 +43,15 @@ class DirectCLR(Method):
         self.criterion = cls(feature_dim=int(d0), temperature=temperature, variant=variant,
                              **loss_kwargs(cls, gather_distributed))
 
-    def forward(self, views, step: int = 0, total_steps: int = 1):
+    def embed(self, x):
+        return self.backbone(x)
+
+    def loss_from_embeddings(self, z0, z1):
+        return self.criterion(z0, z1)
+
+    def forward(self, views, step: int = 0, total_steps: int = 1, embed: bool = False):
+        if embed:  # gradient caching: one chunk of one view (through DDP's forward)
+            return self.embed(views)
         r = self.backbone(torch.cat(views[:2]))
         r0, r1 = r.chunk(2)
         return self.criterion(r0, r1), {"std": std_of_normalized(r0[:, : self.criterion.feature_dim])}

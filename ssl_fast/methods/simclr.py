@@ -33,6 +33,7 @@ class SimCLR(Method):
     """
 
     name = "simclr"
+    supports_grad_cache = True
 
     def __init__(self, backbone, feature_dim: int, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  temperature: float = 0.5, gather_distributed: bool = False):
@@ -41,7 +42,15 @@ class SimCLR(Method):
         cls = ssl_fast.nn.NTXentLoss
         self.criterion = cls(temperature, **loss_kwargs(cls, gather_distributed))
 
-    def forward(self, views, step: int = 0, total_steps: int = 1):
-        z = self.projector(self.backbone(torch.cat(views[:2])))
+    def embed(self, x):
+        return self.projector(self.backbone(x))
+
+    def loss_from_embeddings(self, z0, z1):
+        return self.criterion(z0, z1)
+
+    def forward(self, views, step: int = 0, total_steps: int = 1, embed: bool = False):
+        if embed:  # gradient caching: one chunk of one view (through DDP's forward)
+            return self.embed(views)
+        z = self.embed(torch.cat(views[:2]))
         z0, z1 = z.chunk(2)
         return self.criterion(z0, z1), {"std": std_of_normalized(z0)}

@@ -7,10 +7,11 @@ import torch
 from .base import Method, mlp, require, std_of_normalized
 
 # ResNet-50, ImageNet, 100 epochs: batch 512, SGD lr 0.05 x B/256, momentum 0.9, wd 1e-4, cosine, no warmup;
-# projector 3 x 2048 with BN on the output, predictor 2048-512-2048 -> ~67.7% linear probe.
+# projector 3 x 2048 with BN on the output, predictor 2048-512-2048 whose lr stays fixed at the initial lr
+# (official --fix-pred-lr) -> ~67.7% linear probe.
 IMAGENET = dict(backbone="resnet50", image_size=224, batch_size=512, epochs=100, optimizer="sgd", lr=0.05,
                 weight_decay=1e-4, warmup_epochs=0, proj_hidden_dim=2048, proj_dim=2048, pred_hidden_dim=512,
-                precision="bf16", channels_last=True)
+                fix_pred_lr=True, precision="bf16", channels_last=True)
 DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=12, optimizer="adamw", lr=2e-3,
               weight_decay=1e-4, warmup_epochs=2, proj_hidden_dim=256, proj_dim=256, pred_hidden_dim=64)
 

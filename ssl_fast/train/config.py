@@ -41,6 +41,12 @@ class TrainConfig:
     batch_size: int = _f(256, "global batch size (all ranks together)")
     accum_steps: int = _f(1, "gradient accumulation: micro-batches per optimizer step (each micro-batch's loss "
                           "sees only its own negatives)")
+    grad_cache_chunk: Optional[int] = _f(None, "gradient caching (GradCache / Inf-CL large batches; SimCLR, "
+                                         "DirectCLR): embed the views in chunks of N images without a graph, take "
+                                         "the loss of the whole batch, replay each chunk with its cached embedding "
+                                         "gradient: every negative of the batch at the activation memory of N "
+                                         "images. The chunks split the 2 x B images of both views; BatchNorm "
+                                         "normalizes per chunk (N >= 2B: exactly the plain step)")
     optimizer: str = _f("lars", "sgd | lars | adamw", choices=("sgd", "lars", "adamw"))
     lr: float = _f(0.3, "base learning rate, scaled by batch_size / 256 unless --lr-scaling none")
     lr_scaling: str = _f("linear", "linear (lr x B/256) | sqrt | none", choices=("linear", "sqrt", "none"))
@@ -49,6 +55,9 @@ class TrainConfig:
     lars_eta: float = _f(0.001, "LARS trust coefficient")
     warmup_epochs: float = _f(10, "linear warmup length in epochs")
     min_lr_ratio: float = _f(0.0, "cosine floor as a fraction of the peak learning rate")
+    fix_pred_lr: bool = _f(False, "the predictor keeps the peak learning rate (no warmup, no cosine decay), as "
+                           "the official SimSiam --fix-pred-lr (on in the SimSiam ImageNet recipe); methods with a "
+                           "predictor: simsiam, byol, moco v3")
     # method hyperparameters
     temperature: float = _f(0.1, "contrastive / SwAV temperature")
     proj_hidden_dim: int = _f(2048, "projector hidden width")
@@ -58,6 +67,11 @@ class TrainConfig:
     directclr_variant: str = _f("official", "DirectCLR loss: official (symmetric cross-view InfoNCE) | ntxent",
                                 choices=("official", "ntxent"))
     moco_version: str = _f("v2", "MoCo: v2 (queue) | v3 (predictor, symmetric in-batch)", choices=("v2", "v3"))
+    shuffle_bn: bool = _f(False, "MoCo: shuffle-BN of the key encoder (official MoCo v1/v2; on in the v2 ImageNet "
+                          "recipe): keys are encoded on a random permutation of every rank's batch, split per "
+                          "rank, then un-permuted. One process and --shuffle-bn-groups 1: nothing to do")
+    shuffle_bn_groups: int = _f(1, "MoCo shuffle-BN: BatchNorm groups of the permuted key batch per rank (G > 1 "
+                                "emulates G GPUs' per-GPU statistics on one process)")
     queue_size: int = _f(65536, "MoCo v2 / SwAV queue length (0 = none)")
     queue_start_epoch: float = _f(15, "SwAV: epoch from which the queue is used")
     ema_momentum: float = _f(0.996, "teacher momentum (BYOL tau_base, MoCo m)")
@@ -71,14 +85,21 @@ class TrainConfig:
     gather_distributed: bool = _f(True, "DDP: negatives / Sinkhorn over every rank's batch where supported")
     # performance and numerics
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun sets the local GPU)")
-    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)",
+    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast, fp32 weights; fp16 with a gradient scaler, on "
+                        "CUDA and CPU)",
                         choices=("fp32", "bf16", "fp16"))
     channels_last: bool = _f(False, "channels_last memory format for the convolutions")
-    compile: bool = _f(False, "torch.compile the backbone")
-    sync_bn: bool = _f(False, "DDP: convert BatchNorm to SyncBatchNorm")
+    compile: bool = _f(False, "torch.compile the backbone (inductor; the first steps pay the compilation)")
+    sync_bn: bool = _f(False, "DDP on CUDA: convert BatchNorm to SyncBatchNorm (torch has no CPU SyncBatchNorm: "
+                       "a ValueError under DDP on CPU; nothing to do on one process)")
     seed: int = _f(0, "seed of weights, data order and augmentations")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms (slower on GPU)")
     workers: int = _f(8, "ImageFolder decoding workers")
+    decode: str = _f("auto", "ImageFolder decoding: auto (gpu on a CUDA device, else pil) | pil (PIL decode + "
+                     "bicubic resize in the workers) | gpu (workers read the bytes; JPEGs decoded in batches "
+                     "on the GPU by nvJPEG, torchvision.io.decode_jpeg; other formats and CPU runs by "
+                     "torchvision.io.decode_image on the CPU; resize + center crop on the device)",
+                     choices=("auto", "pil", "gpu"))
     threads: Optional[int] = _f(None, "CPU threads for torch (default: torch's choice)")
     # outputs
     run_dir: str = _f("runs/default", "run directory: checkpoints, metrics.csv, tensorboard/, backbone.pt")
@@ -145,6 +166,19 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--batch-size must be >= 2 (views of one image need other images), got {cfg.batch_size}")
     if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
         bad(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps}")
+    if cfg.grad_cache_chunk is not None:
+        from ..methods import CLASSES
+
+        if isinstance(cfg.grad_cache_chunk, bool) or not isinstance(cfg.grad_cache_chunk, int) \
+                or cfg.grad_cache_chunk < 1:
+            bad(f"--grad-cache-chunk must be a positive int, got {cfg.grad_cache_chunk!r}")
+        if not CLASSES[cfg.method].supports_grad_cache:
+            ok = ", ".join(m for m, c in CLASSES.items() if c.supports_grad_cache)
+            bad(f"--grad-cache-chunk is not supported by --method {cfg.method} (its loss is not a function of "
+                f"two views' embeddings alone: momentum keys / queue / predictor / prototypes); supported: {ok}")
+        if cfg.accum_steps != 1:
+            bad(f"--grad-cache-chunk replaces --accum-steps (got --accum-steps {cfg.accum_steps}): gradient "
+                f"caching already bounds the memory, with the whole batch's negatives")
     if cfg.epochs < 1 and not cfg.max_steps:
         bad("--epochs must be >= 1")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -157,6 +191,14 @@ def validate(cfg: TrainConfig) -> None:
         bad("--ema-momentum and --ema-final-momentum must be in [0, 1]")
     if cfg.d0 < 1:
         bad(f"--d0 must be >= 1, got {cfg.d0}")
+    if cfg.fix_pred_lr and not (cfg.method in ("simsiam", "byol") or (cfg.method == "moco" and cfg.moco_version == "v3")):
+        bad(f"--fix-pred-lr needs a method with a predictor (simsiam, byol, moco v3), not --method {cfg.method}"
+            + (f" --moco-version {cfg.moco_version}" if cfg.method == "moco" else ""))
+    if (cfg.shuffle_bn or cfg.shuffle_bn_groups != 1) and cfg.method != "moco":
+        bad(f"--shuffle-bn / --shuffle-bn-groups apply to --method moco only, not {cfg.method}")
+    if isinstance(cfg.shuffle_bn_groups, bool) or not isinstance(cfg.shuffle_bn_groups, int) \
+            or cfg.shuffle_bn_groups < 1:
+        bad(f"--shuffle-bn-groups must be a positive int, got {cfg.shuffle_bn_groups!r}")
     if cfg.queue_size < 0:
         bad("--queue-size must be >= 0")
     if cfg.ckpt_every < 1 or cfg.log_every < 1:

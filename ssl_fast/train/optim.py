@@ -6,27 +6,43 @@
   norm is 0); SGD momentum on the result. Written with ``torch._foreach`` ops: one launch per step per
   group, no per-parameter Python loop over tensors' values.
 - Schedule: linear warmup to the peak lr, then cosine to ``min_lr_ratio`` x peak (a LambdaLR factor).
+  Groups marked ``fix_lr`` (SimSiam's predictor with ``--fix-pred-lr``, as the official ``--fix-pred-lr``)
+  keep the peak lr: ``lr_lambdas`` gives them the ``Constant`` factor 1.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
+from typing import Callable, Iterable, List
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = True) -> List[dict]:
-    """[{weights, weight_decay, lars=True}, {biases and norm params, weight_decay 0, lars=False}] (trainable only)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = True,
+                 fixed_lr: Iterable[torch.Tensor] = ()) -> List[dict]:
+    """[{weights, weight_decay, lars=True}, {biases and norm params, weight_decay 0, lars=False}] (trainable only).
+
+    The parameters in ``fixed_lr`` (e.g. a predictor's) go to two more groups of the same kinds, last, marked
+    ``fix_lr=True`` (the schedule leaves their lr at the peak value: see ``lr_lambdas``).
+    """
+    fixed = {id(p) for p in fixed_lr}
+    decay, no_decay, f_decay, f_no_decay = [], [], [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if exclude_bias_norm and p.ndim <= 1 else decay).append(p)
+        bias_norm = exclude_bias_norm and p.ndim <= 1
+        if id(p) in fixed:
+            (f_no_decay if bias_norm else f_decay).append(p)
+        else:
+            (no_decay if bias_norm else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "lars": True}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False})
+    if f_decay:
+        groups.append({"params": f_decay, "weight_decay": weight_decay, "lars": True, "fix_lr": True})
+    if f_no_decay:
+        groups.append({"params": f_no_decay, "weight_decay": 0.0, "lars": False, "fix_lr": True})
     return groups
 
 
@@ -81,9 +97,10 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
-                    eta: float = 0.001, exclude_bias_norm: bool = True) -> torch.optim.Optimizer:
-    """``sgd`` | ``lars`` | ``adamw`` over ``param_groups(model, weight_decay)``."""
-    groups = param_groups(model, weight_decay, exclude_bias_norm)
+                    eta: float = 0.001, exclude_bias_norm: bool = True,
+                    fixed_lr: Iterable[torch.Tensor] = ()) -> torch.optim.Optimizer:
+    """``sgd`` | ``lars`` | ``adamw`` over ``param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)``."""
+    groups = param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=eta)
     for g in groups:
@@ -106,6 +123,18 @@ class WarmupCosine:
             return (step + 1) / self.warmup
         t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class Constant:
+    """LambdaLR factor 1 at every step (a ``fix_lr`` group keeps its initial lr)."""
+
+    def __call__(self, step: int) -> float:
+        return 1.0
+
+
+def lr_lambdas(optimizer: torch.optim.Optimizer, schedule: Callable[[int], float]) -> List[Callable[[int], float]]:
+    """One LambdaLR factor per group: ``schedule``, or ``Constant`` for the groups marked ``fix_lr``."""
+    return [Constant() if g.get("fix_lr") else schedule for g in optimizer.param_groups]
 
 
 def scaled_lr(lr: float, batch_size: int, rule: str = "linear") -> float:

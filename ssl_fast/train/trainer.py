@@ -2,8 +2,8 @@
 
 One ``Trainer(cfg).fit()`` call: distributed set-up (torchrun env -> NCCL on GPUs, gloo on CPU), seeding,
 data, backbone + method, optimizer + warmup/cosine schedule, autocast (bf16 / fp16 with a scaler),
-channels_last, optional ``torch.compile`` of the backbone, gradient accumulation, DDP (optional SyncBN),
-kNN monitor, checkpoints (atomic; exact resume) and logs (tqdm, CSV, TensorBoard).
+channels_last, optional ``torch.compile`` of the backbone, gradient accumulation or gradient caching
+(``--grad-cache-chunk``), DDP (optional SyncBN), kNN monitor, checkpoints (atomic; exact resume) and logs (tqdm, CSV, TensorBoard).
 
 Exact resume. Data order is a function of (seed, epoch) and the augmentation generator is re-seeded from
 (seed, step, rank) before each step, so a resumed run draws the same batches and views as an uninterrupted
@@ -42,7 +42,7 @@ from .checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoin
 from .config import TrainConfig
 from .evaluate import knn_eval
 from .log import RunLogger, peak_memory_mb
-from .optim import WarmupCosine, build_optimizer, scaled_lr
+from .optim import WarmupCosine, build_optimizer, lr_lambdas, scaled_lr
 
 
 class TrainingInterrupted(Exception):
@@ -54,6 +54,34 @@ class TrainingInterrupted(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+class _Embedder:
+    """``model(x, embed=True)`` (through DDP's forward when wrapped) with DDP's ``no_sync`` for gradient caching.
+
+    BatchNorm running statistics are updated in the first pass only (once per chunk): during the replay with
+    graph (grad enabled) every BatchNorm's momentum is 0 and its ``num_batches_tracked`` is put back.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        if hasattr(model, "no_sync"):
+            self.no_sync = model.no_sync
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and m.training and m.track_running_stats]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not self.bns:  # pass 1 (no graph): the statistics update here
+            return self.model(x, embed=True)
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0
+        try:
+            return self.model(x, embed=True)
+        finally:
+            for m, (mom, n) in zip(self.bns, saved):
+                m.momentum = mom
+                m.num_batches_tracked.copy_(n)
+
+
 def _rng_state(device: torch.device) -> Dict[str, Any]:
     keys, pos, has_gauss, cached = np.random.get_state()[1:]
     st = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -163,6 +191,13 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size x accum steps "
                              f"({self.world} x {cfg.accum_steps})")
         self.local_batch = cfg.batch_size // self.world
+        if cfg.method == "moco" and cfg.shuffle_bn and (2 * self.local_batch) % cfg.shuffle_bn_groups:
+            raise ValueError(f"--shuffle-bn-groups {cfg.shuffle_bn_groups} must divide the per-rank key batch "
+                             f"(2 views x {self.local_batch} images)")
+        if cfg.grad_cache_chunk and (2 * self.local_batch) % cfg.grad_cache_chunk == 1:
+            raise ValueError(f"--grad-cache-chunk {cfg.grad_cache_chunk} splits the per-rank batch of 2 views x "
+                             f"{self.local_batch} images into chunks whose last one holds 1 image (BatchNorm "
+                             f"cannot normalize it): pick a chunk size that divides {2 * self.local_batch}")
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -174,7 +209,7 @@ class Trainer:
 
         load_size = cfg.load_size or max(cfg.image_size, round(cfg.image_size * 256 / 224))
         self.source = build_source(cfg.data, cfg.dataset, load_size=load_size, workers=cfg.workers,
-                                   image_size=cfg.image_size)
+                                   image_size=cfg.image_size, decode=cfg.decode, device=self.device)
         self.steps_per_epoch = self.source.steps_per_epoch(self.local_batch, self.world)
         if self.steps_per_epoch < 1:
             raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set "
@@ -200,11 +235,18 @@ class Trainer:
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=self.method.needs_unused_parameters)
         self.peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+        fixed = ()
+        if cfg.fix_pred_lr:
+            pred = getattr(self.method, "predictor", None)
+            if not isinstance(pred, nn.Module):
+                raise ValueError(f"--fix-pred-lr needs a method with a predictor (simsiam, byol, moco v3); "
+                                 f"--method {cfg.method} has none")
+            fixed = list(pred.parameters())
         self.optimizer = build_optimizer(cfg.optimizer, self.method, self.peak_lr, cfg.weight_decay, cfg.momentum,
-                                         cfg.lars_eta)
+                                         cfg.lars_eta, fixed_lr=fixed)
         warm = int(round(cfg.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(self.total_steps, min(warm, self.total_steps - 1), cfg.min_lr_ratio))
+        schedule = WarmupCosine(self.total_steps, min(warm, self.total_steps - 1), cfg.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambdas(self.optimizer, schedule))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.step = 0
@@ -283,11 +325,31 @@ class Trainer:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views
 
+    def _grad_cache_step(self, views: List[torch.Tensor]) -> torch.Tensor:
+        """Forward + backward of the two global views by gradient caching (``ssl_fast.gradcache``): the views
+        concatenated as in the plain step (2B images: view 0, then view 1) are embedded in chunks of
+        ``--grad-cache-chunk`` images, the loss runs once on the whole batch (one collective with DDP
+        gathering). A chunk of >= 2B images is the plain step, BatchNorm statistics included."""
+        from ..gradcache import cached_step
+
+        out: Dict[str, torch.Tensor] = {}
+
+        def loss_fn(z):
+            loss = self.method.loss_from_embeddings(*z.chunk(2)).float()
+            out["loss"] = loss.detach()
+            return self.scaler.scale(loss)
+
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            cached_step(_Embedder(self.model), [torch.cat(views[:2])], loss_fn, self.cfg.grad_cache_chunk)
+        return out["loss"]
+
     def _train_step(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         views = self._views(x)
         due = self.diagnostics is not None and self.diagnostics.due(self.step + 1)
         self._diag_views = views if due else None
+        if cfg.grad_cache_chunk:
+            return self._optimizer_step(self._grad_cache_step(views))
         n = cfg.accum_steps
         mb = views[0].shape[0] // n
         total = torch.zeros((), device=self.device)
@@ -301,6 +363,9 @@ class Trainer:
                 loss = loss.float() / n
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+        return self._optimizer_step(total)
+
+    def _optimizer_step(self, total: torch.Tensor) -> torch.Tensor:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
