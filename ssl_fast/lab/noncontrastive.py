@@ -5,10 +5,11 @@ Findings under test (Chen & He 2021; Grill et al. 2020; Tian, Yu, Chen, Ganguli 
 1. SimSiam without the stop-gradient collapses completely (the loss goes to its minimum -1 and the
    per-dimension std of the l2-normalized output goes to 0); with it, the std stays near 1/sqrt(d).
 2. BYOL without the predictor collapses.
-3. BYOL's predictor normalization, in a network without any other BatchNorm (encoder and projector plain):
-   BatchNorm and zero-mean centering ``x - x.mean(0)`` (gradient through the mean) work; centering whose mean
-   is detached (``x - x.mean(0).detach()``) fails, as does no normalization: what BN contributes is a
-   zero-mean back-propagated gradient, which the detached mean does not give.
+3. BYOL's predictor normalization, with no BatchNorm in the projector (the encoder keeps its own, as the
+   ResNet of Tian et al.'s STL-10 runs): BatchNorm and zero-mean centering ``x - x.mean(0)`` (gradient
+   through the mean) work; centering whose mean is detached (``x - x.mean(0).detach()``) fails: what BN
+   contributes is a zero-mean back-propagated gradient, which the detached mean does not give. No
+   normalization at all is reported, not tested.
 4. The EMA momentum of the target, swept at constant m in {0, 0.9, 0.99, 0.996} (reported, not part of the
    verdict: m = 0 is a target equal to the online network without its gradient, SimSiam with BYOL's heads;
    larger m smooths the target).
@@ -19,8 +20,8 @@ projector 64-256-256-64 with BN on the output, predictor 64-32-64) and ``ssl_fas
 0.99 -> 1 on the cosine schedule unless swept) on ``ssl_fast.methods.SmallCNN`` (width 8, 64-dim
 representation), 16 x 16 digits, ``ssl_fast.data.digits_view`` views, batch 256, Adam lr 1e-3. The variants
 are small changes of these methods (``SimSiamNoStopGrad``: the same forward without the ``detach``; BYOL with
-``predictor = Identity``; ``BYOLNorm``: BYOL whose predictor's BatchNorm1d is replaced, and, for finding 3,
-whose backbone and projector have no BatchNorm; its EMA target is rebuilt after the change). Each case runs on
+``predictor = Identity``; ``BYOLNorm``: BYOL whose predictor's BatchNorm1d is replaced and, for finding 3,
+whose projector has no BatchNorm; its EMA target is rebuilt after the change). Each case runs on
 several seeds (initialization, data order and views; the cases of one seed share them).
 
 Collapse indicator: s = mean per-dimension std of the l2-normalized projector output on the held-out split,
@@ -104,7 +105,7 @@ def build(case: dict, seed: int) -> nn.Module:
         return cls(bb, DIM, proj_hidden_dim=256, proj_dim=DIM, pred_hidden_dim=32)
     tau = case.get("tau")
     m = BYOLNorm(bb, DIM, proj_hidden_dim=256, proj_dim=DIM, pred_hidden_dim=256,
-                 pred_norm=case.get("pred", "BN"), head_bn=case.get("backbone_bn", True),
+                 pred_norm=case.get("pred", "BN"), head_bn=case.get("head_bn", True),
                  ema_momentum=0.99 if tau is None else tau, ema_final_momentum=1.0 if tau is None else tau)
     if case.get("no_predictor"):
         m.predictor = nn.Identity()
@@ -128,7 +129,7 @@ def _state(s: float) -> str:
     return "collapsed" if s < COLLAPSED else ("healthy" if s > HEALTHY else "partial")
 
 
-NB = "BYOL, no BN in encoder/projector"
+NB = "BYOL, no BN in the projector"
 EMA_GROUP = "BYOL, EMA momentum (constant)"
 
 
@@ -138,7 +139,7 @@ def cases(quick: bool):
         ("SimSiam", "no stop-gradient", dict(method="SimSiam", stop_grad=False)),
         ("BYOL", "predictor (BN)", dict(method="BYOL")),
         ("BYOL", "no predictor", dict(method="BYOL", no_predictor=True)),
-    ] + [(NB, f"predictor norm: {p}", dict(method="BYOL", pred=p, backbone_bn=False)) for p in PRED_NORMS]
+    ] + [(NB, f"predictor norm: {p}", dict(method="BYOL", pred=p, head_bn=False)) for p in PRED_NORMS]
     out += [(EMA_GROUP, f"m = {t}", dict(method="BYOL", tau=t)) for t in (EMA_SWEEP if not quick else ())]
     return out
 
@@ -183,7 +184,7 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     rep.paragraph("The kNN accuracy of r can stay high where the projector output has collapsed: the weighted "
                   "cosine kNN is scale-free and still reads the small residual variation of r; the std and the "
                   "effective rank are the collapse indicators.")
-    short = {"SimSiam": "SimSiam", "BYOL": "BYOL", NB: "BYOL no-BN", EMA_GROUP: "BYOL"}
+    short = {"SimSiam": "SimSiam", "BYOL": "BYOL", NB: "BYOL no-BN proj", EMA_GROUP: "BYOL"}
     rep.image(plots.plot_bars({f"{short[g]}: {lab.replace('predictor norm: ', 'pred ')}":
                                I.stats(m["std_sqrt_d"])["mean"] for (g, lab), m in res.items()},
                               f"{d}/std.png", title="normalized-output std x sqrt(d), mean over seeds "
