@@ -222,6 +222,42 @@ def test_callback_writer_protocol():
     assert logged and all(s == 5 for _, _, s in logged)
 
 
+def test_callback_tensorboard_event_files(tmp_path):
+    """``tensorboard=True`` writes event files under <out_dir>/tensorboard whose scalars read back (tags, steps,
+    values) equal to the CSV / returned rows."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = torch.nn.Sequential()
+    model.add_module("projector", torch.nn.Linear(8, 4))
+    cb = dg.DiagnosticsCallback(every=2, out_dir=str(tmp_path), tensorboard=True)
+    assert cb.writer is not None
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+    for s in range(5):
+        z1, z2 = torch.randn(32, 4, generator=g), torch.randn(32, 4, generator=g)
+        out = cb.on_step(s, embeddings={"representation": z1}, views=(z1, z2), model=model)
+        if out is not None:
+            rows[s] = out
+    cb.close()
+    tb = tmp_path / "tensorboard"
+    assert any(p.name.startswith("events.out.tfevents") for p in tb.iterdir())
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {f"representation/{k}" for k in ("effective_rank", "effective_rank_fraction", "top_eigenvalue",
+                                                  "uniformity", "std", "std_sqrt_d", "dead_fraction")}
+    expected |= {"view/alignment", "projector/weight_effective_rank", "projector/weight_sv_max",
+                 "projector/weight_sv_min"}
+    assert expected <= tags, expected - tags
+    assert tags == {k for k, v in rows[0].items() if not math.isnan(v)}
+    for tag in ("representation/effective_rank", "view/alignment", "projector/weight_sv_max"):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [0, 2, 4]
+        for e in events:
+            assert e.value == pytest.approx(rows[e.step][tag], rel=1e-6, abs=1e-7)
+
+
 def test_plots_and_report(tmp_path):
     from ssl_fast.diagnostics import plots
     from ssl_fast.diagnostics.report import MarkdownReport

@@ -9,6 +9,12 @@
 Each experiment writes ``<out>/<name>/report.md`` with its plots and a one-line verdict computed from the
 measured numbers (the thresholds are stated in the report). ``quick=True`` is the small budget the test suite
 uses; the verdicts must hold at both budgets.
+
+The image experiments (projector, noncontrastive, swav, alignment-uniformity) train what ``ssl-fast train``
+runs: ``ssl_fast.methods`` (SimCLR, DirectCLR, SimSiam, BYOL, SwAV and their ``ssl_fast.nn`` losses) on
+``ssl_fast.methods.SmallCNN`` with ``ssl_fast.data``'s digits and batched views; the ablations are small
+subclasses of those methods. At the full budget each runs seeds ``seed, seed + 1, seed + 2`` (quick: ``seed``),
+reports mean ± std (min..max) and computes its verdict from every seed.
 """
 
 from __future__ import annotations
@@ -122,7 +128,8 @@ def write_summary(results: List[LabResult], out: str, *, quick: bool = False, se
     with open(path, "w") as fh:
         fh.write("# Lab verdicts\n\n")
         fh.write(f"Regenerate: `ssl-fast lab all --out {out}`. Latest run: budget {'quick' if quick else 'full'}, "
-                 f"seed {seed}, torch {torch.__version__}, {platform.machine()} CPU, 1 thread.\n\n")
+                 f"seed {seed} (image experiments: seeds {seed}..{seed if quick else seed + 2}), torch "
+                 f"{torch.__version__}, {platform.machine()} CPU, 1 thread.\n\n")
         fh.write(summary_table(rows, out))
     return path
 

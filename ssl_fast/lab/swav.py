@@ -6,9 +6,12 @@ prototypes to predict one view's code from the other view. Replacing Sinkhorn by
 scores (the same eps) drops the equal-partition constraint and the assignments collapse onto a few
 prototypes: a trivial solution where every sample predicts the same code perfectly.
 
-Set-up: digits (16 x 16), MLP encoder (64) + MLP projector (32, l2-normalized), K = 30 l2-normalized prototypes,
-temperature 0.1, batch 256, Adam lr 1e-3; codes from ``ssl_fast.sinkhorn_knopp`` (a local log-domain
-Sinkhorn when the package has none) or ``softmax(scores / eps)``; same seed and views for both.
+What runs is ``ssl_fast.methods.SwAV`` (``ssl_fast.nn.SwaVLoss`` with the fused Sinkhorn, l2-normalized
+``ssl_fast.nn.SwaVPrototypes``, K = 30, temperature 0.1) on ``ssl_fast.methods.SmallCNN`` (width 8, 64-dim
+representation), projector 64-128-32, two 16 x 16 views (``ssl_fast.data.digits_view``, no multi-crop, no
+queue), batch 256, Adam lr 1e-3. The ablation ``SoftmaxCodesSwaVLoss`` is ``SwaVLoss`` whose codes are
+``softmax(scores / eps)`` instead of Sinkhorn (the same swapped prediction through ``SwaVLoss.subloss``).
+Each variant runs on several seeds (initialization, data order, views; shared by the two variants of a seed).
 
 Measured on the held-out split: prototypes used (distinct argmax assignments), the perplexity of the mean
 assignment (K if every prototype gets equal mass, 1 if one prototype takes all), the normalized-output std.
@@ -21,112 +24,104 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import ssl_fast
 from ssl_fast import diagnostics as dg
 from ssl_fast.diagnostics import plots
 from ssl_fast.diagnostics.report import MarkdownReport
+from ssl_fast.methods import SwAV
+from ssl_fast.nn import SwaVLoss
 
-from . import _digits as D
+from . import _image as I
 from ._common import LabResult, f, out_dir
 
 NAME = "swav"
 FINDING = "SwAV without the equal-partition constraint (softmax codes) collapses onto few prototypes; Sinkhorn does not"
-DIM, OUT, K, TEMP, EPS, LR, BATCH = 64, 32, 30, 0.1, 0.05, 1e-3, 256
+DIM, OUT, K, TEMP, EPS, LR, BATCH = I.DIM, 32, 30, 0.1, 0.05, 1e-3, 256
 COLLAPSE_PERPLEXITY = K / 5
 
 
-@torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = EPS, iterations: int = 3) -> torch.Tensor:
-    """Equal-partition codes (B, K), rows summing to 1: ``ssl_fast.sinkhorn_knopp`` when the package has it."""
-    fn = getattr(ssl_fast, "sinkhorn_knopp", None)
-    if fn is not None:
-        return fn(scores, epsilon=eps, iterations=iterations)
-    b, k = scores.shape  # SwAV's distributed_sinkhorn, in the log domain
-    logq = scores.double() / eps
-    logq = logq - torch.logsumexp(logq.flatten(), 0)
-    for _ in range(iterations):
-        logq = logq - torch.logsumexp(logq, dim=0, keepdim=True) - math.log(k)
-        logq = logq - torch.logsumexp(logq, dim=1, keepdim=True) - math.log(b)
-    return (logq + math.log(b)).exp().to(scores.dtype)
+class SoftmaxCodesSwaVLoss(SwaVLoss):
+    """``SwaVLoss`` with codes ``softmax(scores / eps)`` (no equal-partition constraint), no queue."""
+
+    def forward(self, high_resolution_outputs, low_resolution_outputs, queue_outputs=None):
+        high, crops = list(high_resolution_outputs), list(high_resolution_outputs) + list(low_resolution_outputs)
+        loss = 0.0
+        for i, h in enumerate(high):
+            q = F.softmax(h.detach() / self.sinkhorn_epsilon, dim=1)
+            loss = loss + sum(self.subloss(z, q) for v, z in enumerate(crops) if v != i) / (len(crops) - 1)
+        return loss / len(high)
 
 
-def train(data, *, codes: str, steps: int, seed: int):
+def build(codes: str, seed: int) -> SwAV:
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    enc = D.Encoder(dim=DIM)
-    proj = D.mlp([DIM, 128, OUT])
-    protos = nn.Linear(OUT, K, bias=False)
-    with torch.no_grad():
-        protos.weight.copy_(F.normalize(protos.weight, dim=1))
-    opt = torch.optim.Adam(list(enc.parameters()) + list(proj.parameters()) + list(protos.parameters()), lr=LR)
-    it = D.batches(data.train_x.shape[0], BATCH, torch.Generator().manual_seed(seed + 1))
-    for _ in range(steps):
-        x = data.train_x[next(it)]
-        z1 = F.normalize(proj(enc(D.augment(x, g))), dim=1)
-        z2 = F.normalize(proj(enc(D.augment(x, g))), dim=1)
-        s1, s2 = protos(z1), protos(z2)
-        with torch.no_grad():
-            if codes == "Sinkhorn":
-                q1, q2 = sinkhorn(s1.detach()), sinkhorn(s2.detach())
-            else:
-                q1, q2 = F.softmax(s1.detach() / EPS, dim=1), F.softmax(s2.detach() / EPS, dim=1)
-        loss = -0.5 * ((q2 * F.log_softmax(s1 / TEMP, dim=1)).sum(1).mean()
-                       + (q1 * F.log_softmax(s2 / TEMP, dim=1)).sum(1).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            protos.weight.copy_(F.normalize(protos.weight, dim=1))
-    model = nn.Sequential(enc, proj)
-    return model, protos, enc, float(loss.detach())
+    m = SwAV(I.backbone(), DIM, proj_hidden_dim=128, proj_dim=OUT, n_prototypes=K, temperature=TEMP,
+             sinkhorn_iterations=3, sinkhorn_epsilon=EPS, n_local_crops=0)
+    if codes == "softmax":
+        m.criterion = SoftmaxCodesSwaVLoss(temperature=TEMP, sinkhorn_iterations=3, sinkhorn_epsilon=EPS)
+    return m
 
 
-def _measure(data, model, protos, enc):
-    z = F.normalize(D.features(model, data.test_x), dim=1)
-    with torch.no_grad():
-        p = F.softmax(protos(z) / TEMP, dim=1).double()
+@torch.no_grad()
+def _measure(source, m: SwAV):
+    m.eval()
+    z = torch.cat([m._project(I.eval_images(x, source)) for x, _ in source.eval_batches("test")])
+    m.prototypes.normalize()
+    p = F.softmax(m.prototypes(z) / TEMP, dim=1).double()
+    m.train()
     marg = p.mean(0)
     perplexity = float(torch.exp(-(marg * marg.clamp_min(1e-300).log()).sum()))
     used = int(p.argmax(1).unique().numel())
     counts = torch.bincount(p.argmax(1), minlength=K).sort(descending=True).values
     return {"perplexity": perplexity, "used": used, "top_share": float(counts[0]) / z.shape[0],
             "std_sqrt_d": float(dg.normalized_std(z).mean()) * math.sqrt(z.shape[1]),
-            "knn": D.evaluate(enc, data, probe=False)["knn"], "counts": counts}
+            "knn": I.evaluate(m.backbone, source, probe=False)["knn"], "counts": counts}
 
 
 def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     d = out_dir(out, NAME)
-    steps = 300 if quick else 800
-    data = D.load(seed)
+    steps = 200 if quick else 400
+    seeds = I.seeds(seed, quick, full=3, fast=1)
+    source = I.data(0)
     rep = MarkdownReport("Lab: SwAV with and without the equal-partition constraint", d)
     rep.paragraph(__doc__.split("\n", 2)[2])
-    source = "ssl_fast.sinkhorn_knopp" if hasattr(ssl_fast, "sinkhorn_knopp") else "the local log-domain Sinkhorn"
-    rep.paragraph(f"Sinkhorn codes from {source}.")
-    res = {}
-    for codes in ("Sinkhorn", "softmax"):
-        model, protos, enc, loss = train(data, codes=codes, steps=steps, seed=seed)
-        m = _measure(data, model, protos, enc)
-        m["loss"] = loss
-        res[codes] = m
-    rep.heading(f"Runs ({steps} steps, seed {seed}, K = {K})")
+    keys = ("perplexity", "used", "top_share", "std_sqrt_d", "knn", "loss")
+    res = {c: {k: [] for k in keys} for c in ("Sinkhorn", "softmax")}
+    counts, seed_rows = {}, []
+    for sd in seeds:
+        for codes in res:
+            m = build(codes, sd)
+            loss = I.train(m, source, steps=steps, seed=sd, batch=BATCH, lr=LR)
+            mm = _measure(source, m)
+            mm["loss"] = loss
+            for k in keys:
+                res[codes][k].append(mm[k])
+            if sd == seeds[0]:
+                counts[codes] = mm["counts"]
+            seed_rows.append([sd, codes, loss, mm["used"], mm["perplexity"], mm["top_share"], mm["std_sqrt_d"],
+                              mm["knn"]])
+    rep.heading(f"Runs ({steps} steps, seeds {', '.join(map(str, seeds))}, K = {K})")
+    rep.paragraph("Mean ± std over the seeds (min..max).")
     rep.table(["codes", "final loss", "prototypes used", "assignment perplexity", "largest prototype's share",
                "std x sqrt(d)", "kNN acc of r"],
-              [[c, m["loss"], m["used"], m["perplexity"], m["top_share"], m["std_sqrt_d"], m["knn"]]
+              [[c] + [I.pm(m[k]) for k in ("loss", "used", "perplexity", "top_share", "std_sqrt_d", "knn")]
                for c, m in res.items()])
-    rep.image(plots.plot_curves({c: (m["counts"].double() / m["counts"].sum()).tolist() for c, m in res.items()},
+    rep.heading("Per seed")
+    rep.table(["seed", "codes", "final loss", "prototypes used", "assignment perplexity", "largest share",
+               "std x sqrt(d)", "kNN acc of r"], seed_rows)
+    rep.image(plots.plot_curves({c: (v.double() / v.sum()).tolist() for c, v in counts.items()},
                                 f"{d}/prototype_mass.png", xlabel="prototype (sorted by mass)",
-                                ylabel="share of held-out samples", title="assignment histogram"),
+                                ylabel="share of held-out samples", title=f"assignment histogram (seed {seeds[0]})"),
               "prototype mass")
     sk, sm = res["Sinkhorn"], res["softmax"]
-    passed = sk["perplexity"] >= COLLAPSE_PERPLEXITY and sm["perplexity"] < COLLAPSE_PERPLEXITY
-    verdict = (f"assignment perplexity (of {K}): Sinkhorn {f(sk['perplexity'])} ({sk['used']} prototypes used), "
-               f"softmax {f(sm['perplexity'])} ({sm['used']} used, largest takes {sm['top_share']:.0%}): "
-               + ("collapse without equal partition reproduced" if passed else "NOT reproduced"))
+    passed = min(sk["perplexity"]) >= COLLAPSE_PERPLEXITY and max(sm["perplexity"]) < COLLAPSE_PERPLEXITY
+    verdict = (f"assignment perplexity (of {K}) over {len(seeds)} seed(s): Sinkhorn {I.pm(sk['perplexity'])} "
+               f"(prototypes used {I.pm(sk['used'])}), softmax {I.pm(sm['perplexity'])} (used {I.pm(sm['used'])}, "
+               f"largest takes {f(100 * I.stats(sm['top_share'])['mean'])}% on average): "
+               + ("collapse without equal partition reproduced on every seed" if passed else "NOT reproduced"))
     rep.heading("Verdict")
-    rep.paragraph(f"Passes when the Sinkhorn run's perplexity is at least {COLLAPSE_PERPLEXITY:g} and the softmax "
-                  f"run's is below it.")
+    rep.paragraph(f"Passes when every seed's Sinkhorn perplexity is at least {COLLAPSE_PERPLEXITY:g} and every "
+                  f"seed's softmax perplexity is below it.")
     rep.verdict(verdict, passed)
-    numbers = {c: {k: v for k, v in m.items() if k != "counts"} for c, m in res.items()}
+    numbers = {c: m for c, m in res.items()}
+    numbers.update({"seeds": seeds, "steps": steps})
     return LabResult(NAME, FINDING, verdict, passed, numbers, rep.write())
