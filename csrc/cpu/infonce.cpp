@@ -80,8 +80,10 @@ void* blas_symbol<double>() {
 }
 
 // For a round run on the calling thread (too small for the pool): keep the BLAS single-threaded there, or
-// every small tile wakes its thread pool. Not used around the parallel rounds: measured 1.5x slower at
-// M = 8192 (inside the intra-op pool the BLAS is single-threaded already).
+// every small tile wakes its thread pool. Each worker of a parallel round sets it too (parallel_tasks), so
+// a tile's GEMM takes the same code path whichever thread runs it; around the whole parallel region on the
+// calling thread it was measured 1.5x slower at M = 8192. Per worker: 2N = 8192, D = 128, fp32, full,
+// 2 threads: 280 ms median with it (a shared, loaded 2-core Xeon; without it 200-610 ms on the same load).
 class SerialBlas {
  public:
   SerialBlas() {
@@ -303,6 +305,10 @@ void parallel_tasks(int64_t n, int64_t scratch_len, int64_t work_per_task, const
     return;
   }
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // Each worker's BLAS single-threaded too, explicitly: inside the pool MKL runs one thread anyway, but
+    // its sgemm picked another code path than under MKL_Set_Num_Threads_Local(1) on this Intel Xeon
+    // (AVX-512), so the same tile came out 1 ulp apart with 1 and with 2 threads.
+    SerialBlas serial_blas;
     std::vector<T> scratch(scratch_len);
     for (int64_t t; (t = next.fetch_add(1)) < n;) body(t, scratch.data());
   });
