@@ -80,11 +80,17 @@ def _ssl_fast_providers(call: Callable, *, nn_module: Optional[Callable] = None)
     """ssl_fast with each backend forced (cpp: the C++ CPU kernel or the CUDA extension; triton; torch: the
     plain-torch fallback) and, when given, its ``nn`` module with the automatic backend."""
 
+    def scoped(name, fn):  # the backend is in force during each call only: nothing leaks to the caller
+        import ssl_fast
+
+        def run():
+            with ssl_fast.set_backend(name):
+                return fn()
+        return run
+
     def with_backend(name):
         def build(inputs, hp, device):
-            import ssl_fast
-            ssl_fast.set_backend(name)
-            return call(inputs, hp)
+            return scoped(name, call(inputs, hp))
         return build
 
     def backend_of(name):
@@ -101,9 +107,7 @@ def _ssl_fast_providers(call: Callable, *, nn_module: Optional[Callable] = None)
                     about="ssl_fast's plain-torch backend")]
     if nn_module is not None:
         def build_nn(inputs, hp, device):
-            import ssl_fast
-            ssl_fast.set_backend("auto")
-            return nn_module(inputs, hp)
+            return scoped("auto", nn_module(inputs, hp))
         out.append(Provider("ssl_fast_nn", build_nn, backend=backend_of("auto"),
                             about="the ssl_fast.nn drop-in module, automatic backend"))
     return out
