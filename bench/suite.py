@@ -24,9 +24,10 @@ crashes):
    mmap so RSS follows live tensors, see ``_harness.pin_malloc_to_mmap``).
 3. **Time**: median, min and interquartile range of repeats after warm-up (``triton.testing.do_bench`` on
    CUDA, an explicit median of ``perf_counter`` samples on CPU). The first call is timed apart
-   (``first_call_ms``; ``compile_ms`` = first call - median for torch.compile, a cold compile in a fresh
-   cache unless ``--warm-compile-cache``).
-4. **Work**: ``tflops`` (nominal matmul flops: 2 R C D for the R x C logits forward, twice that backward)
+   (``first_call_ms``); for torch.compile, ``compile_ms`` is the wall time of the gate's call: the cold
+   compile in a fresh cache (unless ``--warm-compile-cache``), at the gate shape.
+4. **Work**: ``tflops`` (NOMINAL matmul flops, what the eager code executes: 2 R C D for the R x C logits
+   forward, twice that backward; a kernel that exploits symmetry executes fewer, so its % of peak can exceed 100)
    or ``gbps`` (bytes the op must move: one read of the inputs, one write of the output), and ``pct_peak``
    against the device's peak MEASURED in the same run by a child with the same threads: a square GEMM in
    the dtype (``torch.mm``, 2048^3 on CPU, 8192^3 on CUDA) and ``copy_`` of a large buffer (2 x bytes / time).
@@ -243,7 +244,9 @@ def child_main(spec: Dict) -> Dict:
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
 
     # 1. the correctness gate (fp32, small shape, float64 reference): a wrong answer is not timed
+    t_gate = time.perf_counter()
     gate_err = gate(op, prov, device, hp)
+    gate_ms = 1e3 * (time.perf_counter() - t_gate)  # torch.compile: its cold compile (at the gate shape)
     if not (gate_err <= op.gate_tol):
         return dict(status="wrong", backend=backend, max_err=gate_err, gate=f"FAIL {gate_err:.2e}",
                     note=f"refused: error {gate_err:.2e} against the float64 reference on the gate shape "
@@ -304,7 +307,9 @@ def child_main(spec: Dict) -> Dict:
     held.clear()
     flops, nbytes = op.work(shape, mode, spec["dtype"])
     res = dict(base, median_ms=med, min_ms=mn, iqr_ms=iqr,
-               compile_ms=(first_call_ms - med) if spec["provider"] == "torch_compile" else H.NAN,
+               # the gate's call is the process's cold compile (the measured shape then recompiles, mostly
+               # from inductor's in-process caches, so first_call_ms - median would understate it)
+               compile_ms=gate_ms if spec["provider"] == "torch_compile" else H.NAN,
                tflops=flops / (med * 1e-3) / 1e12 if flops else H.NAN,
                gbps=nbytes / (med * 1e-3) / 1e9 if nbytes and not flops else H.NAN)
     if op.name == "e2e":
