@@ -28,6 +28,8 @@ seeds (the seed sets the initialization, the data order and the views; the varia
 Spectrum: eigenvalues of the covariance of r on the held-out split.
 
 "Rank at 1e-3" = number of eigenvalues above 1e-3 of the largest: the dimensions the representation uses.
+The collapse shows in the spectrum, not in the accuracies: on digits every variant's kNN and linear-probe
+accuracies stay within a few points of each other (the table below).
 """
 
 from __future__ import annotations
