@@ -12,7 +12,8 @@ uses; the verdicts must hold at both budgets.
 
 The image experiments (projector, noncontrastive, swav, alignment-uniformity) train what ``ssl-fast train``
 runs: ``ssl_fast.methods`` (SimCLR, DirectCLR, SimSiam, BYOL, SwAV and their ``ssl_fast.nn`` losses) on
-``ssl_fast.methods.SmallCNN`` with ``ssl_fast.data``'s digits and batched views; the ablations are small
+``ssl_fast.methods.SmallCNN`` (projector: a small MLP encoder on the flattened digits, the setting in which the
+collapse it studies appears) with ``ssl_fast.data``'s digits and batched views; the ablations are small
 subclasses of those methods. At the full budget each runs seeds ``seed, seed + 1, seed + 2`` (quick: ``seed``),
 reports mean ± std (min..max) and computes its verdict from every seed.
 """
