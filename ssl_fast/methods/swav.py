@@ -20,8 +20,11 @@ IMAGENET = dict(backbone="resnet50", image_size=224, batch_size=4096, epochs=100
                 proj_dim=128, n_prototypes=3000, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,
                 freeze_prototypes_epochs=1, n_local_crops=6, local_size=96, queue_size=0, queue_start_epoch=15,
                 precision="bf16", channels_last=True)
+# Digits (CPU-sized): T 0.2, not the paper's 0.1: at 0.1 this small model sat at the uniform prediction
+# (loss = ln 30 = 3.40 throughout) and gained only +1.9 / +2.0 / +2.2 kNN points over the initialization on
+# seeds 0 / 1 / 2; at 0.2: +4.5 / +6.4 / +4.4 (12 epochs, 2-core Xeon).
 DIGITS = dict(backbone="small_cnn", image_size=32, batch_size=256, epochs=12, optimizer="adamw", lr=2e-3,
-              weight_decay=1e-4, warmup_epochs=2, temperature=0.1, proj_hidden_dim=256, proj_dim=64,
+              weight_decay=1e-4, warmup_epochs=2, temperature=0.2, proj_hidden_dim=256, proj_dim=64,
               n_prototypes=30, sinkhorn_iterations=3, sinkhorn_epsilon=0.05, freeze_prototypes_epochs=1,
               n_local_crops=2, local_size=16, queue_size=0, queue_start_epoch=5)
 
