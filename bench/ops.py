@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
@@ -76,9 +76,16 @@ def _torch():
     return torch
 
 
-def _ssl_fast_providers(call: Callable, *, nn_module: Optional[Callable] = None) -> List[Provider]:
+def _call(crit: Callable, inputs: Dict, *names: str) -> Callable:
+    """``run()`` = ``crit(inputs[name], ...)``: a loss module applied to the named inputs."""
+    args = [inputs[n] for n in names]
+    return lambda: crit(*args)
+
+
+def _ssl_fast_providers(call: Optional[Callable], *, nn_module: Optional[Callable] = None) -> List[Provider]:
     """ssl_fast with each backend forced (cpp: the C++ CPU kernel or the CUDA extension; triton; torch: the
-    plain-torch fallback) and, when given, its ``nn`` module with the automatic backend."""
+    plain-torch fallback) when ``call`` is given, and its ``nn`` module with the automatic backend when
+    ``nn_module`` is."""
 
     def scoped(name, fn):  # the backend is in force during each call only: nothing leaks to the caller
         import ssl_fast
@@ -99,7 +106,8 @@ def _ssl_fast_providers(call: Callable, *, nn_module: Optional[Callable] = None)
             return _backend.resolve(_torch().device(device), requested=name)
         return resolve
 
-    out = [Provider("ssl_fast_cpp", with_backend("cpp"), backend=backend_of("cpp"),
+    out = [] if call is None else [
+           Provider("ssl_fast_cpp", with_backend("cpp"), backend=backend_of("cpp"),
                     about="ssl_fast, C++ kernel (CPU: at::parallel_for; CUDA: the extension's kernel where it has one)"),
            Provider("ssl_fast_triton", with_backend("triton"), backend=backend_of("triton"), devices=("cuda",),
                     about="ssl_fast, Triton kernel"),
@@ -467,7 +475,6 @@ SINKHORN = Op(
 
 EMA_DTYPES = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "fp16": ("fp16", "fp16"),
               "fp32-bf16": ("fp32", "bf16"), "fp32-fp16": ("fp32", "fp16")}
-EMA_MODELS = ("resnet50", "vit_b_16", "vit_l_16", "tiny")
 
 
 def param_shapes(model: str) -> List[tuple]:
@@ -623,24 +630,23 @@ def _swav_providers() -> List[Provider]:
         h, lo = inputs["high"], inputs["low"]
         return lambda: fn(h, lo, hp["temperature"], hp["epsilon"], int(hp["iterations"]), log_domain=False)
 
+    def swav_loss(cls, inputs, hp):  # lightly's SwaVLoss and ssl_fast.nn's take the same arguments
+        crit = cls(temperature=hp["temperature"], sinkhorn_iterations=int(hp["iterations"]),
+                   sinkhorn_epsilon=hp["epsilon"])
+        return _call(crit, inputs, "high", "low")
+
     def lightly(inputs, hp, device):
         from lightly.loss import SwaVLoss
-        crit = SwaVLoss(temperature=hp["temperature"], sinkhorn_iterations=int(hp["iterations"]),
-                        sinkhorn_epsilon=hp["epsilon"])
-        h, lo = inputs["high"], inputs["low"]
-        return lambda: crit(h, lo)
+        return swav_loss(SwaVLoss, inputs, hp)
 
     def module(inputs, hp):
         from ssl_fast.nn import SwaVLoss
-        crit = SwaVLoss(temperature=hp["temperature"], sinkhorn_iterations=int(hp["iterations"]),
-                        sinkhorn_epsilon=hp["epsilon"])
-        h, lo = inputs["high"], inputs["low"]
-        return lambda: crit(h, lo)
+        return swav_loss(SwaVLoss, inputs, hp)
 
     return [Provider("torch", torch_eager, about="SwAV's loss loop with distributed_sinkhorn, eager torch"),
             Provider("torch_compile", torch_compile, about="torch.compile of that loop"),
             Provider("lightly", lightly, requires="lightly", about="lightly.loss.SwaVLoss")] \
-        + [p for p in _ssl_fast_providers(None, nn_module=module) if p.name == "ssl_fast_nn"]
+        + _ssl_fast_providers(None, nn_module=module)
 
 
 SWAV = Op(
@@ -686,20 +692,17 @@ def _directclr_providers() -> List[Provider]:
 
     def lightly(inputs, hp, device):
         from lightly.loss import DirectCLRLoss
-        crit = DirectCLRLoss(loss_dim=int(hp["d0"]), temperature=hp["temperature"])
-        r1, r2 = inputs["r1"], inputs["r2"]
-        return lambda: crit(r1, r2)
+        return _call(DirectCLRLoss(loss_dim=int(hp["d0"]), temperature=hp["temperature"]), inputs, "r1", "r2")
 
     def module(inputs, hp):
         from ssl_fast.nn import DirectCLRLoss
         crit = DirectCLRLoss(feature_dim=int(hp["d0"]), temperature=hp["temperature"], variant="ntxent")
-        r1, r2 = inputs["r1"], inputs["r2"]
-        return lambda: crit(r1, r2)
+        return _call(crit, inputs, "r1", "r2")
 
     return [Provider("torch", torch_eager, about="NT-Xent reference on r[:, :d0], eager"),
             Provider("torch_compile", torch_compile, about="torch.compile of that reference"),
             Provider("lightly", lightly, requires="lightly", about="lightly.loss.DirectCLRLoss(loss_dim=d0)")] \
-        + [p for p in _ssl_fast_providers(None, nn_module=module) if p.name == "ssl_fast_nn"]
+        + _ssl_fast_providers(None, nn_module=module)
 
 
 DIRECTCLR = Op(
@@ -829,7 +832,3 @@ OPS: Dict[str, Op] = {op.name: op for op in (NTXENT, INFO_NCE, INFO_NCE_QUEUE, S
 
 def shape_label(op: Op, shape: Dict) -> str:
     return " ".join(f"{k}={shape[k]}" for k in op.shape_keys if k in shape)
-
-
-def names(items: Sequence) -> str:
-    return ", ".join(str(getattr(i, "name", i)) for i in items)

@@ -109,7 +109,9 @@ def load_extra_providers(path: Optional[str]) -> None:
 def _to64(x):
     import torch
     if isinstance(x, torch.Tensor):
-        return x.detach().double().requires_grad_(x.requires_grad) if x.is_floating_point() else x
+        if not x.is_floating_point():
+            return x
+        return x.detach().to(torch.float64, copy=True).requires_grad_(x.requires_grad)
     if isinstance(x, list):
         return [_to64(v) for v in x]
     return x
@@ -134,10 +136,8 @@ def gate(op: O.Op, prov: O.Provider, device, hp: Dict) -> float:
         return float(op.gate(prov, device, hp))
     differentiable = "bwd" in op.modes
     inputs = op.make_inputs(op.gate_shape, "fp32", device, differentiable)
-    ref_inputs = {k: _to64(v) for k, v in inputs.items()}
-    # the reference sees copies: an in-place provider (EMA) must not change them
-    ref = op.reference({k: ([t.clone() for t in v] if isinstance(v, list) else v) for k, v in ref_inputs.items()},
-                       hp)
+    ref_inputs = {k: _to64(v) for k, v in inputs.items()}  # float64 copies: an in-place provider cannot touch them
+    ref = op.reference(ref_inputs, hp)
     out = prov.build(inputs, hp, device)()
     # an in-place op (EMA) returns None: its answer is the updated tensors
     err = float(op.compare(out if out is not None else inputs["ema"], ref))
@@ -157,14 +157,14 @@ def gate(op: O.Op, prov: O.Provider, device, hp: Dict) -> float:
     return err
 
 
-def _real_shape_error(op: O.Op, inputs: Dict, out, hp: Dict, budget_gib: float) -> float:
+def _real_shape_error(op: O.Op, shape: Dict, inputs: Dict, out, hp: Dict, budget_gib: float) -> float:
     """Error at the measured shape and dtype against the float64 reference, when its estimated size fits."""
     if op.reference is None or out is None:
         return H.NAN
     if op.name == "ema":
         return H.NAN  # the in-place update has already moved on; the gate checked one update exactly
     shape_gib = sum(t.numel() for t in _flat_tensors(inputs)) * 8 / 1024 ** 3
-    if op.estimate_gib("torch", inputs["_shape"], "fp64") * 2 + shape_gib > budget_gib:
+    if op.estimate_gib("torch", shape, "fp64") * 2 + shape_gib > budget_gib:
         return H.NAN
     import torch
     with torch.no_grad():
@@ -255,10 +255,8 @@ def child_main(spec: Dict) -> Dict:
 
     differentiable = "bwd" in op.modes
     inputs = op.make_inputs(shape, spec["dtype"], device, differentiable)
-    inputs["_shape"] = shape
-    tensors = _flat_tensors(inputs)
-    inputs_mib = sum(t.numel() * t.element_size() for t in tensors) / H.MIB
-    fn = prov.build({k: v for k, v in inputs.items() if k != "_shape"}, hp, device)
+    inputs_mib = sum(t.numel() * t.element_size() for t in _flat_tensors(inputs)) / H.MIB
+    fn = prov.build(inputs, hp, device)
     grads = op.grad_inputs(inputs)
     held: Dict = {}
 
@@ -281,7 +279,7 @@ def child_main(spec: Dict) -> Dict:
     first_call_ms = 1e3 * (time.perf_counter() - t0)
     process_rss_mib = H.process_rss_growth_mib(rss_mark) if rss_mark is not None else H.NAN
     value = float(out.detach().float()) if isinstance(out, torch.Tensor) and out.numel() == 1 else H.NAN
-    max_err = _real_shape_error(op, inputs, out.detach() if isinstance(out, torch.Tensor) else out, hp,
+    max_err = _real_shape_error(op, shape, inputs, out.detach() if isinstance(out, torch.Tensor) else out, hp,
                                 float(spec.get("ref_budget_gib", 2.0)))
     del out
     clear_grads()
