@@ -53,7 +53,10 @@ def extensions():
         return []
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is an inline template over `#pragma omp parallel` (torch's OpenMP backend);
+    # compiled without it, every parallel_for of the extension runs on the calling thread alone.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    link = ["-fopenmp"]
     if os.environ.get("SSL_FAST_NATIVE", "1") != "0":
         cxx.append("-march=native")
     if _want_cuda(cuda_sources):
@@ -61,8 +64,9 @@ def extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["SSL_FAST_CUDA_ARCHS"]
         return [CUDAExtension("ssl_fast._C", cpp_sources + cuda_sources,
                               define_macros=[("SSL_FAST_WITH_CUDA", None)],
-                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})]
-    return [CppExtension("ssl_fast._C", cpp_sources, extra_compile_args={"cxx": cxx})]
+                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+                              extra_link_args=link)]
+    return [CppExtension("ssl_fast._C", cpp_sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
 setup(

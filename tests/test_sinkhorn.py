@@ -141,20 +141,6 @@ def test_marginals_and_convergence(backend):
     assert errs[3] < 1e-4  # ... and it converges to prototype masses B / K
 
 
-@needs_ext
-def test_cpp_independent_of_threads():
-    x = _cosines(300, 70, dtype=torch.float32)
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        a = _run(x, "cpp")
-        torch.set_num_threads(2)
-        b = _run(x, "cpp")
-    finally:
-        torch.set_num_threads(prev)
-    assert torch.equal(a, b)
-
-
 @needs_triton
 @pytest.mark.parametrize("b,k", [(37, 13), (70, 150), (5, 1)])
 def test_triton_multi_tile_and_chunks(monkeypatch, b, k):

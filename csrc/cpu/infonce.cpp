@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -79,11 +80,10 @@ void* blas_symbol<double>() {
   return g_use_blas.load(std::memory_order_relaxed) ? fn : nullptr;
 }
 
-// For a round run on the calling thread (too small for the pool): keep the BLAS single-threaded there, or
-// every small tile wakes its thread pool. Each worker of a parallel round sets it too (parallel_tasks), so
-// a tile's GEMM takes the same code path whichever thread runs it; around the whole parallel region on the
-// calling thread it was measured 1.5x slower at M = 8192. Per worker: 2N = 8192, D = 128, fp32, full,
-// 2 threads: 280 ms median with it (a shared, loaded 2-core Xeon; without it 200-610 ms on the same load).
+// Every tile GEMM runs with the BLAS single-threaded, on the calling thread of a small round as inside a worker
+// of the pool (parallel_tasks): the same tile then takes the same code path whichever thread runs it, and a
+// small tile never wakes the BLAS's own thread pool. (Inside an OpenMP region MKL runs one thread anyway; the
+// explicit setting also covers the calling thread.)
 class SerialBlas {
  public:
   SerialBlas() {
@@ -292,6 +292,24 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> tournament(int64_t nb) {
 // more than it saves, and far more when another process holds a core.
 constexpr int64_t kMinParallelWork = int64_t(1) << 22;
 
+// Per-worker scratch, 64-byte aligned: a BLAS may pick its code path by the alignment of its operands, so every
+// worker's tile buffer has the same alignment (a std::vector's depends on the allocator and the thread).
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : p_(static_cast<T*>(std::aligned_alloc(64, std::max<size_t>(64, (n * sizeof(T) + 63) / 64 * 64)))) {
+    TORCH_CHECK(p_ != nullptr, "ssl_fast: out of memory for a tile buffer of ", n, " values");
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  T* p_;
+};
+
 template <typename T, typename F>
 void parallel_tasks(int64_t n, int64_t scratch_len, int64_t work_per_task, const F& body) {
   if (n <= 0) return;
@@ -300,27 +318,25 @@ void parallel_tasks(int64_t n, int64_t scratch_len, int64_t work_per_task, const
       n * work_per_task < kMinParallelWork ? 1 : std::min<int64_t>(n, at::get_num_threads());
   if (workers == 1) {
     SerialBlas serial_blas;
-    std::vector<T> scratch(scratch_len);
+    Scratch<T> scratch(scratch_len);
     for (int64_t t = 0; t < n; ++t) body(t, scratch.data());
     return;
   }
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    // Each worker's BLAS single-threaded too, explicitly: inside the pool MKL runs one thread anyway, but
-    // its sgemm picked another code path than under MKL_Set_Num_Threads_Local(1) on this Intel Xeon
-    // (AVX-512), so the same tile came out 1 ulp apart with 1 and with 2 threads.
     SerialBlas serial_blas;
-    std::vector<T> scratch(scratch_len);
+    Scratch<T> scratch(scratch_len);
     for (int64_t t; (t = next.fetch_add(1)) < n;) body(t, scratch.data());
   });
 }
 
+// Rows per tile: 256 (measured best of 64/128/256 at M = 8192, d = 128: the tile and two Z blocks stay in L2 for
+// d <= 256; 128 is 6% slower there, 64 16%), halved while there are fewer than 16 row blocks, so that a round
+// has work for several threads. It depends on the shape alone, never on the thread count: the tiling fixes
+// the order of every sum, so results are bitwise the same with any number of threads.
 int64_t pick_block(int64_t rows, int64_t requested) {
   if (requested > 0) return requested;
-  // 256-row tiles (measured best of 64/128/192/256 at M = 8192, d = 128, 2 threads: the tile and two
-  // Z blocks stay in L2 for d <= 256); shrink when there are too few tiles per round for the threads.
   int64_t b = 256;
-  const int64_t threads = at::get_num_threads();
-  while (b > 32 && (rows + b - 1) / b < 2 * threads) b /= 2;
+  while (b > 32 && (rows + b - 1) / b < 16) b /= 2;
   return b;
 }
 
