@@ -38,4 +38,10 @@ try:
 except md.PackageNotFoundError:
     triton = "-"
 print(f"ssl_fast {ssl_fast.__version__} | torch {torch.__version__} | triton {triton} | C++ extension: {ssl_fast.HAS_EXT}")
+import os, sys
+if os.environ.get("CI", "").lower() == "true" or os.environ.get("SSL_FAST_REQUIRE_EXT") == "1":
+    if not ssl_fast.HAS_EXT:
+        sys.exit(f"error: ssl_fast._C did not load ({ssl_fast._ext.IMPORT_ERROR}); CI needs the C++ extension")
+    if triton == "-":
+        sys.exit("error: triton is not installed; CI needs it")
 EOF

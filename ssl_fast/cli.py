@@ -177,8 +177,29 @@ def _bench(argv) -> int:
     return suite.main(argv)
 
 
+# Optional packages the commands import, with the extra of pyproject.toml that installs each (checked by
+# tests/test_cli_extras.py): a missing one stops the command with one line naming the extra.
+OPTIONAL_MODULES = {"matplotlib": ("matplotlib", "train"), "sklearn": ("scikit-learn", "train"),
+                    "yaml": ("pyyaml", "train"), "tensorboard": ("tensorboard", "train"),
+                    "torchvision": ("torchvision", "train"), "tqdm": ("tqdm", "train"), "triton": ("triton", "triton")}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in OPTIONAL_MODULES:
+            raise
+        dist, extra = OPTIONAL_MODULES[top]
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"ssl-fast {command}: needs the optional package {dist} (module {top}); install it with "
+              f"pip install 'ssl_fast[{extra}]'", file=sys.stderr)
+        return 2
+
+
+def _main(argv) -> int:
     if argv[:1] == ["bench"]:  # every flag goes to bench/suite.py (ssl-fast bench --help lists them)
         return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="ssl-fast", description=__doc__,

@@ -26,6 +26,38 @@ def ref_fn(loss_name):
     return reference.ntxent_reference if loss_name == "ntxent" else reference.info_nce_reference
 
 
+def definition_fn(loss_name):
+    """The loss written from its definition, independent of ``ssl_fast.reference``: the whole logit matrix and
+    ``F.cross_entropy`` (what eager SimCLR / CLIP code does). The ``torch`` backend IS the reference, so it is
+    checked against this instead of against itself."""
+    import torch.nn.functional as tF
+
+    def prep(x, normalize, feature_dim):
+        x = x[:, :feature_dim] if feature_dim else x
+        return tF.normalize(x, dim=1) if normalize else x
+
+    def ntxent(z1, z2, temperature, normalize=True, feature_dim=None):
+        z = torch.cat([prep(z1, normalize, feature_dim), prep(z2, normalize, feature_dim)])
+        n = z1.shape[0]
+        logits = (z @ z.t()) / temperature
+        logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+        labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+        return tF.cross_entropy(logits, labels)
+
+    def info_nce(q, k, temperature, normalize=True, symmetric=False, feature_dim=None):
+        logits = (prep(q, normalize, feature_dim) @ prep(k, normalize, feature_dim).t()) / temperature
+        labels = torch.arange(q.shape[0])
+        loss = tF.cross_entropy(logits, labels)
+        return 0.5 * (loss + tF.cross_entropy(logits.t(), labels)) if symmetric else loss
+
+    return ntxent if loss_name == "ntxent" else info_nce
+
+
+def expected_fn(loss_name, backend):
+    """What ``backend`` is compared with: the float64 reference, or for the reference itself its definition."""
+    return definition_fn(loss_name) if backend == "torch" else ref_fn(loss_name)
+
+
 def loss_and_grads(fn, x1, x2, temperature, go, **kw):
     """Loss and gradients w.r.t. x1, x2 (and the temperature when it is a tensor that requires grad)."""
     loss = fn(x1, x2, temperature, **kw)

@@ -1,10 +1,11 @@
-"""What a user's fresh process pays for its first loss call: no heavy imports, little memory, little time.
+"""What a user's fresh process pays for its first loss call: no heavy imports and little memory.
 
 The fused ops are registered with the dispatcher directly (C++ ``TORCH_LIBRARY`` in ``ssl_fast._C``, a
 ``torch.library.Library`` fragment for the Triton ones; see ``ssl_fast/ops/_library.py``). A
 ``torch.library.custom_op`` would import sympy and torch._dynamo on its first call (~1 s, ~155 MiB).
-Each check runs in a fresh subprocess; the bounds (50 ms, where ~1-10 ms is typical here; 20 MiB, ~5 MiB
-typical) get up to three fresh processes so that a cold page cache or a busy machine does not decide them.
+Each check runs in a fresh subprocess and asserts what does not depend on the machine's load: the modules the
+call imports, and the growth of resident memory (~5 MiB typical; bound 20 MiB). The first call's time is a
+benchmark column (``first_call_ms`` of ``ssl-fast bench``), not a test.
 """
 
 import json
@@ -19,7 +20,7 @@ from ssl_fast import _ext
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
-import json, sys, time
+import json, sys
 import torch
 import ssl_fast
 
@@ -36,13 +37,11 @@ before = set(sys.modules)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the high-water mark: VmHWM - VmRSS is then the growth over the call
 rss0 = status_kib("VmRSS")
-t0 = time.perf_counter()
 fn(a, b).backward()
-ms = 1e3 * (time.perf_counter() - t0)
 grown = (status_kib("VmHWM") - rss0) / 1024.0
 new = sorted(m for m in set(sys.modules) - before
              if m.split(".")[0] == "sympy" or m.startswith("torch._dynamo") or m.startswith("torch._inductor"))
-print(json.dumps(dict(ms=ms, mib=grown, heavy=new, grad_ok=bool(torch.isfinite(a.grad).all()))))
+print(json.dumps(dict(mib=grown, heavy=new, grad_ok=bool(torch.isfinite(a.grad).all()))))
 """
 
 
@@ -58,13 +57,7 @@ def _first_call(fn_name):
 @pytest.mark.skipif(not _ext.HAS_EXT, reason="ssl_fast._C not built (the cpp backend serves CPU tensors)")
 @pytest.mark.parametrize("fn_name", ["ntxent", "info_nce"])
 def test_first_call_is_cheap(fn_name):
-    runs = []
-    for _ in range(3):  # a second / third fresh process only when the time or memory bound was missed
-        r = _first_call(fn_name)
-        assert r["heavy"] == [], f"the first call imported {r['heavy'][:5]}"
-        assert r["grad_ok"]
-        runs.append(r)
-        if r["ms"] < 50.0 and r["mib"] < 20.0:
-            break
-    assert min(r["mib"] for r in runs) < 20.0, runs
-    assert min(r["ms"] for r in runs) < 50.0, runs
+    r = _first_call(fn_name)
+    assert r["heavy"] == [], f"the first call imported {r['heavy'][:5]}"
+    assert r["grad_ok"]
+    assert r["mib"] < 20.0, r
