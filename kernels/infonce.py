@@ -160,6 +160,17 @@ def _dot_tile(a_ptr, b_ptr, stride_a, stride_b, ra, rb, amask, bmask, d, acc,
 
 
 @triton.jit
+def _scale(srinv, NORMALIZE: tl.constexpr):
+    """The row scale r = 1 / max(|x|, eps) from the pre-pass's signed value srinv = +-r (negative when |x| <= eps:
+    F.normalize's constant branch), or 1 when rows are used raw. No division in the tiles."""
+    if NORMALIZE:
+        r = tl.abs(srinv)
+    else:
+        r = tl.full(srinv.shape, 1.0, tl.float32)
+    return r
+
+
+@triton.jit
 def _rinv(nrm, NORMALIZE: tl.constexpr):
     """1 / max(|x|, eps) (F.normalize), or 1 when rows are used raw."""
     if NORMALIZE:
@@ -180,7 +191,8 @@ def _prep_kernel(
     N, d,
     NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """nrm[k] = |a_k|, nrm[N + k] = |b_k| (first d columns), cos[k] = <a_k, b_k> r_a r_b (fp32)."""
+    """srinv[k] = +-1 / max(|a_k|, eps), srinv[N + k] the same of b_k (first d columns; negative when the norm
+    is <= eps), cos[k] = <a_k, b_k> r_a r_b (fp32)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
@@ -197,9 +209,13 @@ def _prep_kernel(
         sab += tl.sum(a * b, axis=1)
     na = tl.sqrt(saa)
     nb = tl.sqrt(sbb)
-    tl.store(nrm_ptr + rows, na, mask=rmask)
-    tl.store(nrm_ptr + N + rows, nb, mask=rmask)
-    tl.store(cos_ptr + rows, sab * _rinv(na, NORMALIZE) * _rinv(nb, NORMALIZE), mask=rmask)
+    ra = 1.0 / tl.maximum(na, 1e-12)
+    rb = 1.0 / tl.maximum(nb, 1e-12)
+    tl.store(nrm_ptr + rows, tl.where(na > 1e-12, ra, -ra), mask=rmask)
+    tl.store(nrm_ptr + N + rows, tl.where(nb > 1e-12, rb, -rb), mask=rmask)
+    if NORMALIZE:
+        sab = sab * ra * rb
+    tl.store(cos_ptr + rows, sab, mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,9 +263,9 @@ def _fwd_kernel(
                     tl.zeros([BLOCK, BLOCK], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
 
     scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
-    ri = _rinv(tl.load(nrm_ptr + seg_i * N + row0 + ar, mask=rmask, other=1.0), NORMALIZE)
-    rj = _rinv(tl.load(nrm_ptr + seg_j * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
-    s2 = (acc * ri[:, None] * rj[None, :]) * scale2  # the backward's rounding order: same logits, same dot
+    ri = _scale(tl.load(nrm_ptr + seg_i * N + row0 + ar, mask=rmask, other=1.0), NORMALIZE)
+    rj = _scale(tl.load(nrm_ptr + seg_j * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
+    s2 = acc * (ri * scale2)[:, None] * rj[None, :]  # the backward's rounding order: same logits, same dot
     valid = rmask[:, None] & cmask[None, :]
     if NTXENT:
         valid = valid & ((bi * BLOCK + ar)[:, None] != (bj * BLOCK + ar)[None, :])  # block-shaped, no scalar
@@ -297,7 +313,7 @@ def _fwd_grouped_kernel(
     rstat = row_base + seg * N + row0
 
     scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
-    ri = _rinv(tl.load(nrm_ptr + rstat + ar, mask=rmask, other=1.0), NORMALIZE)
+    ri_s = _scale(tl.load(nrm_ptr + rstat + ar, mask=rmask, other=1.0), NORMALIZE) * scale2
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     for jb in range(pid_g * jpg, tl.minimum(pid_g * jpg + jpg, NSEG * nb)):
@@ -308,8 +324,8 @@ def _fwd_grouped_kernel(
         xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0 * stride_c
         acc = _dot_tile(xr_ptr, xc_ptr, stride_r, stride_c, ar, ar, rmask, cmask, d,
                         tl.zeros([BLOCK, BLOCK], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
-        rj = _rinv(tl.load(nrm_ptr + col_base + cseg * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
-        s2 = (acc * ri[:, None] * rj[None, :]) * scale2  # the same rounding order as _fwd_kernel / backward
+        rj = _scale(tl.load(nrm_ptr + col_base + cseg * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
+        s2 = acc * ri_s[:, None] * rj[None, :]  # the same rounding order as _fwd_kernel / backward
         valid = rmask[:, None] & cmask[None, :]
         if SELF_MASK:
             valid = valid & ((pid_m * BLOCK + ar)[:, None] != (jb * BLOCK + ar)[None, :])
@@ -370,36 +386,32 @@ def _sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _bwd_finish(
-    acc, rowdot, am, rmask, dcols, dmask, row0, seg, pid_m, pid_d,
+    acc, rowdot, rinv_rows, am, rmask, dcols, dmask, row0, seg, pid_m, pid_d,
     r0_ptr, r1_ptr, c0_ptr, c1_ptr, o0_ptr, o1_ptr,
     nrm_ptr, cos_ptr, inv_temp_ptr, grad_ptr, gz_part_ptr,
     stride_r0, stride_r1, stride_c0, stride_c1, stride_o0, stride_o1,
     N, row_base, col_base, inv_count,
     NSEG: tl.constexpr, W_ROW: tl.constexpr, W_COL: tl.constexpr, NORMALIZE: tl.constexpr,
-    WRITE_GZ: tl.constexpr,
+    WRITE_GZ: tl.constexpr, RADIAL: tl.constexpr,
 ):
-    """From acc = sum_j A_kj r_j x_j[chunk] and rowdot = sum_j A_kj c_kj of rows row0 + am of row source seg:
-    G = coef (acc - (W_ROW + W_COL) z_p), <z, G>, the normalization backward, dx stored in the input dtype,
-    and sum_k <z_k, G_k> of the block into gz_part[pid_m] (by the chunk-0 program)."""
-    pseg = (seg + 1) % NSEG  # the positive of row k of row source s: row k of column source (s + 1) % NSEG
-    stride_p = tl.where(pseg == 0, stride_c0, stride_c1)
-    xp_ptr = tl.where(pseg == 0, c0_ptr, c1_ptr) + row0 * stride_p
-    rinv_p = _rinv(tl.load(nrm_ptr + col_base + pseg * N + row0 + am, mask=rmask, other=1.0), NORMALIZE)
-    m2 = rmask[:, None] & dmask[None, :]
-    xp = tl.load(xp_ptr + am[:, None] * stride_p + dcols[None, :], mask=m2, other=0.0)
-    cpos = tl.load(cos_ptr + row0 + am, mask=rmask, other=0.0)
+    """From acc = sum_j (A - (W_ROW + W_COL) Y)_kj r_j x_j[chunk] and rowdot = sum_j (A - (W_ROW + W_COL) Y)_kj c_kj
+    of rows row0 + am of row source seg: G = coef acc, <z, G> = coef rowdot, the normalization backward, dx
+    stored in the input dtype, and sum_k <z_k, G_k> of the block into gz_part[pid_m] (by the chunk-0 program).
+    RADIAL: acc already holds acc - r_k rowdot_k x_k (_bwd_kernel's last MMA), so dx = coef r_k acc."""
     coef = tl.load(grad_ptr).to(tl.float32) * tl.load(inv_temp_ptr).to(tl.float32) * inv_count
-    wpos = W_ROW + W_COL
-    g = coef * (acc - wpos * (xp.to(tl.float32) * rinv_p[:, None]))
-    gdot = coef * (rowdot - wpos * cpos)  # <z_k, G_k>
-    if NORMALIZE:
+    g = coef * acc
+    gdot = coef * rowdot  # <z_k, G_k>
+    m2 = rmask[:, None] & dmask[None, :]
+    if RADIAL:  # rinv_rows = 1 / max(|x_k|, eps): g / eps on a row with |x_k| <= eps, as F.normalize
+        dx = g * rinv_rows[:, None]
+    elif NORMALIZE:
         stride_r = tl.where(seg == 0, stride_r0, stride_r1)
         xr_ptr = tl.where(seg == 0, r0_ptr, r1_ptr) + row0 * stride_r
         nr = tl.load(nrm_ptr + row_base + seg * N + row0 + am, mask=rmask, other=1.0)
-        rinv_r = _rinv(nr, NORMALIZE)
+        rinv_r = _scale(nr, NORMALIZE)
         zr = tl.load(xr_ptr + am[:, None] * stride_r + dcols[None, :], mask=m2, other=0.0).to(tl.float32)
         zr = zr * rinv_r[:, None]
-        dx = tl.where((nr > 1e-12)[:, None], (g - zr * gdot[:, None]) * rinv_r[:, None], g * rinv_r[:, None])
+        dx = tl.where((nr > 0.0)[:, None], (g - zr * gdot[:, None]) * rinv_r[:, None], g * rinv_r[:, None])
     else:
         dx = g
     stride_o = tl.where(seg == 0, stride_o0, stride_o1)
@@ -419,7 +431,7 @@ def _bwd_kernel(
     NSEG: tl.constexpr, SELF_MASK: tl.constexpr, W_ROW: tl.constexpr, W_COL: tl.constexpr,
     NORMALIZE: tl.constexpr, FOLD_RINV: tl.constexpr, WRITE_GZ: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SINGLE: tl.constexpr, RADIAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program (pid0, pid1, pid2): rows of block pid0 (row source pid0 // cdiv(N, BLOCK_M) of NSEG), the
     D-chunk [pid1 BLOCK_D, (pid1 + 1) BLOCK_D), column blocks [pid2 jps, (pid2 + 1) jps) of the
@@ -445,7 +457,8 @@ def _bwd_kernel(
     dt = c0_ptr.dtype.element_ty
 
     scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
-    rinv_r = _rinv(tl.load(nrm_ptr + rstat + am, mask=rmask, other=1.0), NORMALIZE)
+    rinv_r = _scale(tl.load(nrm_ptr + rstat + am, mask=rmask, other=1.0), NORMALIZE)
+    rs_r = rinv_r * scale2  # s2 = dot (r_k scale2) r_j: the forward's rounding order
     if W_ROW != 0.0:
         lse_r2 = tl.load(lse_ptr + rstat + am, mask=rmask, other=0.0) * 1.4426950408889634
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -455,9 +468,9 @@ def _bwd_kernel(
                      other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    rowdot = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j A_kj c_kj
+    rowdot = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j A_kj r_j <x_k, x_j> (times r_k after the loop)
     for jb in range(pid_s * jps, tl.minimum(pid_s * jps + jps, NSEG * nbn)):
-        cseg = jb // nbn
+        cseg = (jb >= nbn).to(tl.int32) if NSEG == 2 else 0  # NSEG <= 2: no integer division in the loop
         col0 = (jb - cseg * nbn).to(tl.int64) * BLOCK_N
         cmask = an < (N - col0).to(tl.int32)
         stride_c = tl.where(cseg == 0, stride_c0, stride_c1)
@@ -470,13 +483,12 @@ def _bwd_kernel(
         else:
             dot = _dot_tile(xr_ptr, xc_ptr, stride_r, stride_c, am, an, rmask, cmask, d,
                             tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
-        rinv_c = _rinv(tl.load(nrm_ptr + cstat + an, mask=cmask, other=1.0), NORMALIZE)
-        cosv = dot * rinv_r[:, None] * rinv_c[None, :]
+        rinv_c = _scale(tl.load(nrm_ptr + cstat + an, mask=cmask, other=1.0), NORMALIZE)
         valid = rmask[:, None] & cmask[None, :]
         if SELF_MASK:  # the diagonal: same source and local row == local column
             delta = tl.where(cseg == seg, col0 - row0, BLOCK_M).to(tl.int32)
             valid = valid & ((am[:, None] - an[None, :]) != delta)
-        s2 = tl.where(valid, cosv * scale2, float("-inf"))
+        s2 = tl.where(valid, dot * rs_r[:, None] * rinv_c[None, :], float("-inf"))
         if W_ROW != 0.0:
             p = W_ROW * tl.exp2(s2 - lse_r2[:, None])
             if W_COL != 0.0:
@@ -485,7 +497,12 @@ def _bwd_kernel(
         else:
             lse_c2 = tl.load(lse_ptr + cstat + an, mask=cmask, other=0.0) * 1.4426950408889634
             p = W_COL * tl.exp2(s2 - lse_c2[None, :])
-        rowdot += tl.sum(p * cosv, axis=1)
+        # the positive (row k of column source (seg + 1) % NSEG) enters the tile: A - (W_ROW + W_COL) Y,
+        # computed in fp32 before the rounding to the input dtype (exact where A ~ 2 at the positive)
+        pdelta = tl.where(cseg == (seg + 1) % NSEG, col0 - row0, BLOCK_M).to(tl.int32)
+        p = tl.where((am[:, None] - an[None, :]) == pdelta, p - (W_ROW + W_COL), p)
+        pc = p * rinv_c[None, :]  # A diag(r_J)
+        rowdot += tl.sum(pc * dot, axis=1)
         if SINGLE:
             xg = xc
         else:
@@ -493,13 +510,20 @@ def _bwd_kernel(
                          other=0.0)
         if NORMALIZE:
             if FOLD_RINV:  # A diag(r_J) X_J: the scale goes on the B x B tile (bf16 / fp32 range holds 2 / eps)
-                acc = _mma((p * rinv_c[None, :]).to(dt), xg, acc, UPCAST, IEEE)
+                acc = _mma(pc.to(dt), xg, acc, UPCAST, IEEE)
             else:  # fp16: scale X_J (|z| <= 1) instead, 1 / eps would overflow
                 zg = (xg.to(tl.float32) * rinv_c[:, None]).to(dt)
                 acc = _mma(p.to(dt), zg, acc, UPCAST, IEEE)
         else:
             acc = _mma(p.to(dt), xg, acc, UPCAST, IEEE)
 
+    rowdot = rowdot * rinv_r  # sum_j A_kj c_kj
+    if RADIAL:  # SINGLE, NORMALIZE, not SPLIT: acc -= r_k rowdot_k x_k as a (BLOCK_M x BLOCK_M) diag @ X_I MMA on
+        # the resident X_I (the epilogue then loads no row of X; 0 on a zero row: no 1 / eps in 16 bits)
+        nr = tl.load(nrm_ptr + rstat + am, mask=rmask, other=1.0)  # its sign: |x_k| > eps
+        dg = tl.where(nr > 0.0, -rinv_r * rowdot, 0.0)
+        diag = tl.where(am[:, None] == am[None, :], dg[:, None], 0.0)
+        acc = _mma(diag.to(dt), xr, acc, UPCAST, IEEE)
     if SPLIT:
         wrow = seg * N + row0  # first workspace row of this block (int64)
         wbase = ws_ptr + pid_s.to(tl.int64) * ws_stride + wrow * d
@@ -507,11 +531,11 @@ def _bwd_kernel(
         if pid_d == 0:  # a branch, not a scalar in the mask (see _fwd_kernel)
             tl.store(wsd_ptr + pid_s.to(tl.int64) * (ws_stride // d) + wrow + am, rowdot, mask=rmask)
     else:
-        _bwd_finish(acc, rowdot, am, rmask, dcols, dmask, row0, seg, pid_m, pid_d,
+        _bwd_finish(acc, rowdot, rinv_r, am, rmask, dcols, dmask, row0, seg, pid_m, pid_d,
                     r0_ptr, r1_ptr, c0_ptr, c1_ptr, o0_ptr, o1_ptr,
                     nrm_ptr, cos_ptr, inv_temp_ptr, grad_ptr, gz_part_ptr,
                     stride_r0, stride_r1, stride_c0, stride_c1, stride_o0, stride_o1,
-                    N, row_base, col_base, inv_count, NSEG, W_ROW, W_COL, NORMALIZE, WRITE_GZ)
+                    N, row_base, col_base, inv_count, NSEG, W_ROW, W_COL, NORMALIZE, WRITE_GZ, RADIAL)
 
 
 @triton.jit
@@ -544,11 +568,11 @@ def _bwd_epilogue_kernel(
         rowdot += tl.load(wsd_ptr + offd + am, mask=rmask, other=0.0)
         off += ws_stride
         offd += ws_stride // d
-    _bwd_finish(acc, rowdot, am, rmask, dcols, dmask, row0, seg, pid_m, pid_d,
+    _bwd_finish(acc, rowdot, rowdot, am, rmask, dcols, dmask, row0, seg, pid_m, pid_d,
                 r0_ptr, r1_ptr, c0_ptr, c1_ptr, o0_ptr, o1_ptr,
                 nrm_ptr, cos_ptr, inv_temp_ptr, grad_ptr, gz_part_ptr,
                 stride_r0, stride_r1, stride_c0, stride_c1, stride_o0, stride_o1,
-                N, row_base, col_base, inv_count, NSEG, W_ROW, W_COL, NORMALIZE, WRITE_GZ)
+                N, row_base, col_base, inv_count, NSEG, W_ROW, W_COL, NORMALIZE, WRITE_GZ, False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -603,8 +627,9 @@ def _bwd_config(d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_D=min(dp, 128), SINGLE=False, num_warps=8,
                     num_stages=2)
-    if dp <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=dp, BLOCK_D=dp, SINGLE=True, num_warps=8, num_stages=2)
+    if dp <= 256:  # X_I resident; d > 128: 32-column tiles keep the 128 x 256 fp32 accumulator unspilled
+        return dict(BLOCK_M=128, BLOCK_N=64 if dp <= 128 else 32, BLOCK_K=dp, BLOCK_D=dp, SINGLE=True, num_warps=8,
+                    num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256, SINGLE=False, num_warps=8, num_stages=2)
 
 
@@ -771,7 +796,8 @@ def _backward_launch(grad, rows, cols, outs, nrm, lse, cos, inv_temp, gz_part, n
     _bwd_kernel[(row_blocks, chunks, splits)](
         *ptrs, nrm, lse, cos, inv_temp, grad, gz, ws, wsd, *strides,
         n, d, row_base, col_base, inv_count, jps, nseg * n * d,
-        SELF_MASK=self_mask, FOLD_RINV=rows[0].dtype != torch.float16, SPLIT=splits > 1, **common,
+        SELF_MASK=self_mask, FOLD_RINV=rows[0].dtype != torch.float16, SPLIT=splits > 1,
+        RADIAL=cfg["SINGLE"] and normalize and splits == 1 and rows[0].dtype == torch.bfloat16, **common,
         **_flags(rows[0]), **cfg)
     if splits > 1:
         _bwd_epilogue_kernel[(row_blocks, chunks)](
