@@ -170,16 +170,6 @@ def _scale(srinv, NORMALIZE: tl.constexpr):
     return r
 
 
-@triton.jit
-def _rinv(nrm, NORMALIZE: tl.constexpr):
-    """1 / max(|x|, eps) (F.normalize), or 1 when rows are used raw."""
-    if NORMALIZE:
-        r = 1.0 / tl.maximum(nrm, 1e-12)
-    else:
-        r = tl.full(nrm.shape, 1.0, tl.float32)
-    return r
-
-
 # ----------------------------------------------------------------------------------------------------
 # pre-pass: norms and positive cosines
 
@@ -223,69 +213,130 @@ def _prep_kernel(
 
 
 @triton.jit
-def _fwd_kernel(
-    x0_ptr, x1_ptr, nrm_ptr, inv_temp_ptr, part_ptr,
-    stride_x0, stride_x1, stride_part,
-    N, d, nb1,
-    NTXENT: tl.constexpr, COL_STATS: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Tile (I, J) of global row blocks (block b < nb1 in source 0, else source 1):
-    part[slot J, rows of I] = base-2 LSE of each tile row; with COL_STATS part[I, rows of J] = base-2 LSE of
-    each tile column. NT-Xent: upper-triangle tiles I <= J, diagonal masked. Cross-view: I < nb1 <= J.
-    Block offsets are int64 scalars folded into the base pointers; in-tile offsets are int32."""
-    t = tl.program_id(0).to(tl.int64)
-    if NTXENT:
-        # t -> (a, b), b <= a, t = a (a + 1) / 2 + b; fp32 sqrt is off by at most one, corrected.
-        a = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int64)
-        a = tl.where(a * (a + 1) // 2 > t, a - 1, a)
-        a = tl.where((a + 1) * (a + 2) // 2 <= t, a + 1, a)
-        bi = t - a * (a + 1) // 2
-        bj = a
-        slot_r = bj
+def _fixed_shift(scale2, NORMALIZE: tl.constexpr):
+    """Whether the forward uses the fixed shift: rows normalized (|logit| <= 1 / T) and scale2 = log2(e) / T <= 60
+    (T >= 0.024), so that every 2^(s2 - scale2) lies in [2^-120, ~1]. Then the partial buffer holds LINEAR sums
+    of 2^(s2 - scale2) (no max, no log2 per tile, one exp2 per logit for a row and a column), otherwise base-2
+    LSEs. The forward kernels and the finalize decide alike from the same inv_temp (on the device: no sync)."""
+    if NORMALIZE:
+        out = scale2 <= 60.0
     else:
-        bi = t // nb1
-        bj = nb1 + t % nb1
-        slot_r = bj - nb1
-    seg_i = bi // nb1
-    seg_j = bj // nb1
-    row0 = (bi - seg_i * nb1) * BLOCK  # first local row of the tile (int64)
-    col0 = (bj - seg_j * nb1) * BLOCK
-    ar = tl.arange(0, BLOCK)
-    rmask = ar < (N - row0).to(tl.int32)
-    cmask = ar < (N - col0).to(tl.int32)
-    stride_i = tl.where(seg_i == 0, stride_x0, stride_x1)
-    stride_j = tl.where(seg_j == 0, stride_x0, stride_x1)
-    xi_ptr = tl.where(seg_i == 0, x0_ptr, x1_ptr) + row0 * stride_i
-    xj_ptr = tl.where(seg_j == 0, x0_ptr, x1_ptr) + col0 * stride_j
+        out = scale2 < float("-inf")  # False (also for NaN), as a tensor
+    return out
 
-    acc = _dot_tile(xi_ptr, xj_ptr, stride_i, stride_j, ar, ar, rmask, cmask, d,
-                    tl.zeros([BLOCK, BLOCK], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
 
-    scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
-    ri = _scale(tl.load(nrm_ptr + seg_i * N + row0 + ar, mask=rmask, other=1.0), NORMALIZE)
-    rj = _scale(tl.load(nrm_ptr + seg_j * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
-    s2 = acc * (ri * scale2)[:, None] * rj[None, :]  # the backward's rounding order: same logits, same dot
-    valid = rmask[:, None] & cmask[None, :]
-    if NTXENT:
-        valid = valid & ((bi * BLOCK + ar)[:, None] != (bj * BLOCK + ar)[None, :])  # block-shaped, no scalar
-    s2 = tl.where(valid, s2, float("-inf"))
+@triton.jit
+def _tile_stats_fixed(s2, m_i, l_i, scale2, COL_STATS: tl.constexpr):
+    """Row sums l += sum_j 2^(s2 - scale2) of a logit tile s2 (base 2, -inf where masked; m stays scale2) and,
+    with COL_STATS, the column sums: LINEAR partials (no log2 per tile), each exp2 in [2^-2 scale2, ~1] when
+    |s2| <= scale2."""
+    e = tl.exp2(s2 - scale2)  # one exp2 for the row and the column
+    l_i += tl.sum(e, axis=1)
+    if COL_STATS:
+        col = tl.sum(e, axis=0)
+    else:
+        col = 0.0
+    return m_i, l_i, col
 
-    # rows: a row whose every entry is masked (a 1-row diagonal tile) gets -inf, never NaN
-    m = tl.max(s2, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.sum(tl.exp2(s2 - m[:, None]), axis=1)  # >= 1 unless the row is empty (its max gives exp2(0))
-    lse_r = tl.where(l > 0.0, m + tl.log2(tl.maximum(l, 1.0)), float("-inf"))
-    tl.store(part_ptr + slot_r * stride_part + seg_i * N + row0 + ar, lse_r, mask=rmask)
+
+@triton.jit
+def _tile_stats_max(s2, m_i, l_i, COL_STATS: tl.constexpr):
+    """As _tile_stats_fixed with max shifts: online over the tiles for the rows (a row masked so far keeps
+    (m, l) = (-inf, 0), never NaN), the tile's own maxima for the columns."""
+    m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
     if COL_STATS:
         mc = tl.max(s2, axis=0)
         mc = tl.where(mc == float("-inf"), 0.0, mc)
         lc = tl.sum(tl.exp2(s2 - mc[None, :]), axis=0)
         lse_c = tl.where(lc > 0.0, mc + tl.log2(tl.maximum(lc, 1.0)), float("-inf"))
-        # the diagonal tile of NT-Xent is symmetric: its rows already gave these statistics. A branch, not
-        # a mask: a scalar condition combined with a block mask is an int32 mask to triton 3.9's interpreter.
-        if bi != bj:
-            tl.store(part_ptr + bi * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask)
+    else:
+        lse_c = 0.0
+    return m_new, l_i, lse_c
+
+
+@triton.jit
+def _fwd_kernel(
+    x0_ptr, x1_ptr, nrm_ptr, inv_temp_ptr, part_ptr,
+    stride_x0, stride_x1, stride_part,
+    N, d, nb1, tpp,
+    NTXENT: tl.constexpr, COL_STATS: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program (I, c): row block I against the tpp column blocks J of chunk c (NT-Xent: J = I + c tpp, ... < 2 nb1,
+    the upper triangle with the diagonal masked, global blocks b < nb1 in source 0, else source 1;
+    cross-view: rows of x0 against J = c tpp, ... < nb1 of x1). Each tile's column statistics go to
+    part[I, rows of J] (COL_STATS; not the diagonal tile's, which are its rows'); the rows' statistics over the
+    chunk (online) to part[first J, rows of I], and -inf to part[other J of the chunk, rows of I], so every
+    (slot, row) entry is written exactly once. SINGLE (d <= BLOCK_K): X_I loaded once, each X_J tile once.
+    Row / column offsets int32 (N < 2^31), element offsets int64."""
+    bi = tl.program_id(0)
+    c = tl.program_id(1)
+    nbt = 2 * nb1 if NTXENT else nb1  # column blocks
+    j_lo = (bi if NTXENT else 0) + c * tpp
+    j_hi = tl.minimum(j_lo + tpp, nbt)
+    if j_lo < j_hi:  # the chunks past the last block (NT-Xent: below the diagonal) have nothing to do
+        seg_i = (bi >= nb1).to(tl.int32) if NTXENT else 0
+        row0 = (bi - seg_i * nb1) * BLOCK
+        ar = tl.arange(0, BLOCK)
+        kk = tl.arange(0, BLOCK_K)
+        rmask = ar < N - row0
+        stride_i = tl.where(seg_i == 0, stride_x0, stride_x1)
+        xi_ptr = tl.where(seg_i == 0, x0_ptr, x1_ptr) + row0.to(tl.int64) * stride_i
+        if SINGLE:
+            xi = tl.load(xi_ptr + ar[:, None] * stride_i + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :],
+                         other=0.0)
+        else:
+            xi = 0  # unused: the tiles are read in K steps
+        scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
+        ri_s = _scale(tl.load(nrm_ptr + seg_i * N + row0 + ar, mask=rmask, other=1.0), NORMALIZE) * scale2
+        # |logits| <= 1 / T when rows are normalized: with a fixed shift 1 / T (base 2: scale2 <= 60) no
+        # exp2 overflows or underflows, so no maximum is needed and one exp2 per logit serves its row and its
+        # column; otherwise (raw rows, tiny T) the max-shifted statistics. A uniform branch per program.
+        fixed = _fixed_shift(scale2, NORMALIZE)
+        empty = tl.where(fixed, 0.0, float("-inf"))  # an empty partial: a linear 0 or a base-2 LSE -inf
+        m_i = tl.where(fixed, scale2, float("-inf")) + tl.zeros([BLOCK], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK], dtype=tl.float32)
+        for bj in range(j_lo, j_hi):
+            seg_j = (bj >= nb1).to(tl.int32) if NTXENT else 1
+            col0 = (bj - seg_j * nb1) * BLOCK if NTXENT else bj * BLOCK
+            cmask = ar < N - col0
+            stride_j = tl.where(seg_j == 0, stride_x0, stride_x1)
+            xj_ptr = tl.where(seg_j == 0, x0_ptr, x1_ptr) + col0.to(tl.int64) * stride_j
+            if SINGLE:
+                xj = tl.load(xj_ptr + ar[:, None] * stride_j + kk[None, :], mask=cmask[:, None] & (kk < d)[None, :],
+                             other=0.0)
+                acc = _mma(xi, tl.trans(xj), tl.zeros([BLOCK, BLOCK], dtype=tl.float32), UPCAST, IEEE)
+            else:
+                acc = _dot_tile(xi_ptr, xj_ptr, stride_i, stride_j, ar, ar, rmask, cmask, d,
+                                tl.zeros([BLOCK, BLOCK], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
+            rj = _scale(tl.load(nrm_ptr + seg_j * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
+            s2 = acc * ri_s[:, None] * rj[None, :]  # the backward's rounding order: same logits, same dot
+            valid = rmask[:, None] & cmask[None, :]
+            if NTXENT:  # the diagonal (only in tile J = I): block-shaped, no scalar in the mask
+                valid = valid & ((ar[:, None] - ar[None, :]) != tl.where(bj == bi, 0, BLOCK))
+            s2 = tl.where(valid, s2, float("-inf"))
+            if fixed:
+                m_i, l_i, lse_c = _tile_stats_fixed(s2, m_i, l_i, scale2, COL_STATS)
+            else:
+                m_i, l_i, lse_c = _tile_stats_max(s2, m_i, l_i, COL_STATS)
+            if bj != j_lo:  # a branch, not a mask (see below): placeholders in the chunk's other row slots
+                tl.store(part_ptr + bj * stride_part + seg_i * N + row0 + ar,
+                         tl.zeros([BLOCK], dtype=tl.float32) + empty, mask=rmask)
+            if COL_STATS:
+                # the diagonal tile of NT-Xent is symmetric: its rows give these statistics. A branch, not a
+                # mask: a scalar condition combined with a block mask is an int32 mask to triton 3.9's interpreter.
+                if NTXENT:
+                    if bj != bi:
+                        tl.store(part_ptr + bi * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask)
+                else:
+                    tl.store(part_ptr + bi * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask)
+        if fixed:  # linear partials (the finalize adds them; see _fixed_shift)
+            lse_r = l_i
+        else:
+            lse_r = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(part_ptr + j_lo * stride_part + seg_i * N + row0 + ar, lse_r, mask=rmask)
 
 
 @triton.jit
@@ -294,48 +345,60 @@ def _fwd_grouped_kernel(
     stride_r0, stride_r1, stride_c0, stride_c1, stride_part,
     N, d, row_base, col_base, jpg,
     NSEG: tl.constexpr, SELF_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program (I, g): rows of block I (row source I // cdiv(N, BLOCK) of NSEG) against the column blocks
     [g jpg, (g + 1) jpg) of the NSEG cdiv(N, BLOCK) column blocks (column sources c0, c1), swept in a loop
     with a running fp32 (max, sum) per row: part[g, row_base + s N + k] = base-2 LSE of row k over the
     group. Norms of row source s at nrm[row_base + s N + k], of column source t at nrm[col_base + t N + j].
-    SELF_MASK (NT-Xent, rows = columns): the diagonal is -inf. Rows only: no column statistics."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_g = tl.program_id(1).to(tl.int64)
+    SELF_MASK (NT-Xent, rows = columns): the diagonal is -inf. Rows only: no column statistics. SINGLE
+    (d <= BLOCK_K): X_I loaded once. Row / column offsets int32 (N < 2^31), element offsets int64."""
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
     nb = tl.cdiv(N, BLOCK)
     seg = pid_m // nb
-    row0 = (pid_m - seg * nb) * BLOCK  # int64, folded into the base pointer
+    row0 = (pid_m - seg * nb) * BLOCK
     ar = tl.arange(0, BLOCK)
-    rmask = ar < (N - row0).to(tl.int32)
+    kk = tl.arange(0, BLOCK_K)
+    rmask = ar < N - row0
     stride_r = tl.where(seg == 0, stride_r0, stride_r1)
-    xr_ptr = tl.where(seg == 0, r0_ptr, r1_ptr) + row0 * stride_r
+    xr_ptr = tl.where(seg == 0, r0_ptr, r1_ptr) + row0.to(tl.int64) * stride_r
     rstat = row_base + seg * N + row0
+    if SINGLE:
+        xr = tl.load(xr_ptr + ar[:, None] * stride_r + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
 
     scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
     ri_s = _scale(tl.load(nrm_ptr + rstat + ar, mask=rmask, other=1.0), NORMALIZE) * scale2
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    fixed = _fixed_shift(scale2, NORMALIZE)
+    m_i = tl.where(fixed, scale2, float("-inf")) + tl.zeros([BLOCK], dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     for jb in range(pid_g * jpg, tl.minimum(pid_g * jpg + jpg, NSEG * nb)):
-        cseg = jb // nb
-        col0 = (jb - cseg * nb) * BLOCK  # int64
-        cmask = ar < (N - col0).to(tl.int32)
+        cseg = (jb >= nb).to(tl.int32) if NSEG == 2 else 0  # NSEG <= 2: no integer division in the loop
+        col0 = (jb - cseg * nb) * BLOCK
+        cmask = ar < N - col0
         stride_c = tl.where(cseg == 0, stride_c0, stride_c1)
-        xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0 * stride_c
-        acc = _dot_tile(xr_ptr, xc_ptr, stride_r, stride_c, ar, ar, rmask, cmask, d,
-                        tl.zeros([BLOCK, BLOCK], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
+        xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0.to(tl.int64) * stride_c
+        if SINGLE:
+            xc = tl.load(xc_ptr + ar[:, None] * stride_c + kk[None, :], mask=cmask[:, None] & (kk < d)[None, :],
+                         other=0.0)
+            acc = _mma(xr, tl.trans(xc), tl.zeros([BLOCK, BLOCK], dtype=tl.float32), UPCAST, IEEE)
+        else:
+            acc = _dot_tile(xr_ptr, xc_ptr, stride_r, stride_c, ar, ar, rmask, cmask, d,
+                            tl.zeros([BLOCK, BLOCK], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
         rj = _scale(tl.load(nrm_ptr + col_base + cseg * N + col0 + ar, mask=cmask, other=1.0), NORMALIZE)
         s2 = acc * ri_s[:, None] * rj[None, :]  # the same rounding order as _fwd_kernel / backward
         valid = rmask[:, None] & cmask[None, :]
         if SELF_MASK:
-            valid = valid & ((pid_m * BLOCK + ar)[:, None] != (jb * BLOCK + ar)[None, :])
+            valid = valid & ((ar[:, None] - ar[None, :]) != tl.where(jb == pid_m, 0, BLOCK))
         s2 = tl.where(valid, s2, float("-inf"))
-        # online base-2 LSE; an all -inf row so far keeps (m, l) = (-inf, 0), never NaN
-        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
-        m_i = m_new
-    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))  # l >= 1 when finite
+        if fixed:
+            m_i, l_i, _ = _tile_stats_fixed(s2, m_i, l_i, scale2, False)
+        else:
+            m_i, l_i, _ = _tile_stats_max(s2, m_i, l_i, False)
+    if fixed:  # linear partials (see _fixed_shift)
+        lse = l_i
+    else:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))  # l >= 1 when finite
     tl.store(part_ptr + pid_g * stride_part + rstat + ar, lse, mask=rmask)
 
 
@@ -343,26 +406,34 @@ def _fwd_grouped_kernel(
 def _finalize_kernel(
     part_ptr, cos_ptr, inv_temp_ptr, lse_ptr, loss_part_ptr,
     stride_part, nslots, N, L, w0, w1,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """lse[k] = ln 2 * log2sumexp2_s part[s, k] for k < L; loss_part[pid] = sum_k w(k) (lse_k - S_k,p(k)) with
-    w = w0 for k < N (source 0 rows), w1 for N <= k < 2N (source 1 rows / columns)."""
+    """lse[k] = ln 2 * log2sumexp2_s part[s, k] (or, with the forward's fixed shift, ln 2 (scale2 + log2 sum_s
+    part[s, k]): linear partials) for k < L; loss_part[pid] = sum_k w(k) (lse_k - S_k,p(k)) with w = w0 for
+    k < N (source 0 rows), w1 for N <= k < 2N (source 1 rows / columns)."""
     pid = tl.program_id(0).to(tl.int64)
     k = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     kmask = k < L
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
+    scale2 = inv_temp * 1.4426950408889634
+    fixed = _fixed_shift(scale2, NORMALIZE)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_R], dtype=tl.float32)
     for s0 in range(0, nslots, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         v = tl.load(part_ptr + s[:, None].to(tl.int64) * stride_part + k[None, :],
                     mask=(s < nslots)[:, None] & kmask[None, :], other=float("-inf"))
-        mn = tl.maximum(m, tl.max(v, axis=0))
-        mn_safe = tl.where(mn == float("-inf"), 0.0, mn)
-        l = l * tl.exp2(m - mn_safe) + tl.sum(tl.exp2(v - mn_safe[None, :]), axis=0)
-        m = mn
-    lse = tl.where(l > 0.0, m + tl.log2(tl.maximum(l, 1e-30)), float("-inf")) * 0.6931471805599453
+        if fixed:
+            l += tl.sum(tl.where(v == float("-inf"), 0.0, v), axis=0)
+        else:
+            mn = tl.maximum(m, tl.max(v, axis=0))
+            mn_safe = tl.where(mn == float("-inf"), 0.0, mn)
+            l = l * tl.exp2(m - mn_safe) + tl.sum(tl.exp2(v - mn_safe[None, :]), axis=0)
+            m = mn
+    if fixed:
+        m = tl.zeros([BLOCK_R], dtype=tl.float32) + scale2
+    lse = tl.where(l > 0.0, m + tl.log2(tl.where(l > 0.0, l, 1.0)), float("-inf")) * 0.6931471805599453
     tl.store(lse_ptr + k, lse, mask=kmask)
-    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     kk = tl.where(k < N, k, k - N)
     pos = tl.load(cos_ptr + kk, mask=kmask, other=0.0) * inv_temp
     w = tl.where(k < N, w0, w1)
@@ -604,7 +675,9 @@ def _bwd_epilogue_kernel(
 #   summed in a fixed order by _bwd_epilogue_kernel. S = 1 (no workspace) for large problems.
 
 _SM_TARGET = 132  # programs per wave when there is no CUDA device to ask (the interpreter): an H100
-_SLOT_CAP_OVERRIDE = None  # tests only: an int replaces max(64, d) in _slot_cap (forces the grouped forward)
+_ARCH_OVERRIDE = None  # the ahead-of-time scripts: the compute capability the launches are recorded for
+_SLOT_CAP_OVERRIDE = None  # tests only: an int replaces max(64, d) in _slot_cap and the byte budget (forces grouped)
+_PART_BUDGET = 256 << 20  # bytes of the per-tile forward's partial LSEs (nslots x 2N fp32) beyond which it is grouped
 
 
 def _pow2(d: int) -> int:
@@ -616,21 +689,34 @@ def _fwd_config(rows: int, d: int, dtype: torch.dtype) -> dict:
     _fwd_plan."""
     dp = _pow2(d)
     if dtype == torch.float32:
-        return dict(BLOCK=64, BLOCK_K=min(dp, 32), num_warps=4, num_stages=2)
-    if rows >= 4096:
-        return dict(BLOCK=128, BLOCK_K=min(dp, 64), num_warps=8, num_stages=3)
-    return dict(BLOCK=64, BLOCK_K=min(dp, 64), num_warps=4, num_stages=3)
+        return dict(BLOCK=64, BLOCK_K=min(dp, 32), SINGLE=False, num_warps=4, num_stages=2)
+    big = rows >= 4096
+    if dp <= 256:  # X_I resident, one K step per tile
+        return dict(BLOCK=128 if big else 64, BLOCK_K=dp, SINGLE=True, num_warps=8 if big else 4,
+                    num_stages=2 if big and dp == 256 else 3)
+    return dict(BLOCK=128 if big else 64, BLOCK_K=64, SINGLE=False, num_warps=8 if big else 4, num_stages=3)
 
 
-def _bwd_config(d: int, dtype: torch.dtype) -> dict:
+def _bwd_config(d: int, dtype: torch.dtype, arch: int = 90) -> dict:
     dp = _pow2(d)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_D=min(dp, 128), SINGLE=False, num_warps=8,
                     num_stages=2)
-    if dp <= 256:  # X_I resident; d > 128: 32-column tiles keep the 128 x 256 fp32 accumulator unspilled
+    if dp <= 128 or (dp <= 256 and arch >= 90 and dtype == torch.bfloat16):  # X_I resident; d > 128: 32-column
+        # tiles keep the 128 x 256 fp32 accumulator unspilled (fp16 scales its X_J tile in registers and keeps X_I
+        # for the epilogue; sm_80's mma.sync holds its operands in registers too: D-chunks there)
         return dict(BLOCK_M=128, BLOCK_N=64 if dp <= 128 else 32, BLOCK_K=dp, BLOCK_D=dp, SINGLE=True, num_warps=8,
                     num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256, SINGLE=False, num_warps=8, num_stages=2)
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability as 10 major + minor (90 without a CUDA device: the interpreter, or _ARCH_OVERRIDE
+    when the ahead-of-time scripts record the launches for another target)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return _ARCH_OVERRIDE or 90
 
 
 def _sm_count(device: torch.device) -> int:
@@ -640,8 +726,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _bwd_splits(programs: int, col_blocks: int, device: torch.device) -> int:
-    """Pieces of the column sweep: enough programs for ~2 waves, at least one column block each."""
-    want = triton.cdiv(2 * _sm_count(device), programs)
+    """Pieces of the column sweep: enough programs for one wave (a split costs a workspace, an epilogue
+    launch and, for bf16, the radial MMA), at least one column block each."""
+    want = triton.cdiv(_sm_count(device), programs)
     return max(1, min(want, col_blocks))
 
 
@@ -701,14 +788,14 @@ def _prep(a, b, normalize, d):
     return nrm, cos
 
 
-def _finalize(part, nslots, cos, inv_temp, n, rows, w0, w1):
+def _finalize(part, nslots, cos, inv_temp, n, rows, w0, w1, normalize):
     dev = part.device
     # one-way cross-view (rows = n) leaves the column half unused: zeros, not garbage, in the saved tensor
     lse = (torch.empty if rows == 2 * n else torch.zeros)(2 * n, dtype=torch.float32, device=dev)
     grid = triton.cdiv(rows, _FIN["BLOCK_R"])
     loss_part = torch.empty(grid, dtype=torch.float32, device=dev)
     _finalize_kernel[(grid,)](part, cos, inv_temp, lse, loss_part, part.stride(0), nslots, n, rows, w0, w1,
-                              BLOCK_R=_FIN["BLOCK_R"], BLOCK_S=_FIN["BLOCK_S"], num_warps=_FIN["num_warps"])
+                              NORMALIZE=normalize, BLOCK_R=_FIN["BLOCK_R"], BLOCK_S=_FIN["BLOCK_S"], num_warps=_FIN["num_warps"])
     return _sum(loss_part), lse
 
 
@@ -726,18 +813,22 @@ def _slot_cap(d: int) -> int:
 def _fwd_plan(n: int, d: int, dtype: torch.dtype, ntxent: bool, device: torch.device) -> dict:
     """The forward's launch plan, pure Python (no allocation): cfg (_fwd_config), nb1 = cdiv(N, BLOCK),
     grouped (bool), nslots (rows of part), jpg (column blocks per group, grouped only).
-    Per-tile (symmetric) forward when its nslots = (2 if NT-Xent else 1) nb1 <= _slot_cap(d); otherwise
-    grouped, G = cdiv(2 SMs, row blocks) clamped to [1, cap], then G = cdiv(col blocks, cdiv(col blocks, G))
-    so that no group is empty."""
+    Per-tile (symmetric: half the MACs for NT-Xent) forward while its buffer, nslots x 2N fp32 with nslots =
+    (2 if NT-Xent else 1) nb1, fits _PART_BUDGET bytes (2N = 65536 at B = 128: 512 slots, 128 MiB); otherwise
+    grouped, G = cdiv(2 SMs, row blocks) clamped to [1, max(64, d)], then G = cdiv(col blocks, cdiv(col
+    blocks, G)) so that no group is empty."""
     cfg = _fwd_config(2 * n if ntxent else n, d, dtype)
     nb1 = triton.cdiv(n, cfg["BLOCK"])
     blocks = (2 if ntxent else 1) * nb1  # row blocks = column blocks = per-tile slots
     cap = _slot_cap(d)
-    if blocks <= cap:
-        return dict(cfg=cfg, nb1=nb1, grouped=False, nslots=blocks, jpg=None)
+    per_tile = blocks <= cap if _SLOT_CAP_OVERRIDE is not None else blocks * 2 * n * 4 <= _PART_BUDGET
+    if per_tile:  # tiles per program: ~4 waves of non-empty programs (blocks^2 / 2 tiles NT-Xent), at most 16
+        tiles = blocks * (blocks + 1) // 2 if ntxent else blocks * blocks
+        tpp = max(1, min(16, tiles // (4 * _sm_count(device))))
+        return dict(cfg=cfg, nb1=nb1, grouped=False, nslots=blocks, jpg=None, tpp=tpp)
     g = max(1, min(cap, blocks, triton.cdiv(2 * _sm_count(device), blocks)))
     jpg = triton.cdiv(blocks, g)
-    return dict(cfg=cfg, nb1=nb1, grouped=True, nslots=triton.cdiv(blocks, jpg), jpg=jpg)
+    return dict(cfg=cfg, nb1=nb1, grouped=True, nslots=triton.cdiv(blocks, jpg), jpg=jpg, tpp=None)
 
 
 def _forward(a, b, inv_temp, normalize, d, ntxent, col_stats):
@@ -747,9 +838,9 @@ def _forward(a, b, inv_temp, normalize, d, ntxent, col_stats):
     cfg, nb1, nslots = plan["cfg"], plan["nb1"], plan["nslots"]
     part = torch.empty((nslots, 2 * n), dtype=torch.float32, device=a.device)
     if not plan["grouped"]:
-        tiles = nslots * (nslots + 1) // 2 if ntxent else nb1 * nb1
-        _fwd_kernel[(tiles,)](
-            a, b, nrm, inv_temp, part, a.stride(0), b.stride(0), part.stride(0), n, d, nb1,
+        tpp = plan["tpp"]
+        _fwd_kernel[(nslots, triton.cdiv(nslots, tpp))](
+            a, b, nrm, inv_temp, part, a.stride(0), b.stride(0), part.stride(0), n, d, nb1, tpp,
             NTXENT=ntxent, COL_STATS=col_stats, NORMALIZE=normalize, **_flags(a), **cfg)
         return nrm, cos, part, nslots
     # grouped, rows only: NT-Xent one launch over the 2 nb1 row blocks of [z1; z2] (full M x M, diagonal
@@ -773,7 +864,7 @@ def _forward(a, b, inv_temp, normalize, d, ntxent, col_stats):
 def _backward_launch(grad, rows, cols, outs, nrm, lse, cos, inv_temp, gz_part, n, d, row_base, col_base,
                      inv_count, self_mask, w_row, w_col, normalize):
     """One _bwd_kernel launch (+ _bwd_epilogue_kernel when the column sweep is split)."""
-    cfg = _bwd_config(d, rows[0].dtype)
+    cfg = _bwd_config(d, rows[0].dtype, _arch(rows[0].device))
     nseg = len(rows)
     r1, c1, o1 = rows[-1], cols[-1], outs[-1]
     row_blocks = nseg * triton.cdiv(n, cfg["BLOCK_M"])
@@ -825,7 +916,7 @@ def ntxent_forward(z1, z2, inv_temp, normalize, d):
     with _device_ctx(z1):
         nrm, cos, part, nslots = _forward(z1, z2, inv_temp, normalize, d, ntxent=True, col_stats=True)
         w = 1.0 / (2 * n)
-        loss, lse = _finalize(part, nslots, cos, inv_temp, n, 2 * n, w, w)
+        loss, lse = _finalize(part, nslots, cos, inv_temp, n, 2 * n, w, w, normalize)
     return [loss, lse, nrm, cos]
 
 
@@ -836,7 +927,7 @@ def ntxent_backward(grad, z1, z2, lse, nrm, cos, inv_temp, normalize, d):
     n = z1.shape[0]
     with _device_ctx(z1):
         dz1, dz2 = _grad_buffers(z1, d), _grad_buffers(z2, d)
-        nblocks = 2 * triton.cdiv(n, _bwd_config(d, z1.dtype)["BLOCK_M"])
+        nblocks = 2 * triton.cdiv(n, _bwd_config(d, z1.dtype, _arch(z1.device))["BLOCK_M"])
         gz_part = torch.empty(nblocks, dtype=torch.float32, device=z1.device)
         _backward_launch(grad, (z1, z2), (z1, z2), (dz1, dz2), nrm, lse, cos, inv_temp, gz_part, n, d, 0, 0,
                          1.0 / (2 * n), True, 1.0, 1.0, bool(normalize))
@@ -854,7 +945,7 @@ def info_nce_forward(q, k, inv_temp, normalize, symmetric, d):
     with _device_ctx(q):
         nrm, cos, part, nslots = _forward(q, k, inv_temp, normalize, d, ntxent=False, col_stats=symmetric)
         wa = (0.5 if symmetric else 1.0) / n
-        loss, lse = _finalize(part, nslots, cos, inv_temp, n, 2 * n if symmetric else n, wa, wa)
+        loss, lse = _finalize(part, nslots, cos, inv_temp, n, 2 * n if symmetric else n, wa, wa, normalize)
     return [loss, lse, nrm, cos]
 
 
@@ -867,7 +958,7 @@ def info_nce_backward(grad, q, k, lse, nrm, cos, inv_temp, normalize, symmetric,
     a, b = (0.5, 0.5) if symmetric else (1.0, 0.0)
     with _device_ctx(q):
         dq, dk = _grad_buffers(q, d), _grad_buffers(k, d)
-        gz_part = torch.empty(triton.cdiv(n, _bwd_config(d, q.dtype)["BLOCK_M"]), dtype=torch.float32,
+        gz_part = torch.empty(triton.cdiv(n, _bwd_config(d, q.dtype, _arch(q.device))["BLOCK_M"]), dtype=torch.float32,
                               device=q.device)
         # dQ: rows q (norms / lse at 0), columns k (at N); dK: rows k (at N), columns q (at 0), weights swapped
         _backward_launch(grad, (q,), (k,), (dq,), nrm, lse, cos, inv_temp, gz_part, n, d, 0, n, 1.0 / n, False,
@@ -891,181 +982,324 @@ def info_nce_backward(grad, q, k, lse, nrm, cos, inv_temp, normalize, symmetric,
 #   G^a_i = dL/da_i = (1/T) sum_j W_ij c_j,   G^c_j = dL/dc_j = (1/T) sum_i W_ij a_i
 #   <a_i, G^a_i> = sum_j W_ij S_ij from the recomputed logits (fp32; gz, and dx when d spans several
 #   D-chunks), or from G itself when one program holds the whole d (then it cancels exactly in dx).
-#   The gradient GEMMs take W in fp32 and the rows / candidates upcast to fp32 (TF32 on tensor cores unless
-#   IEEE): rounding W to bf16 (as the NT-Xent kernels round P) costs ~2^-9 relative per gradient element,
-#   which the rectangular op's few-column cases (a queue-only row, tiny local batches) do not average away.
+#   The gradient GEMMs take 16-bit operands on the tensor cores (fp32 accumulators): W diag(r) formed in fp32 and
+#   split in a high and a low 16-bit part (two MMAs, _mma_hilo: W to ~2^-17; one rounding to bf16, 2^-9, is not
+#   averaged away when a gradient sums over a few rows or candidates), Y or X as they are (fp16: W, and the
+#   normalized rows c = diag(r) Y, |c| <= 1, since r up to 1 / eps overflows fp16).
 #   dx_i = r_i (G^a_i - a_i <a_i, G^a_i>) if |x_i| > eps, else G^a_i / eps (F.normalize); dx = G^a raw.
 #   gz = sum_i <a_i, G^a_i> = -T dL/dT (temperature gradient).
-# Kernels (fp32 statistics and accumulators, -inf masks, int64 row offsets):
-#   _rect_fwd_kernel       grid (cdiv(R, BLOCK_M),): a program owns a row block and sweeps every column block
-#                          with an online base-2 (max, sum); writes lse (natural log) and t.
-#   _rect_bwd_rows_kernel  grid (cdiv(R, BLOCK_M), D-chunks): sweeps the column blocks, recomputes the logit
-#                          tile over the full d, acc += W diag(r_J) Y_J[:, chunk]; finishes dx (fp32 (R, d))
-#                          and, chunk 0, the per-block partial of gz.
-#   _rect_bwd_cols_kernel  grid (cdiv(grad_cols, BLOCK_N), D-chunks): a program owns a column block and sweeps
-#                          the row blocks with the stored row LSEs (flash-attention's dK/dV): no atomics.
-# Cost: forward R Cn d MACs, backward (2 + 2 chunks) R Cn d; extra memory O(R + Cn) beyond the outputs.
-# Not done: splitting the forward's column sweep (few row blocks, many candidates: a distributed rank's
-# 2N_local rows against 2N_global columns) into partial LSEs for more parallelism; not tuned on a GPU.
+# The launchers pass +-r (negative when |x| <= eps) for rows and candidates (no division in the tiles) and,
+# like the NT-Xent forward, the forward shifts its exp2 by 1 / T when the rows are normalized and T >= 0.024
+# (_fixed_shift: one exp2 per logit, no maximum, linear partial sums).
+# Kernels (fp32 statistics and accumulators, -inf masks, int64 element offsets):
+#   _rect_fwd_kernel       grid (cdiv(R, BLOCK_M), S): program (I, s) sweeps the candidate piece s (cps columns,
+#                          S pieces so that the grid fills the GPU: MoCo's 256 rows x 65536 queue entries give
+#                          2 x 66 programs) with an online base-2 (max, sum) per row: one partial per (s, row)
+#                          and the positive's logit where the piece holds it.
+#   _rect_merge_kernel     grid (cdiv(R, 128),): the S partials of each row in a fixed order -> lse, terms.
+#   _rect_bwd_rows_kernel  grid (cdiv(R, BLOCK_M), D-chunks, S): the same pieces; recomputes the logit tile,
+#                          acc += W diag(r_J) Y_J[:, chunk]; S = 1: finishes dx (fp32 (R, d)) and, chunk 0, the
+#                          per-block partial of gz; S > 1: fp32 partials to a workspace, summed in a fixed order
+#                          by _rect_bwd_epilogue_kernel, which finishes dx.
+#   _rect_bwd_cols_kernel  grid (cdiv(grad_cols, BLOCK_N), D-chunks, S'): a program owns a column block and sweeps
+#                          a piece of the row blocks with the stored row LSEs (flash-attention's dK/dV): no atomics;
+#                          S' > 1 through the same workspace and epilogue.
+#   SINGLE (16-bit, d <= 128): the rows' (columns') tile is loaded once per program, one K step per tile.
+# Cost: forward R Cn d MACs, backward (2 + 2 chunks) R Cn d; extra memory O(S (R + Cn) d) for the pieces.
+
+
+@triton.jit
+def _mma_hilo(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b for an fp32 a and b in the inputs' dtype: a split in a high and a low part of that dtype
+    (two MMAs at the 16-bit rate: a to ~2^-17 relative, where one rounding to bf16 costs 2^-9, which a gradient
+    summed over a few rows or candidates does not average away); fp32 b: one MMA (IEEE or TF32)."""
+    if b.dtype == tl.float32:
+        acc = _mma(a, b, acc, UPCAST, IEEE)
+    else:
+        hi = a.to(b.dtype)
+        acc = _mma(hi, b, acc, UPCAST, IEEE)
+        acc = _mma((a - hi.to(tl.float32)).to(b.dtype), b, acc, UPCAST, IEEE)
+    return acc
 
 
 @triton.jit
 def _rect_fwd_kernel(
-    x_ptr, y_ptr, xn_ptr, yn_ptr, pos_ptr, excl_ptr, inv_temp_ptr, terms_ptr, lse_ptr,
+    x_ptr, y_ptr, xs_ptr, ys_ptr, pos_ptr, excl_ptr, inv_temp_ptr, part_ptr, spos_ptr,
     stride_x, stride_y,
-    R, Cn, d,
+    R, Cn, d, cps,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    """part[s, row] = base-2 LSE of the row over the candidates of piece s (a linear sum of 2^(s2 - scale2) with
+    the fixed shift), spos[s, row] = the positive's base-2 logit when piece s holds it, else 0."""
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < R
-    ri = _rinv(tl.load(xn_ptr + rows, mask=rmask, other=1.0), NORMALIZE)
+    kk = tl.arange(0, BLOCK_K)
+    scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
+    rs = _scale(tl.load(xs_ptr + rows, mask=rmask, other=1.0), NORMALIZE) * scale2
     p = tl.load(pos_ptr + rows, mask=rmask, other=-1)
     e = tl.load(excl_ptr + rows, mask=rmask, other=-1)
-    scale = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    if SINGLE:
+        xr = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + kk[None, :],
+                     mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
+    fixed = _fixed_shift(scale2, NORMALIZE)
+    m = tl.where(fixed, scale2, float("-inf")) + tl.zeros([BLOCK_M], dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     spos = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(0, Cn, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    c_lo = sid * cps
+    for j0 in range(c_lo, tl.minimum(c_lo + cps, Cn), BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < Cn
-        rj = _rinv(tl.load(yn_ptr + cols, mask=cmask, other=1.0), NORMALIZE)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = _dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, rmask, cmask, d, acc, BLOCK_K, UPCAST, IEEE)
-        s2 = acc * ri[:, None] * rj[None, :] * scale
+        if SINGLE:
+            yc = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_y + kk[None, :],
+                         mask=cmask[:, None] & (kk < d)[None, :], other=0.0)
+            acc = _mma(xr, tl.trans(yc), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
+        else:
+            acc = _dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows.to(tl.int64), cols.to(tl.int64), rmask, cmask,
+                            d, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
+        rj = _scale(tl.load(ys_ptr + cols, mask=cmask, other=1.0), NORMALIZE)
+        s2 = acc * rs[:, None] * rj[None, :]
         spos += tl.sum(tl.where(cols[None, :] == p[:, None], s2, 0.0), axis=1)
         s2 = tl.where(cmask[None, :] & (cols[None, :] != e[:, None]), s2, float("-inf"))
-        mnew = tl.maximum(m, tl.max(s2, axis=1))
-        msafe = tl.where(mnew == float("-inf"), 0.0, mnew)
-        l = l * tl.exp2(m - msafe) + tl.sum(tl.exp2(s2 - msafe[:, None]), axis=1)
-        m = mnew
-    lse2 = m + tl.log2(l)
+        if fixed:
+            m, l, _ = _tile_stats_fixed(s2, m, l, scale2, False)
+        else:
+            m, l, _ = _tile_stats_max(s2, m, l, False)
+    if fixed:
+        out = l
+    else:
+        out = tl.where(l > 0.0, m + tl.log2(tl.where(l > 0.0, l, 1.0)), float("-inf"))
+    tl.store(part_ptr + sid.to(tl.int64) * R + rows, out, mask=rmask)
+    tl.store(spos_ptr + sid.to(tl.int64) * R + rows, spos, mask=rmask)
+
+
+@triton.jit
+def _rect_merge_kernel(part_ptr, spos_ptr, pos_ptr, inv_temp_ptr, terms_ptr, lse_ptr, R, nsplit,
+                       NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """lse_i (natural) from the nsplit partials of row i, in a fixed order; t_i = lse_i - S_i,p(i)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
+    fixed = _fixed_shift(scale2, NORMALIZE)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    spos = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s0 in range(0, nsplit, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        offs = s[:, None].to(tl.int64) * R + rows[None, :]
+        msk = (s < nsplit)[:, None] & rmask[None, :]
+        v = tl.load(part_ptr + offs, mask=msk, other=float("-inf"))
+        spos += tl.sum(tl.load(spos_ptr + offs, mask=msk, other=0.0), axis=0)
+        if fixed:
+            l += tl.sum(tl.where(v == float("-inf"), 0.0, v), axis=0)
+        else:
+            mn = tl.maximum(m, tl.max(v, axis=0))
+            mn_safe = tl.where(mn == float("-inf"), 0.0, mn)
+            l = l * tl.exp2(m - mn_safe) + tl.sum(tl.exp2(v - mn_safe[None, :]), axis=0)
+            m = mn
+    if fixed:
+        m = tl.zeros([BLOCK_R], dtype=tl.float32) + scale2
+    lse2 = tl.where(l > 0.0, m + tl.log2(tl.where(l > 0.0, l, 1.0)), float("-inf"))
+    p = tl.load(pos_ptr + rows, mask=rmask, other=-1)
     t2 = tl.where(p >= 0, lse2 - spos, lse2)
     tl.store(lse_ptr + rows, lse2 * 0.6931471805599453, mask=rmask)
     tl.store(terms_ptr + rows, t2 * 0.6931471805599453, mask=rmask)
 
 
 @triton.jit
+def _rect_finish(acc, dot, a_ptr, as_ptr, stride_a, idx, imask, dcols, dmask, it,
+                 NORMALIZE: tl.constexpr, SINGLE: tl.constexpr):
+    """(dx, <a, G>) of the rows idx from acc = sum_j W_ij r_j y_j[chunk] and dot = sum_j W_ij s2_ij:
+    G = acc / T, <a_i, G_i> from G when it holds the whole d (SINGLE), else from the logits; the
+    normalization backward with the signed scales (negative: |x| <= eps, the constant branch)."""
+    g = acc * it
+    sa = tl.load(as_ptr + idx, mask=imask, other=1.0)
+    ra = _scale(sa, NORMALIZE)
+    xa = tl.load(a_ptr + idx[:, None].to(tl.int64) * stride_a + dcols[None, :], mask=imask[:, None] & dmask[None, :],
+                 other=0.0).to(tl.float32)
+    gzn = dot * 0.6931471805599453  # <a_i, G_i> = sum_j W_ij S_ij from the logits (fp32)
+    if SINGLE:  # the whole d in this chunk: <a_i, G_i> from G itself, so that it cancels exactly in dx
+        dotn = tl.sum(xa * ra[:, None] * g, axis=1)
+    else:
+        dotn = gzn
+    if NORMALIZE:
+        dx = tl.where((sa > 0.0)[:, None], (g - xa * ra[:, None] * dotn[:, None]) * ra[:, None], g * ra[:, None])
+    else:
+        dx = g
+    return dx, gzn
+
+
+@triton.jit
 def _rect_bwd_rows_kernel(
-    x_ptr, y_ptr, xn_ptr, yn_ptr, pos_ptr, excl_ptr, w_ptr, lse_ptr, inv_temp_ptr, dx_ptr, gz_ptr,
+    x_ptr, y_ptr, xs_ptr, ys_ptr, pos_ptr, excl_ptr, w_ptr, lse_ptr, inv_temp_ptr, dx_ptr, gz_ptr, ws_ptr, wsd_ptr,
     stride_x, stride_y,
-    R, Cn, d,
+    R, Cn, d, cps,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, SPLIT: tl.constexpr, FOLD_RINV: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     cid = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    sid = tl.program_id(2)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < R
-    nrm = tl.load(xn_ptr + rows, mask=rmask, other=1.0)
-    ri = _rinv(nrm, NORMALIZE)
+    dt = y_ptr.dtype.element_ty
+    scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
+    rs = _scale(tl.load(xs_ptr + rows, mask=rmask, other=1.0), NORMALIZE) * scale2
     p = tl.load(pos_ptr + rows, mask=rmask, other=-1)
     e = tl.load(excl_ptr + rows, mask=rmask, other=-1)
     w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    it = tl.load(inv_temp_ptr).to(tl.float32)
-    scale = it * 1.4426950408889634
     dcols = cid * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < d
+    if SINGLE:
+        xr = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + dcols[None, :],
+                     mask=rmask[:, None] & dmask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dot = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(0, Cn, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    c_lo = sid * cps
+    for j0 in range(c_lo, tl.minimum(c_lo + cps, Cn), BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < Cn
-        rj = _rinv(tl.load(yn_ptr + cols, mask=cmask, other=1.0), NORMALIZE)
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        s = _dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, rmask, cmask, d, s, BLOCK_K, UPCAST, IEEE)
-        s2 = s * ri[:, None] * rj[None, :] * scale
+        rj = _scale(tl.load(ys_ptr + cols, mask=cmask, other=1.0), NORMALIZE)
+        yj = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_y + dcols[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if SINGLE:
+            s = _mma(xr, tl.trans(yj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
+        else:
+            s = _dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows.to(tl.int64), cols.to(tl.int64), rmask, cmask, d,
+                          tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
+        s2 = s * rs[:, None] * rj[None, :]
         keep = rmask[:, None] & cmask[None, :] & (cols[None, :] != e[:, None])
+        ispos = cols[None, :] == p[:, None]
         pr = tl.where(keep, tl.exp2(s2 - lse2[:, None]), 0.0)
-        wm = w[:, None] * (pr - tl.where(cols[None, :] == p[:, None], 1.0, 0.0))
-        wm = tl.where(rmask[:, None] & cmask[None, :], wm, 0.0)
-        dot += tl.sum(tl.where(keep | (cols[None, :] == p[:, None]), wm * s2, 0.0), axis=1)
-        yj = tl.load(y_ptr + cols[:, None] * stride_y + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
-                     other=0.0)
-        acc = _mma(wm * rj[None, :], yj.to(tl.float32), acc, False, IEEE)
-    g = acc * it
-    xa = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
-                 other=0.0).to(tl.float32)
-    gzn = dot * 0.6931471805599453  # <a_i, G_i> = sum_j W_ij S_ij from the logits (fp32)
-    if SINGLE:  # the whole d in this chunk: <a_i, G_i> from G itself, so that it cancels exactly in dx
-        dotn = tl.sum(xa * ri[:, None] * g, axis=1)
-    else:  # this program holds one D-chunk of G only
-        dotn = gzn
-    if NORMALIZE:
-        a = xa * ri[:, None]
-        dx = tl.where((nrm > 1e-12)[:, None], (g - a * dotn[:, None]) * ri[:, None], g * ri[:, None])
+        wm = tl.where(rmask[:, None] & cmask[None, :], w[:, None] * (pr - tl.where(ispos, 1.0, 0.0)), 0.0)
+        dot += tl.sum(tl.where(keep | ispos, wm * s2, 0.0), axis=1)
+        if FOLD_RINV:  # W diag(r_J) Y_J (bf16 / fp32: the range holds r <= 1 / eps)
+            acc = _mma_hilo(wm * rj[None, :], yj, acc, UPCAST, IEEE)
+        else:  # fp16: W (C_J = diag(r_J) Y_J, |c| <= 1)
+            acc = _mma_hilo(wm, (yj.to(tl.float32) * rj[:, None]).to(dt), acc, UPCAST, IEEE)
+    if SPLIT:
+        wrow = sid.to(tl.int64) * R + rows
+        tl.store(ws_ptr + wrow[:, None] * d + dcols[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+        if cid == 0:  # a branch, not a scalar in the mask (see _fwd_kernel)
+            tl.store(wsd_ptr + wrow, dot, mask=rmask)
     else:
-        dx = g
-    tl.store(dx_ptr + rows[:, None] * d + dcols[None, :], dx, mask=rmask[:, None] & dmask[None, :])
-    if cid == 0:
-        tl.store(gz_ptr + pid, tl.sum(tl.where(rmask, gzn, 0.0), axis=0))
+        it = tl.load(inv_temp_ptr).to(tl.float32)
+        dx, gzn = _rect_finish(acc, dot, x_ptr, xs_ptr, stride_x, rows, rmask, dcols, dmask, it, NORMALIZE, SINGLE)
+        tl.store(dx_ptr + rows[:, None].to(tl.int64) * d + dcols[None, :], dx, mask=rmask[:, None] & dmask[None, :])
+        if cid == 0:
+            tl.store(gz_ptr + pid, tl.sum(tl.where(rmask, gzn, 0.0), axis=0))
 
 
 @triton.jit
 def _rect_bwd_cols_kernel(
-    x_ptr, y_ptr, xn_ptr, yn_ptr, pos_ptr, excl_ptr, w_ptr, lse_ptr, inv_temp_ptr, dy_ptr,
+    x_ptr, y_ptr, xs_ptr, ys_ptr, pos_ptr, excl_ptr, w_ptr, lse_ptr, inv_temp_ptr, dy_ptr, ws_ptr, wsd_ptr,
     stride_x, stride_y,
-    R, grad_cols, d,
+    R, grad_cols, d, rps,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, SPLIT: tl.constexpr, FOLD_RINV: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     cid = tl.program_id(1)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    sid = tl.program_id(2)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < grad_cols
-    nrm = tl.load(yn_ptr + cols, mask=cmask, other=1.0)
-    rj = _rinv(nrm, NORMALIZE)
-    it = tl.load(inv_temp_ptr).to(tl.float32)
-    scale = it * 1.4426950408889634
+    dt = x_ptr.dtype.element_ty
+    scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
+    cs = _scale(tl.load(ys_ptr + cols, mask=cmask, other=1.0), NORMALIZE) * scale2
     dcols = cid * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < d
+    if SINGLE:
+        yc = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_y + dcols[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dot = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for i0 in range(0, R, BLOCK_M):
-        rows = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    r_lo = sid * rps
+    for i0 in range(r_lo, tl.minimum(r_lo + rps, R), BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
         rmask = rows < R
-        ri = _rinv(tl.load(xn_ptr + rows, mask=rmask, other=1.0), NORMALIZE)
+        ri = _scale(tl.load(xs_ptr + rows, mask=rmask, other=1.0), NORMALIZE)
         p = tl.load(pos_ptr + rows, mask=rmask, other=-1)
         e = tl.load(excl_ptr + rows, mask=rmask, other=-1)
         w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
-        s = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        s = _dot_tile(y_ptr, x_ptr, stride_y, stride_x, cols, rows, cmask, rmask, d, s, BLOCK_K, UPCAST, IEEE)
-        s2 = s * rj[:, None] * ri[None, :] * scale
+        xi = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + dcols[None, :],
+                     mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if SINGLE:
+            s = _mma(yc, tl.trans(xi), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST, IEEE)
+        else:
+            s = _dot_tile(y_ptr, x_ptr, stride_y, stride_x, cols.to(tl.int64), rows.to(tl.int64), cmask, rmask, d,
+                          tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), BLOCK_K, UPCAST, IEEE)
+        s2 = s * cs[:, None] * ri[None, :]
         both = cmask[:, None] & rmask[None, :]
         keep = both & (cols[:, None] != e[None, :])
-        pr = tl.where(keep, tl.exp2(s2 - lse2[None, :]), 0.0)
         ispos = cols[:, None] == p[None, :]
+        pr = tl.where(keep, tl.exp2(s2 - lse2[None, :]), 0.0)
         wt = tl.where(both, w[None, :] * (pr - tl.where(ispos, 1.0, 0.0)), 0.0)
         dot += tl.sum(tl.where(keep | ispos, wt * s2, 0.0), axis=1)
-        xi = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
-                     other=0.0)
-        acc = _mma(wt * ri[None, :], xi.to(tl.float32), acc, False, IEEE)
-    g = acc * it
-    yc = tl.load(y_ptr + cols[:, None] * stride_y + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
-                 other=0.0).to(tl.float32)
-    if SINGLE:
-        dotn = tl.sum(yc * rj[:, None] * g, axis=1)
+        if FOLD_RINV:
+            acc = _mma_hilo(wt * ri[None, :], xi, acc, UPCAST, IEEE)
+        else:
+            acc = _mma_hilo(wt, (xi.to(tl.float32) * ri[:, None]).to(dt), acc, UPCAST, IEEE)
+    if SPLIT:
+        wrow = sid.to(tl.int64) * grad_cols + cols
+        tl.store(ws_ptr + wrow[:, None] * d + dcols[None, :], acc, mask=cmask[:, None] & dmask[None, :])
+        if cid == 0:
+            tl.store(wsd_ptr + wrow, dot, mask=cmask)
     else:
-        dotn = dot * 0.6931471805599453
-    if NORMALIZE:
-        c = yc * rj[:, None]
-        dy = tl.where((nrm > 1e-12)[:, None], (g - c * dotn[:, None]) * rj[:, None], g * rj[:, None])
-    else:
-        dy = g
-    tl.store(dy_ptr + cols[:, None] * d + dcols[None, :], dy, mask=cmask[:, None] & dmask[None, :])
+        it = tl.load(inv_temp_ptr).to(tl.float32)
+        dy, _ = _rect_finish(acc, dot, y_ptr, ys_ptr, stride_y, cols, cmask, dcols, dmask, it, NORMALIZE, SINGLE)
+        tl.store(dy_ptr + cols[:, None].to(tl.int64) * d + dcols[None, :], dy, mask=cmask[:, None] & dmask[None, :])
 
 
-def _rect_config(d: int, dtype: torch.dtype) -> dict:
-    """Tiles of the rectangular kernels (a first table, not tuned on a GPU yet)."""
+@triton.jit
+def _rect_bwd_epilogue_kernel(a_ptr, as_ptr, ws_ptr, wsd_ptr, inv_temp_ptr, out_ptr, gz_ptr, stride_a, n, d, nsplit,
+                              NORMALIZE: tl.constexpr, WRITE_GZ: tl.constexpr, BLOCK: tl.constexpr,
+                              BLOCK_D: tl.constexpr, SINGLE: tl.constexpr):
+    """Sums the nsplit partials (ws: nsplit x n x d, wsd: nsplit x n) of the rows or columns kernel in a fixed
+    order and finishes their gradient like them."""
+    pid = tl.program_id(0)
+    cid = tl.program_id(1)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    imask = idx < n
+    dcols = cid * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dcols < d
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dot = tl.zeros([BLOCK], dtype=tl.float32)
+    wrow = idx.to(tl.int64)  # row of piece s: s n + idx, advanced in int64
+    for _ in range(0, nsplit):
+        acc += tl.load(ws_ptr + wrow[:, None] * d + dcols[None, :], mask=imask[:, None] & dmask[None, :], other=0.0)
+        dot += tl.load(wsd_ptr + wrow, mask=imask, other=0.0)
+        wrow += n
+    it = tl.load(inv_temp_ptr).to(tl.float32)
+    dx, gzn = _rect_finish(acc, dot, a_ptr, as_ptr, stride_a, idx, imask, dcols, dmask, it, NORMALIZE, SINGLE)
+    tl.store(out_ptr + idx[:, None].to(tl.int64) * d + dcols[None, :], dx, mask=imask[:, None] & dmask[None, :])
+    if WRITE_GZ:
+        if cid == 0:
+            tl.store(gz_ptr + pid, tl.sum(tl.where(imask, gzn, 0.0), axis=0))
+
+
+def _rect_config(d: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """Tiles of the rectangular kernels (a first table, not timed on a GPU). 16-bit: 128-row tiles on 8 warps
+    (one warpgroup per 64 rows: 64-row tiles on 8 warps make both warpgroups compute the same rows), the rows'
+    (columns') tile resident when d <= 128 (SINGLE), 64-wide sweeps; `own` is the block a backward program
+    owns (rows in the rows kernel, candidates in the columns kernel), `sweep` the blocks it loops over."""
     dp = _pow2(d)
-    # backward: 8 warps (with 4, sm_90 needs 250-255 registers for the 64 x 128 fp32 accumulator and the
-    # column kernel spills; measured with scripts/check_triton_compile.py)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=min(dp, 32), BLOCK_D=min(dp, 64), num_warps=4, bwd_warps=8)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(dp, 64), BLOCK_D=min(dp, 128), num_warps=4, bwd_warps=8)
+        return dict(fwd_M=64, fwd_N=32, fwd_warps=4, own=64, sweep=32, BLOCK_K=min(dp, 32), BLOCK_D=min(dp, 64),
+                    SINGLE=False, bwd_warps=4)
+    single = dp <= 128
+    own, warps = (128, 8) if arch >= 90 else (64, 4)  # sm_80: mma.sync operands in registers, 64-row programs
+    return dict(fwd_M=128, fwd_N=64, fwd_warps=8, own=own, sweep=64 if single else 32, BLOCK_K=dp if single else 64,
+                BLOCK_D=dp if single else 128, SINGLE=single, bwd_warps=warps)
+
+
+_RECT_EPI = dict(BLOCK=16, num_warps=4)  # the pieces' epilogue: 16 rows per program (MoCo: 16 programs)
 
 
 def _rect_inputs(rows, cands, d_check=True):
@@ -1080,46 +1314,90 @@ def _rect_inputs(rows, cands, d_check=True):
     return fix(rows), fix(cands)
 
 
+def _signed_rinv(x: torch.Tensor) -> torch.Tensor:
+    """+-1 / max(|x_i|, eps) per row, fp32, negative when |x_i| <= eps (F.normalize's constant branch)."""
+    n = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+    r = 1.0 / n.clamp_min(1e-12)
+    return torch.where(n > 1e-12, r, -r)
+
+
+def _pieces(blocks: int, span_blocks: int, device: torch.device, waves: int = 1) -> tuple:
+    """(pieces S, blocks per piece) of a sweep over span_blocks blocks so that blocks x S makes about `waves`
+    waves of programs (MoCo, 256 rows against 65792 candidates: 258 programs in the forward (2 waves: its
+    partials are one float per row), 132 in the backward (1 wave: its partials are rows x d floats))."""
+    want = max(1, min(span_blocks, triton.cdiv(waves * _sm_count(device), max(blocks, 1))))
+    return want, triton.cdiv(span_blocks, want)  # exactly `want` pieces (the last ones may be empty)
+
+
 def rect_forward(rows, cands, pos, excl, inv_temp, normalize):
-    """[terms (R), lse (R), row norms (R), candidate norms (Cn)], fp32."""
+    """[terms (R), lse (R), row scales (R), candidate scales (Cn)], fp32 (scales: +-1 / max(|x|, eps))."""
     rows, cands = _rect_inputs(rows, cands)
     r, d = rows.shape
     cn = cands.shape[0]
     cfg = _rect_config(d, rows.dtype)
+    bm, bn = cfg["fwd_M"], cfg["fwd_N"]
+    if r >= 2 ** 31 or cn >= 2 ** 31:
+        raise ValueError("rows and cands must have fewer than 2^31 rows")
     with _device_ctx(rows):
-        xn = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
-        yn = torch.linalg.vector_norm(cands, dim=1, dtype=torch.float32)
+        xs, ys = _signed_rinv(rows), _signed_rinv(cands)
         terms = torch.empty(r, dtype=torch.float32, device=rows.device)
         lse = torch.empty(r, dtype=torch.float32, device=rows.device)
-        _rect_fwd_kernel[(triton.cdiv(r, cfg["BLOCK_M"]),)](
-            rows, cands, xn, yn, pos, excl, inv_temp, terms, lse, rows.stride(0), cands.stride(0), r, cn, d,
-            NORMALIZE=bool(normalize), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], **_flags(rows))
-    return [terms, lse, xn, yn]
+        nsplit, per = _pieces(triton.cdiv(r, bm), triton.cdiv(cn, bn), rows.device, waves=2)
+        part = torch.empty((nsplit, r), dtype=torch.float32, device=rows.device)
+        spos = torch.empty((nsplit, r), dtype=torch.float32, device=rows.device)
+        _rect_fwd_kernel[(triton.cdiv(r, bm), nsplit)](
+            rows, cands, xs, ys, pos, excl, inv_temp, part, spos, rows.stride(0), cands.stride(0), r, cn, d, per * bn,
+            NORMALIZE=bool(normalize), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], SINGLE=cfg["SINGLE"],
+            num_warps=cfg["fwd_warps"], **_flags(rows))
+        _rect_merge_kernel[(triton.cdiv(r, 128),)](part, spos, pos, inv_temp, terms, lse, r, nsplit,
+                                                   NORMALIZE=bool(normalize), BLOCK_R=128, BLOCK_S=16, num_warps=4)
+    return [terms, lse, xs, ys]
 
 
-def rect_backward(w, rows, cands, row_norms, cand_norms, lse, pos, excl, inv_temp, normalize, grad_cols):
+def rect_backward(w, rows, cands, row_scales, cand_scales, lse, pos, excl, inv_temp, normalize, grad_cols):
     """[dx (R, d), dy (grad_cols, d), gz (0-dim)], fp32 (normalization backward applied)."""
     rows, cands = _rect_inputs(rows, cands)
     r, d = rows.shape
     cn = cands.shape[0]
-    cfg = _rect_config(d, rows.dtype)
-    common = dict(NORMALIZE=bool(normalize), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["bwd_warps"], **_flags(rows))
-    chunks = triton.cdiv(d, cfg["BLOCK_D"])
-    common["SINGLE"] = chunks == 1
+    cfg = _rect_config(d, rows.dtype, _arch(rows.device))
+    own, sweep, bd = cfg["own"], cfg["sweep"], cfg["BLOCK_D"]
+    common = dict(NORMALIZE=bool(normalize), BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, SINGLE=cfg["SINGLE"],
+                  FOLD_RINV=rows.dtype != torch.float16, num_warps=cfg["bwd_warps"], **_flags(rows))
+    chunks = triton.cdiv(d, bd)
+    single = chunks == 1  # <a, G> from G itself (the whole d in one program)
     w = w.to(torch.float32).contiguous()
+    dev = rows.device
     with _device_ctx(rows):
-        dx = torch.empty((r, d), dtype=torch.float32, device=rows.device)
-        dy = torch.empty((grad_cols, d), dtype=torch.float32, device=rows.device)
-        nrb = triton.cdiv(r, cfg["BLOCK_M"])
-        gz_part = torch.empty(nrb, dtype=torch.float32, device=rows.device)
-        _rect_bwd_rows_kernel[(nrb, chunks)](
-            rows, cands, row_norms, cand_norms, pos, excl, w, lse, inv_temp, dx, gz_part,
-            rows.stride(0), cands.stride(0), r, cn, d, **common)
+        dx = torch.empty((r, d), dtype=torch.float32, device=dev)
+        dy = torch.empty((grad_cols, d), dtype=torch.float32, device=dev)
+        nrb = triton.cdiv(r, own)
+        gz_part = torch.empty(nrb, dtype=torch.float32, device=dev)
+        nsplit, per = _pieces(nrb * chunks, triton.cdiv(cn, sweep), dev)
+        ws = torch.empty((nsplit, r, d) if nsplit > 1 else (1,), dtype=torch.float32, device=dev)
+        wsd = torch.empty((nsplit, r) if nsplit > 1 else (1,), dtype=torch.float32, device=dev)
+        _rect_bwd_rows_kernel[(nrb, chunks, nsplit)](
+            rows, cands, row_scales, cand_scales, pos, excl, w, lse, inv_temp, dx, gz_part, ws, wsd,
+            rows.stride(0), cands.stride(0), r, cn, d, per * sweep, SPLIT=nsplit > 1, BLOCK_M=own, BLOCK_N=sweep,
+            **common)
+        if nsplit > 1:  # gz partials per epilogue program (a finer grid than the rows kernel's)
+            gz_part = torch.empty(triton.cdiv(r, _RECT_EPI["BLOCK"]), dtype=torch.float32, device=dev)
+            _rect_bwd_epilogue_kernel[(triton.cdiv(r, _RECT_EPI["BLOCK"]), chunks)](
+                rows, row_scales, ws, wsd, inv_temp, dx, gz_part, rows.stride(0), r, d, nsplit,
+                NORMALIZE=bool(normalize), WRITE_GZ=True, BLOCK=_RECT_EPI["BLOCK"], BLOCK_D=bd, SINGLE=single,
+                num_warps=_RECT_EPI["num_warps"])
         if grad_cols > 0:
-            _rect_bwd_cols_kernel[(triton.cdiv(grad_cols, cfg["BLOCK_N"]), chunks)](
-                rows, cands, row_norms, cand_norms, pos, excl, w, lse, inv_temp, dy,
-                rows.stride(0), cands.stride(0), r, grad_cols, d, **common)
+            ncb = triton.cdiv(grad_cols, own)
+            csplit, cper = _pieces(ncb * chunks, triton.cdiv(r, sweep), dev)
+            cws = torch.empty((csplit, grad_cols, d) if csplit > 1 else (1,), dtype=torch.float32, device=dev)
+            cwsd = torch.empty((csplit, grad_cols) if csplit > 1 else (1,), dtype=torch.float32, device=dev)
+            _rect_bwd_cols_kernel[(ncb, chunks, csplit)](
+                rows, cands, row_scales, cand_scales, pos, excl, w, lse, inv_temp, dy, cws, cwsd,
+                rows.stride(0), cands.stride(0), r, grad_cols, d, cper * sweep, SPLIT=csplit > 1, BLOCK_M=sweep,
+                BLOCK_N=own, **common)
+            if csplit > 1:
+                _rect_bwd_epilogue_kernel[(triton.cdiv(grad_cols, _RECT_EPI["BLOCK"]), chunks)](
+                    cands, cand_scales, cws, cwsd, inv_temp, dy, gz_part, cands.stride(0), grad_cols, d, csplit,
+                    NORMALIZE=bool(normalize), WRITE_GZ=False, BLOCK=_RECT_EPI["BLOCK"], BLOCK_D=bd, SINGLE=single,
+                    num_warps=_RECT_EPI["num_warps"])
         gz = gz_part.sum()
     return [dx, dy, gz]

@@ -48,8 +48,9 @@ UNSUPPORTED = "unsupported triton version for ahead-of-time compile check"
 MODULE_NAME = "_ssl_fast_infonce_aot"  # the kernels file is loaded by path, under this module name
 
 K = None  # the kernels module (set in main, inherited by forked workers)
-_RECORDS: list = []  # (kernel name, case label, case dict, args, kwargs) of every recorded launch
+_RECORDS: list = []  # (kernel name, case dict, args, kwargs, arch) of every recorded launch
 _CASE: dict = {}
+_ARCH = [90]  # the compute capability the launches are being recorded for (the launchers' tiles depend on it)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            _RECORDS.append((self.name, dict(_CASE), args, kwargs))
+            _RECORDS.append((self.name, dict(_CASE), args, kwargs, _ARCH[0]))
         return launch
 
 
@@ -147,9 +148,10 @@ def _cases(quick):
     import torch
     dts = [("bf16", torch.bfloat16, "high"), ("fp16", torch.float16, "high"), ("fp32", torch.float32, "highest"),
            ("tf32", torch.float32, "high")]
-    if quick:  # every kernel, 16-bit + fp32, both forward paths, split and unsplit backward
+    if quick:  # every kernel, 16-bit + fp32, both forward paths (2N = 2^21: grouped), split and unsplit backward
         return [dict(dt=dt, d=128, n=n, loss=loss, normalize=True)
                 for dt in (dts[0], dts[2]) for n in (1024, 32768) for loss in ("ntxent", "info_nce_sym")] + \
+            [dict(dt=dts[0], d=128, n=1 << 20, loss="ntxent", normalize=True)] + \
             [dict(dt=dt, d=d, n=1024, loss="rect", normalize=True) for dt in (dts[0], dts[2]) for d in (128, 768)]
     return [dict(dt=dt, d=d, n=n, loss=loss, normalize=norm)
             for dt in dts for d in (128, 768) for n in (256, 2048, 8192, 65536)
@@ -301,8 +303,12 @@ def main(argv=None):
     _RECORDS.clear()
     try:
         with _recording(K, jit_names):
-            for c in cases:
-                _run_case(c)
+            for arch in archs:
+                _ARCH[0] = arch
+                if hasattr(K, "_ARCH_OVERRIDE"):
+                    K._ARCH_OVERRIDE = arch
+                for c in cases:
+                    _run_case(c)
     except Exception:
         print(f"FAIL recording the launchers' launches (case {_CASE}); the launcher API changed? "
               f"Update _run_case() in this script.\n{traceback.format_exc()}")
@@ -311,11 +317,11 @@ def main(argv=None):
     # distinct variants per arch, in the order of the module's kernels
     variants = {}  # key -> dict(kernel, arch, spec, case, count)
     order = {n: i for i, n in enumerate(jit_names)}
-    for name, case, a, kw in _RECORDS:
+    for name, case, a, kw, rec_arch in _RECORDS:
         if name not in kernel_names:
             kernel_names.append(name)  # launched although not named *_kernel: checked too
         fn = getattr(K, name)
-        for arch in archs:
+        for arch in (rec_arch,):
             spec = _specialize(api, fn, arch, a, kw)
             sig, constexprs, attrs, opts = spec
             key = (name, arch, tuple(sig.items()), tuple(sorted(constexprs.items())), repr(sorted(attrs.items())),

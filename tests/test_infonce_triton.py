@@ -181,8 +181,9 @@ def test_grouped_and_per_tile_forward_agree(monkeypatch, loss_name, kw):
 
 
 def test_partial_buffer_bound():
-    """part is nslots x 2N fp32 with nslots <= max(64, d): extra memory O(N d) at any N (pure Python, the
-    launcher's plan; nothing allocated). Moderate sizes keep the per-tile (symmetric) forward."""
+    """part is nslots x 2N fp32: the per-tile (symmetric) forward while that fits K._PART_BUDGET bytes, else the
+    grouped forward with nslots <= max(64, d), O(N d) at any N (pure Python, the launcher's plan; nothing
+    allocated)."""
     cpu = torch.device("cpu")
     for dtype in DTYPES:
         for d in (16, 128, 768, 2048):
@@ -190,17 +191,21 @@ def test_partial_buffer_bound():
                 for ntxent in (True, False):
                     plan = K._fwd_plan(n, d, dtype, ntxent, cpu)
                     m = 2 * n
-                    assert 1 <= plan["nslots"] <= max(64, d)
-                    assert 4 * m * plan["nslots"] <= 4 * m * max(64, d)
-                    if plan["grouped"]:  # enough programs (>= 2 waves) unless the cap binds; no empty group
-                        blocks = (2 if ntxent else 1) * plan["nb1"]
+                    blocks = (2 if ntxent else 1) * plan["nb1"]
+                    if plan["grouped"]:  # per-tile would not fit; enough programs unless the cap binds
+                        assert blocks * 4 * m > K._PART_BUDGET
+                        assert 1 <= plan["nslots"] <= max(64, d)
                         assert blocks * plan["nslots"] >= 2 * K._SM_TARGET or plan["nslots"] == max(64, d)
                         assert (plan["nslots"] - 1) * plan["jpg"] < blocks <= plan["nslots"] * plan["jpg"]
-    # M = 65536, d = 128, bf16: per-tile would need 512 slots (128 MiB); grouped needs 1 (256 KiB)
-    plan = K._fwd_plan(32768, 128, torch.bfloat16, True, cpu)
-    assert plan["grouped"] and 4 * 65536 * plan["nslots"] <= 4 * 65536 * 128
-    # 2N = 16384, d = 128, bf16: 128 slots <= 128, the per-tile forward (8 MiB) stays
-    assert not K._fwd_plan(8192, 128, torch.bfloat16, True, cpu)["grouped"]
+                    else:
+                        assert plan["nslots"] == blocks and 4 * m * blocks <= K._PART_BUDGET
+                        assert 1 <= plan["tpp"] <= 16
+    # the target 2N = 65536 (d = 128, 256): the symmetric forward, 512 slots of 128-row blocks = 128 MiB
+    for d in (128, 256):
+        plan = K._fwd_plan(32768, d, torch.bfloat16, True, cpu)
+        assert not plan["grouped"] and 4 * 65536 * plan["nslots"] == 128 << 20
+    # 2N = 2^21: grouped, one slot per group
+    assert K._fwd_plan(1 << 20, 128, torch.bfloat16, True, cpu)["grouped"]
 
 
 def test_n_equals_one():
