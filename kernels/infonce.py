@@ -751,6 +751,84 @@ def _device_ctx(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
+# ----------------------------------------------------------------------------------------------------
+# autotuning: triton.autotune over a pruned list per kernel, keyed on (D bucket, dtype, N bucket)
+#
+# Every launch of the tiled kernels goes through _launch with a list of configs: the table's config first, then
+# the candidates that leave the grid and the buffers as they are (num_stages, the K step without X_I resident,
+# the backward's column-tile width when its sweep is not split), pruned by shared memory (<= 220 KiB) and by
+# the shape (no tile wider than the problem). By default, and always under TRITON_INTERPRET=1, the first
+# config runs (exactly one config: deterministic, no benchmarking in a user's first step). SSL_FAST_AUTOTUNE=1
+# on a GPU hands the list to triton.autotune, one tuner per (kernel, flags, D bucket, dtype, N bucket), which
+# times them on the first launch of that key and keeps the fastest (results can then differ in rounding
+# between processes: the tiles sum in another order). The ahead-of-time scripts set _LAUNCH_HOOK and see
+# every config of every list (scripts/check_triton_compile.py compiles them all, scripts/static_report.py
+# reports them as candidates). No list has been timed on a GPU yet.
+
+_AUTOTUNE = os.environ.get("SSL_FAST_AUTOTUNE", "0") == "1"
+_LAUNCH_HOOK = None  # the ahead-of-time scripts: hook(kernel, grid, args, kwargs, configs) instead of a launch
+_TUNERS: dict = {}
+_SMEM_CAP = 220 << 10  # bytes of shared memory a candidate may ask for (H100: 227 KiB per block)
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two bucket of a size (the autotuning key)."""
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _launch(kernel, grid, args, kwargs, configs, key):
+    """kernel[grid](*args, **kwargs, **configs[0]), or the fastest of configs with SSL_FAST_AUTOTUNE=1 on a GPU;
+    key: (D bucket, dtype, N bucket)."""
+    if _LAUNCH_HOOK is not None:
+        return _LAUNCH_HOOK(kernel, grid, args, kwargs, configs)
+    if len(configs) == 1 or not _AUTOTUNE or _interpreting():
+        return kernel[grid](*args, **kwargs, **configs[0])
+    flags = tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))))
+    tkey = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), flags, key)
+    tuner = _TUNERS.get(tkey)
+    if tuner is None:
+        tconfigs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                  num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3)) for c in configs]
+        tuner = _TUNERS[tkey] = triton.autotune(configs=tconfigs, key=[])(kernel)
+    return tuner[grid](*args, **kwargs)
+
+
+def _tile_smem(rows: int, cols: int, bk: int, stages: int, resident: bool, elt: int) -> int:
+    """Shared memory of a pipelined tile loop: `stages` buffers of the streamed operands (both, or the
+    columns' only when the rows' tile is resident: rows x bk once more)."""
+    streamed = cols * bk if resident else (rows + cols) * bk
+    return elt * (stages * streamed + (rows * bk if resident else 0))
+
+
+def _fwd_candidates(cfg: dict, d: int, dtype: torch.dtype) -> list:
+    """The forward kernels' list: the table's config, then 2 / 3 / 4 stages (and K steps 32 / 64 / 128 when X_I
+    is not resident) within _SMEM_CAP."""
+    elt = 4 if dtype == torch.float32 else 2
+    out = [cfg]
+    for bk in ([cfg["BLOCK_K"]] if cfg["SINGLE"] else [32, 64, 128]):
+        for stages in (2, 3, 4):
+            c = dict(cfg, BLOCK_K=bk, num_stages=stages)
+            if c not in out and bk <= max(16, _pow2(d)) and \
+                    _tile_smem(cfg["BLOCK"], cfg["BLOCK"], bk, stages, cfg["SINGLE"], elt) <= _SMEM_CAP:
+                out.append(c)
+    return out
+
+
+def _bwd_candidates(cfg: dict, d: int, dtype: torch.dtype, split: bool) -> list:
+    """The backward kernel's list: the table's config, then other column-tile widths (32 / 64 / 128, only when
+    the sweep is not split: the pieces are counted in column blocks) and 2 / 3 stages within _SMEM_CAP."""
+    elt = 4 if dtype == torch.float32 else 2
+    out = [cfg]
+    widths = [cfg["BLOCK_N"]] if split else [32, 64, 128]
+    for bn in widths:
+        for stages in (2, 3):
+            c = dict(cfg, BLOCK_N=bn, num_stages=stages)
+            smem = _tile_smem(cfg["BLOCK_M"], bn, cfg["BLOCK_K"], stages, cfg["SINGLE"], elt)
+            if c not in out and smem <= _SMEM_CAP and (bn * cfg["BLOCK_D"] <= 128 * 128 or bn <= cfg["BLOCK_N"]):
+                out.append(c)
+    return out
+
+
 def _check(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, d: int) -> None:
     for x, name in ((a, name_a), (b, name_b)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -839,9 +917,10 @@ def _forward(a, b, inv_temp, normalize, d, ntxent, col_stats):
     part = torch.empty((nslots, 2 * n), dtype=torch.float32, device=a.device)
     if not plan["grouped"]:
         tpp = plan["tpp"]
-        _fwd_kernel[(nslots, triton.cdiv(nslots, tpp))](
-            a, b, nrm, inv_temp, part, a.stride(0), b.stride(0), part.stride(0), n, d, nb1, tpp,
-            NTXENT=ntxent, COL_STATS=col_stats, NORMALIZE=normalize, **_flags(a), **cfg)
+        _launch(_fwd_kernel, (nslots, triton.cdiv(nslots, tpp)),
+                (a, b, nrm, inv_temp, part, a.stride(0), b.stride(0), part.stride(0), n, d, nb1, tpp),
+                dict(NTXENT=ntxent, COL_STATS=col_stats, NORMALIZE=normalize, **_flags(a)),
+                _fwd_candidates(cfg, d, a.dtype), (_pow2(d), a.dtype, _bucket(n)))
         return nrm, cos, part, nslots
     # grouped, rows only: NT-Xent one launch over the 2 nb1 row blocks of [z1; z2] (full M x M, diagonal
     # masked); cross-view rows of q against k (part[:, :N]) and, symmetric, rows of k against q = the
@@ -853,11 +932,12 @@ def _forward(a, b, inv_temp, normalize, d, ntxent, col_stats):
     for rows, cols, row_base, col_base in launches:
         nseg = len(rows)
         r1, c1 = rows[-1], cols[-1]
-        _fwd_grouped_kernel[(nseg * nb1, nslots)](
-            rows[0], r1, cols[0], c1, nrm, inv_temp, part,
-            rows[0].stride(0), r1.stride(0), cols[0].stride(0), c1.stride(0), part.stride(0),
-            n, d, row_base, col_base, plan["jpg"],
-            NSEG=nseg, SELF_MASK=ntxent, NORMALIZE=normalize, **_flags(a), **cfg)
+        _launch(_fwd_grouped_kernel, (nseg * nb1, nslots),
+                (rows[0], r1, cols[0], c1, nrm, inv_temp, part,
+                 rows[0].stride(0), r1.stride(0), cols[0].stride(0), c1.stride(0), part.stride(0),
+                 n, d, row_base, col_base, plan["jpg"]),
+                dict(NSEG=nseg, SELF_MASK=ntxent, NORMALIZE=normalize, **_flags(a)),
+                _fwd_candidates(cfg, d, a.dtype), (_pow2(d), a.dtype, _bucket(n)))
     return nrm, cos, part, nslots
 
 
@@ -873,6 +953,8 @@ def _backward_launch(grad, rows, cols, outs, nrm, lse, cos, inv_temp, gz_part, n
     splits = _bwd_splits(row_blocks * chunks, col_blocks, rows[0].device)
     jps = triton.cdiv(col_blocks, splits)
     splits = triton.cdiv(col_blocks, jps)  # no empty piece
+    if splits == 1:
+        jps = 2 ** 30  # one piece: every column block, whatever BLOCK_N (a candidate may change it)
     dummy = nrm
     gz = gz_part if gz_part is not None else dummy
     if splits > 1:
@@ -884,12 +966,13 @@ def _backward_launch(grad, rows, cols, outs, nrm, lse, cos, inv_temp, gz_part, n
     strides = (rows[0].stride(0), r1.stride(0), cols[0].stride(0), c1.stride(0), outs[0].stride(0), o1.stride(0))
     common = dict(NSEG=nseg, W_ROW=float(w_row), W_COL=float(w_col), NORMALIZE=normalize,
                   WRITE_GZ=gz_part is not None)
-    _bwd_kernel[(row_blocks, chunks, splits)](
-        *ptrs, nrm, lse, cos, inv_temp, grad, gz, ws, wsd, *strides,
-        n, d, row_base, col_base, inv_count, jps, nseg * n * d,
-        SELF_MASK=self_mask, FOLD_RINV=rows[0].dtype != torch.float16, SPLIT=splits > 1,
-        RADIAL=cfg["SINGLE"] and normalize and splits == 1 and rows[0].dtype == torch.bfloat16, **common,
-        **_flags(rows[0]), **cfg)
+    _launch(_bwd_kernel, (row_blocks, chunks, splits),
+            (*ptrs, nrm, lse, cos, inv_temp, grad, gz, ws, wsd, *strides,
+             n, d, row_base, col_base, inv_count, jps, nseg * n * d),
+            dict(SELF_MASK=self_mask, FOLD_RINV=rows[0].dtype != torch.float16, SPLIT=splits > 1,
+                 RADIAL=cfg["SINGLE"] and normalize and splits == 1 and rows[0].dtype == torch.bfloat16, **common,
+                 **_flags(rows[0])),
+            _bwd_candidates(cfg, d, rows[0].dtype, splits > 1), (_pow2(d), rows[0].dtype, _bucket(n)))
     if splits > 1:
         _bwd_epilogue_kernel[(row_blocks, chunks)](
             *ptrs, nrm, cos, inv_temp, grad, gz, ws, wsd, *strides,

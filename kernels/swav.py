@@ -40,8 +40,10 @@ def _swav_crop_kernel(p_ptr, total_ptr, own_ptr, g_ptr, row_loss_ptr,
     c2 = inv_temp * 1.4426950408889634
     mx = tl.full([BLOCK_B], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_B], tl.float32)
-    dot = tl.zeros([BLOCK_B], tl.float32)
-    n = tl.zeros([BLOCK_B], tl.float32)
+    # <T, P> and n summed elementwise over the K tiles, reduced once after the loop (a per-tile tl.sum of a
+    # loaded tile here crashed triton 3.8's TritonGPUOptimizeThreadLocality pass for sm_90 when HAS_OWN=False)
+    dot2 = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
+    n2 = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         msk = rmask[:, None] & (cols < K)[None, :]
@@ -54,8 +56,10 @@ def _swav_crop_kernel(p_ptr, total_ptr, own_ptr, g_ptr, row_loss_ptr,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp2(mx - m_safe) + tl.sum(tl.exp2(x2 - m_safe[:, None]), axis=1)
         mx = m_new
-        dot += tl.sum(t * p, axis=1)
-        n += tl.sum(t, axis=1)
+        dot2 += t * p
+        n2 += t
+    dot = tl.sum(dot2, axis=1)
+    n = tl.sum(n2, axis=1)
     lse2 = tl.where(rmask, mx + tl.log2(tl.where(rmask, l, 1.0)), 0.0)
     row_loss = n * (lse2 * 0.6931471805599453) - dot * inv_temp
     tl.store(row_loss_ptr + rows64, row_loss, mask=rmask)

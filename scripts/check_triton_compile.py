@@ -129,15 +129,24 @@ class _Recorder:
         return launch
 
 
+def _hook(kernel, grid, args, kwargs, configs):
+    """The kernels module's _launch hook: every config of the (pruned) autotuning list is a variant to compile."""
+    for cfg in configs:
+        _RECORDS.append((kernel.name, dict(_CASE), args, {**kwargs, **cfg}, _ARCH[0]))
+
+
 @contextlib.contextmanager
 def _recording(module, jit_names):
     checks = [n for n in ("_check", "_check_scalar") if hasattr(module, n)]
-    saved = {n: getattr(module, n) for n in jit_names + checks}
+    hooks = [n for n in ("_LAUNCH_HOOK",) if hasattr(module, n)]
+    saved = {n: getattr(module, n) for n in jit_names + checks + hooks}
     try:
         for n in jit_names:
             setattr(module, n, _Recorder(n))
         for n in checks:  # they insist on CUDA tensors; ours are on `meta`
             setattr(module, n, lambda *a, **k: None)
+        for n in hooks:
+            setattr(module, n, _hook)
         yield
     finally:
         for n, v in saved.items():

@@ -179,17 +179,30 @@ def _source_index(path: str):
     return fors, frozenset(dots)
 
 
+def _tail(path: str) -> str:
+    return "/".join(os.path.normpath(path).split(os.sep)[-2:])
+
+
+def _proj(f: str, project_files):
+    """The project file a frame's path names (by its last two components: a kernel compiled from another
+    checkout of the same source, e.g. taken from triton's cache, carries that checkout's path), or None."""
+    if f in project_files:
+        return f
+    tails = {_tail(p): p for p in project_files}
+    return tails.get(_tail(f))
+
+
 def loop_key(frames, project_files):
     """(function, loop variable) of the `for` a backward branch closes: the first frame (innermost out) in a
     project file that is a `for` header line, else the innermost `for` around the first project frame."""
-    proj = [(f, ln) for f, ln in frames if os.path.realpath(f) in project_files]
+    proj = [(_proj(f, project_files), ln) for f, ln in frames if _proj(f, project_files)]
     for f, ln in proj:
-        for lo, hi, fn, var in _source_index(os.path.realpath(f))[0]:
+        for lo, hi, fn, var in _source_index(f)[0]:
             if lo == ln and var is not None:
                 return (fn, var)
     if proj:
         f, ln = proj[0]
-        inner = [(lo, hi, fn, var) for lo, hi, fn, var in _source_index(os.path.realpath(f))[0]
+        inner = [(lo, hi, fn, var) for lo, hi, fn, var in _source_index(f)[0]
                  if lo <= ln <= hi and var is not None]
         if inner:
             lo, hi, fn, var = max(inner, key=lambda t: t[0])
@@ -201,28 +214,27 @@ def _functions(frames, project_files):
     """Names of the project functions the frames are in (the chain of inlined calls)."""
     out = set()
     for f, ln in frames:
-        rp = os.path.realpath(f)
-        if rp in project_files:
+        rp = _proj(f, project_files)
+        if rp:
             out.update(fn for lo, hi, fn, var in _source_index(rp)[0] if var is None and lo <= ln <= hi)
     return out
 
 
 def _in_dot(frames, project_files) -> bool:
-    return any(os.path.realpath(f) in project_files and ln in _source_index(os.path.realpath(f))[1]
-               for f, ln in frames)
+    return any(_proj(f, project_files) and ln in _source_index(_proj(f, project_files))[1] for f, ln in frames)
 
 
 def _inner(frames, project_files):
     """The innermost frame in a project file."""
     for f, ln in frames:
-        if os.path.realpath(f) in project_files:
-            return (os.path.realpath(f), ln)
+        if _proj(f, project_files):
+            return (_proj(f, project_files), ln)
     return None
 
 
 def _outer(frames, project_files):  # noqa: D401
     """The outermost frame in a project file (the line in the kernel function itself)."""
-    proj = [(os.path.realpath(f), ln) for f, ln in frames if os.path.realpath(f) in project_files]
+    proj = [(_proj(f, project_files), ln) for f, ln in frames if _proj(f, project_files)]
     return proj[-1] if proj else None
 
 
@@ -284,11 +296,17 @@ def ttir_dots(ttir: str, _all=False):
     resolve = _loc_resolver(ttir)
     loc_of = lambda line: (lambda m: resolve(m[1]) if m else ())(re.search(r"loc\(#(loc\d*)\)\s*$", line.strip()))  # noqa: E731
     depth, stack, fors, dots = 0, [], [], []  # stack: (depth at open, for index)
+    ifs, nif = [], 0  # open scf.if regions: [depth at open, id, branch]; branch 1 after "} else {"
     for line in ttir.splitlines():
         code = re.sub(r'"[^"]*"', '""', line)
+        if ifs and re.match(r"^\s*\} else \{", code) and depth - 1 == ifs[-1][0]:
+            ifs[-1][2] = 1
         if " scf.for " in code and code.rstrip().endswith("{"):
             fors.append(None)
             stack.append((depth, len(fors) - 1))
+        if " scf.if " in code and code.rstrip().endswith("{"):
+            ifs.append([depth, nif, 0])
+            nif += 1
         if " tt.dot " in code:
             m = re.search(r":\s*tensor<(\d+)x(\d+)x(\w+)>\s*\*\s*tensor<(\d+)x(\d+)x\w+>\s*->\s*tensor<(\d+)x(\d+)x", line)
             if m:
@@ -302,13 +320,25 @@ def ttir_dots(ttir: str, _all=False):
                     n *= int(dim) if dim else 1
                 dots.append(dict(mem="load" if " tt.load " in code else "store", bytes=n * _ELT_BYTES.get(m[2], 4),
                                  rank=len(m[1].split("x")) if m[1] else 0, frames=loc_of(line),
-                                 loops=[i for _, i in stack]))
+                                 loops=[i for _, i in stack], path=tuple((i, b) for _, i, b in ifs)))
         depth += code.count("{") - code.count("}")
         while stack and depth <= stack[-1][0]:
             _, i = stack.pop()
             fors[i] = loc_of(line)
+        while ifs and depth <= ifs[-1][0]:
+            ifs.pop()
     for dt in dots:
         dt["loops"] = [fors[i] or () for i in dt["loops"]]
+    # an if / else runs one branch: the memory operations of the smaller one are dropped (innermost first)
+    mems = [x for x in dots if "mem" in x]
+    for i in sorted({i for x in mems for i, _ in x["path"]}, key=lambda i: -max(
+            len(x["path"]) for x in mems if any(j == i for j, _ in x["path"]))):
+        size = [sum(x["bytes"] for x in mems if (i, b) in x["path"]) for b in (0, 1)]
+        if size[1]:  # an else branch exists
+            drop = (i, 1 if size[0] >= size[1] else 0)
+            mems = [x for x in mems if drop not in x["path"]]
+    keep = {id(x) for x in mems}
+    dots = [x for x in dots if "mem" not in x or id(x) in keep]
     return dots if _all else [x for x in dots if "mem" not in x]
 
 

@@ -72,7 +72,7 @@ def _cd(a, b):
 
 TRIPS = {
     ("_dot_tile", "k0"): lambda a: _cd(a["d"], a["BLOCK_K"]),
-    ("_bwd_kernel", "jb"): lambda a: a["jps"],
+    ("_bwd_kernel", "jb"): lambda a: min(a["jps"], a["NSEG"] * _cd(a["N"], a["BLOCK_N"])),
     ("_fwd_grouped_kernel", "jb"): lambda a: a["jpg"],
     ("_fwd_kernel", "bj"): lambda a: a["tpp"],
     ("_bwd_epilogue_kernel", "_"): lambda a: a["nsplit"],
@@ -178,19 +178,25 @@ def _swav_case(v, b, k, dt):
 def cases():
     import torch
     bf, f16, f32 = torch.bfloat16, torch.float16, torch.float32
-    return [  # (label, kind, quick, driver, model MACs of the op (eager torch's GEMMs), bytes it must move)
-        ("NT-Xent bf16 2N=65536 D=256", "infonce", True, _infonce_case("ntxent", 32768, 256, bf)),
-        ("NT-Xent bf16 2N=65536 D=128", "infonce", False, _infonce_case("ntxent", 32768, 128, bf)),
-        ("NT-Xent fp16 2N=65536 D=256", "infonce", False, _infonce_case("ntxent", 32768, 256, f16)),
-        ("NT-Xent bf16 2N=4194304 D=128", "infonce", False, _infonce_case("ntxent", 2097152, 128, bf)),
-        ("NT-Xent tf32 2N=16384 D=128", "infonce", False, _infonce_case("ntxent", 8192, 128, f32, "high")),
-        ("InfoNCE symmetric bf16 N=32768 D=256", "infonce", False, _infonce_case("info_nce", 32768, 256, bf)),
-        ("MoCo queue bf16 N=256 x 65792 D=128", "rect", True, _rect_case(256, 65792, 128, bf, 256)),
-        ("distributed NT-Xent bf16 8192 x 65536 D=256", "rect", False, _rect_case(8192, 65536, 256, bf, 65536)),
-        ("Sinkhorn fp32 B=4096 K=3000 (3 iters)", "mem", False, _sinkhorn_case(4096, 3000, f32)),
-        ("Sinkhorn bf16 B=65536 K=65536 (3 iters)", "mem", False, _sinkhorn_case(65536, 65536, bf)),
-        ("EMA fp32 25.6M params", "mem", False, _ema_case(25_557_032, f32, f32)),
-        ("SwAV loss bf16 8 crops B=256 K=3000", "mem", False, _swav_case(8, 256, 3000, bf)),
+    sq = lambda m, d: 3 * m * m * d  # noqa: E731  (eager torch's GEMMs: logits M^2 d, backward 2 M^2 d)
+    return [  # (label, kind, quick, driver, model MACs: the GEMMs eager torch runs for the op, fwd + bwd)
+        ("NT-Xent bf16 2N=65536 D=256", "infonce", True, _infonce_case("ntxent", 32768, 256, bf), sq(65536, 256)),
+        ("NT-Xent bf16 2N=65536 D=128", "infonce", False, _infonce_case("ntxent", 32768, 128, bf), sq(65536, 128)),
+        ("NT-Xent fp16 2N=65536 D=256", "infonce", False, _infonce_case("ntxent", 32768, 256, f16), sq(65536, 256)),
+        ("NT-Xent bf16 2N=4194304 D=128", "infonce", False, _infonce_case("ntxent", 2097152, 128, bf),
+         sq(4194304, 128)),
+        ("NT-Xent tf32 2N=16384 D=128", "infonce", False, _infonce_case("ntxent", 8192, 128, f32, "high"),
+         sq(16384, 128)),
+        ("InfoNCE symmetric bf16 N=32768 D=256", "infonce", False, _infonce_case("info_nce", 32768, 256, bf),
+         sq(32768, 256)),
+        ("MoCo queue bf16 N=256 x 65792 D=128", "rect", True, _rect_case(256, 65792, 128, bf, 256),
+         256 * 65792 * 128 * 2 + 256 * 256 * 128),
+        ("distributed NT-Xent bf16 8192 x 65536 D=256", "rect", False, _rect_case(8192, 65536, 256, bf, 65536),
+         3 * 8192 * 65536 * 256),
+        ("Sinkhorn fp32 B=4096 K=3000 (3 iters)", "mem", False, _sinkhorn_case(4096, 3000, f32), None),
+        ("Sinkhorn bf16 B=65536 K=65536 (3 iters)", "mem", False, _sinkhorn_case(65536, 65536, bf), None),
+        ("EMA fp32 25.6M params", "mem", False, _ema_case(25_557_032, f32, f32), None),
+        ("SwAV loss bf16 8 crops B=256 K=3000", "mem", True, _swav_case(8, 256, 3000, bf), None),
     ]
 
 
@@ -361,15 +367,15 @@ def _dtype_of(rec):
 
 
 def _hbm_bytes(rec, c, work):
-    """Bytes from / to HBM, at least: each tensor argument once, but no more than the kernel's loads and
-    stores (a launch may read a few rows of a big tensor)."""
+    """Bytes from / to HBM, at least: the tensor arguments read once (no more than the kernel loads: a launch
+    may read a few rows of a big tensor) and the bytes it stores written once (no more than the tensors)."""
     import torch
     seen, total = set(), 0
     for v in list(rec["args"]) + list(rec["kwargs"].values()):
         if isinstance(v, torch.Tensor) and id(v) not in seen:
             seen.add(id(v))
             total += v.numel() * v.element_size()
-    return min(total, (c.l2_bytes + c.gst_bytes_ttir) * work)
+    return min(total, c.l2_bytes * work) + min(total, c.gst_bytes_ttir * work)
 
 
 def estimate(rec, r, c, mach):
@@ -450,7 +456,7 @@ def main(argv=None):
             for mod in MODS.values():
                 if hasattr(mod, "_ARCH_OVERRIDE"):
                     mod._ARCH_OVERRIDE = arch
-            for label, kind, _, driver in todo:
+            for label, kind, _, driver, _ in todo:
                 _STATE["case"] = label
                 try:
                     driver(MODS)
@@ -480,67 +486,96 @@ def main(argv=None):
     return 1 if (args.check and problems) else 0
 
 
+def _rows(todo, arch, api, results):
+    """Per case, its launches on `arch` (dicts: rec, r, kind, c = counts, missing, e = estimates per machine)."""
+    out = {}
+    for label, kind, _, _, model in todo:
+        rows = out.setdefault(label, [])
+        for rec in _RECORDS:
+            if rec["case"] != label or rec["arch"] != arch:
+                continue
+            r = results[_variant_key(rec, arch, api)]
+            row = dict(rec=rec, r=r, kind=kind)
+            if r["ok"]:
+                row["c"], row["missing"] = counts_of(rec, r)
+                if arch == 90:
+                    row["e"] = {m: estimate(rec, r, row["c"], MACHINES[m]) for m in MACHINES}
+            rows.append(row)
+    return out
+
+
+def _headline(todo, rows):
+    mach = MACHINES[H100]
+    out = ["| op | fwd (H100) | bwd (H100) | fwd+bwd H100 | fwd+bwd H200 | model TFLOP/s (% of 989) | tensor-core "
+           "use | bound (largest launch per phase) | CTAs fwd / bwd |", "|" + "---|" * 9]
+    for label, kind, _, _, model in todo:
+        rs = [x for x in rows[label] if x["r"]["ok"] and x["rec"]["default"]]
+        if not rs:
+            continue
+        ph = {}
+        for x in rs:
+            ph.setdefault(x["rec"]["phase"], []).append(x)
+        t = {p: sum(x["e"][H100]["time"] for x in xs) for p, xs in ph.items()}
+        t200 = sum(x["e"]["H200 (measured ceilings)"]["time"] for x in rs)
+        total = sum(t.values())
+        macs = sum(x["c"].issued_macs * x["e"][H100]["work"] for x in rs)
+        util = f"{100 * macs / total / mach['tc16']:.0f}%" if macs else "-"
+        tf = f"{2 * model / total / 1e12:.0f} ({100 * model / total / mach['tc16']:.0f}%)" if model else "-"
+        big = {p: max(xs, key=lambda x: x["e"][H100]["time"]) for p, xs in ph.items()}
+        bound = "; ".join(f"{p}: {x['rec']['kernel']} {x['e'][H100]['bound']}" for p, x in big.items())
+        ctas = " / ".join(str(max(x["e"][H100]["ctas"] for x in ph[p])) for p in ("fwd", "bwd") if p in ph)
+        out.append(f"| {label} | {_fmt_t(t.get('fwd', 0))} | {_fmt_t(t['bwd']) if 'bwd' in t else '-'} | "
+                   f"**{_fmt_t(total)}** | {_fmt_t(t200)} | {tf} | {util} | {bound} | {ctas} |")
+    return out
+
+
 def render(todo, archs, api, results, version):
     import torch
     out, problems = [], []
-    mach = MACHINES[H100]
     out.append(f"## triton {version}, torch {torch.__version__}\n")
     for arch in archs:
+        rows = _rows(todo, arch, api, results)
         out.append(f"### sm_{arch}\n")
         if arch == 90:
+            out.append("Headline (the default configs; estimates, not measurements; model TFLOP/s counts the GEMMs "
+                       "eager torch runs, 3 M^2 d for NT-Xent; tensor-core use counts the MACs the kernels "
+                       "issue):\n")
+            out += _headline(todo, rows)
+            out.append("\nEvery launch ('candidate': another config of its autotuning list):\n")
             out.append("| op | phase | kernel | tile | w/s | CTAs | regs | spill | smem KiB | occ | tc | MAC ratio "
                        "| ex2/logit | L2 B/MAC | smem B/MAC | issue/logit | H100 est. | bound |")
             out.append("|" + "---|" * 18)
         else:
             out.append("| op | phase | kernel | tile | w/s | regs | spill | smem KiB | occ | tc | MAC ratio |")
             out.append("|" + "---|" * 11)
-        for label, kind, _, _ in todo:
-            tot = {}
-            macs = 0.0
-            for rec in _RECORDS:
-                if rec["case"] != label or rec["arch"] != arch:
-                    continue
-                r = results[_variant_key(rec, arch, api)]
+        for label, kind, _, _, _ in todo:
+            for x in rows[label]:
+                rec, r = x["rec"], x["r"]
                 name = rec["kernel"] + ("" if rec["default"] else " (candidate)")
                 if not r["ok"]:
                     out.append(f"| {label} | {rec['phase']} | {name} | compile error: {r['error']} |")
                     problems.append(f"{label} {name} sm_{arch}: compile error")
                     continue
-                c, missing = counts_of(rec, r)
-                res = r["res"]
+                c, res = x["c"], r["res"]
                 spill = f"{res['stack']} B" + (f" ({c.local_bytes / 1024:.0f} KiB/CTA)" if c.local_bytes else "")
                 occ = S.occupancy(arch, res["reg"], r["smem"], r["warps"])
                 ratio = f"{c.ratio:.3f}" if c.useful_macs else "-"
-                tc = c.tc_kind
                 row = [label, rec["phase"], name, r["tile"], f"{r['warps']}/{r['stages']}"]
                 if arch == 90:
-                    e = estimate(rec, r, c, mach)
-                    if rec["default"]:
-                        tot.setdefault(rec["phase"], []).append(e)
-                        macs += c.issued_macs * e["work"]
+                    e = x["e"][H100]
                     ex2 = f"{c.mufu.get('EX2', 0) / c.logits:.2f}" if c.logits else "-"
                     bpm = f"{(c.l2_bytes + c.gst_bytes_ttir) / c.useful_macs:.4f}" if c.useful_macs else "-"
                     spm = f"{c.smem_bytes / c.useful_macs:.4f}" if c.useful_macs else "-"
                     ipl = f"{c.warp_instrs / c.logits:.2f}" if c.logits else "-"
                     row += [str(e["ctas"]), str(res["reg"]), spill, f"{r['smem'] / 1024:.0f}",
-                            f"{occ['ctas']} ({occ['limit']})", tc, ratio, ex2, bpm, spm, ipl,
+                            f"{occ['ctas']} ({occ['limit']})", c.tc_kind, ratio, ex2, bpm, spm, ipl,
                             _fmt_t(e["time"]) + (f" (x{e['factor']:.1f} waves)" if e["factor"] > 1.01 else ""),
                             e["bound"]]
                 else:
-                    row += [str(res["reg"]), spill, f"{r['smem'] / 1024:.0f}", f"{occ['ctas']} ({occ['limit']})", tc,
-                            ratio]
+                    row += [str(res["reg"]), spill, f"{r['smem'] / 1024:.0f}", f"{occ['ctas']} ({occ['limit']})",
+                            c.tc_kind, ratio]
                 out.append("| " + " | ".join(row) + " |")
-                problems += _invariants(label, kind, rec, r, c, missing, arch)
-            if arch == 90 and tot:
-                parts = []
-                total = 0.0
-                for ph, es in tot.items():
-                    s = sum(e["time"] for e in es)
-                    total += s
-                    parts.append(f"{ph} {_fmt_t(s)} ({len(es)} launches)")
-                util = macs * 2 / total / (mach["tc16"] * 2) if total and macs else 0.0
-                out.append(f"| **{label}** | total | {'; '.join(parts)} | | | | | | | | | | | | | | "
-                           f"**{_fmt_t(total)}** | tensor {100 * util:.0f}% |")
+                problems += _invariants(label, kind, rec, r, c, x["missing"], arch)
         out.append("")
     return "\n".join(out), problems
 
