@@ -34,62 +34,69 @@ Normalization backward (F.normalize): dx_k = (G_k - z_k <z_k, G_k>) r_k if |x_k|
 Temperature: gz = sum_k <z_k, G_k> (over both views for NT-Xent, over the queries cross-view) is returned;
   ssl_fast.ops.infonce turns it into dL/dT (the logits are bilinear in z).
 
-Kernels (statistics fp32, masks -inf, block offsets int64 scalars folded into the base pointers, in-tile
-offsets int32; inv_temp and the upstream gradient are loaded in the kernels: no host sync anywhere):
-  _prep_kernel      grid (cdiv(N, 16),): |x_k| of both sources and the positive cosine c_k,p(k) = <z_k, z'_k>,
-                    one pass over the 2 N d inputs (the fused normalization pre-pass; r_k is recomputed from
-                    |x_k| wherever needed, z is never stored).
-  _fwd_kernel       one logit tile B x B per program (a GEMM grid): S tile over d in BLOCK_K steps (tensor
-                    cores), scaled by r_i r_j / T, then the base-2 LSE of each row of the tile and, when asked,
-                    of each column, stored as partial LSEs part[slot, k] (fp32).
-                    NT-Xent: only the nb (nb + 1) / 2 tiles I <= J of the upper triangle (nb = 2 cdiv(N, B)
-                    blocks, a block never straddles z1 / z2): the rows of tile (I, J) give part[J, rows of I]
-                    and, S being symmetric, its columns give part[I, rows of J]. Every (slot, row) entry is
-                    written exactly once, so no atomics, no memset, deterministic results.
-                    Cross-view: the full cdiv(N, B)^2 grid; column partials only when symmetric.
-                    Used while its nslots (2 cdiv(N, B) NT-Xent, cdiv(N, B) cross-view) <= SLOT_CAP = max(64, d).
-  _fwd_grouped_kernel  (above SLOT_CAP) grid (row blocks, G): program (I, g) sweeps a contiguous group of
-                    column blocks in a loop (same K loop, masks and logits as _fwd_kernel), keeps a running fp32
-                    (max, sum) per row and writes ONE partial part[g, row]: rows only. NT-Xent: one launch over
-                    the full M x M (diagonal masked). Cross-view: Q K^T rows into part[:, :N]; symmetric adds a
-                    launch with q and k swapped, whose rows are the column statistics (part[:, N:2N]).
-                    G = cdiv(2 SMs, row blocks) clamped to [1, SLOT_CAP] (~2 waves), no empty group.
-  _finalize_kernel  grid (cdiv(rows, 128),): lse_k = logsumexp over the nslots (or G) of part[:, k], the per-row loss
-                    terms, one partial sum per program;  _sum_kernel (one program) adds the partials in a
-                    fixed order: the loss is computed and reduced on the device.
+Kernels (statistics fp32, masks -inf; row indices int32 (< 2^31 rows), element offsets int64: a block's first
+row times the row stride folded into the base pointer, in-tile rows widened before the stride multiplies them
+(tests/test_int64_offsets.py); inv_temp and the upstream gradient are loaded in the kernels: no host sync):
+  _prep_kernel      grid (cdiv(N, 16),): +-r_k = +-1 / max(|x_k|, eps) of both sources (negative when |x_k| <= eps:
+                    F.normalize's constant branch; the tiles multiply, never divide) and the positive cosine
+                    c_k,p(k) = <z_k, z'_k>, one pass over the 2 N d inputs (z is never stored).
+  _fwd_kernel       grid (row blocks, chunks): program (I, c) holds X_I (B x d, d <= 256: loaded once) and sweeps
+                    the tpp column blocks J of chunk c (the pipelined loop; tpp <= 16 for ~4 waves of programs):
+                    S tile on tensor cores, scaled by r_i r_j / T; the rows' statistics online over the chunk
+                    into part[first J, rows of I], -inf / 0 into its other slots; with COL_STATS each tile's
+                    column statistics into part[I, rows of J]. NT-Xent: only J >= I (the upper triangle, the
+                    diagonal masked: the rows of tile (I, J) are the columns of (J, I)), nb = 2 cdiv(N, B)
+                    blocks (a block never straddles z1 / z2). Every (slot, row) entry is written exactly once:
+                    no atomics, no memset, deterministic. Used while part, nb x 2N fp32, fits _PART_BUDGET
+                    (256 MiB: 2N = 65536 at B = 128 is 128 MiB).
+                    Statistics: with normalized rows and T >= 0.024 (_fixed_shift, decided on the device) every
+                    exp2 is shifted by 1 / T (base 2), so no maximum is needed and ONE exp2 per logit serves
+                    its row and its column; part then holds linear sums. Otherwise max-shifted base-2 LSEs.
+  _fwd_grouped_kernel  (above the budget) grid (row blocks, G): program (I, g) sweeps a contiguous group of
+                    column blocks (same tiles, masks, statistics as _fwd_kernel), rows only: ONE partial
+                    part[g, row]. NT-Xent: one launch over the full M x M (diagonal masked). Cross-view: Q K^T
+                    rows into part[:, :N]; symmetric adds a launch with q and k swapped (the column statistics,
+                    part[:, N:2N]). G = cdiv(2 SMs, row blocks) clamped to [1, max(64, d)], no empty group.
+  _finalize_kernel  grid (cdiv(rows, 128),): lse_k from the nslots (or G) partials of part[:, k], the per-row loss
+                    terms, one partial sum per program; _sum_kernel (one program) adds the partials in a fixed
+                    order: the loss is computed and reduced on the device.
   _bwd_kernel       grid (row blocks, D-chunks, column pieces): program (I, c, s) owns rows I and the D-chunk c
-                    of G. It sweeps the column blocks J of its piece: recomputes S_IJ over the full d, forms
-                    A = W_ROW exp2(s2 - lse2_I) + W_COL exp2(s2 - lse2_J) (two exps of one tile; diagonal and
-                    padding masked with -inf), accumulates acc += A diag(r_J) X_J[:, c] on tensor cores (fp32
-                    accumulator BLOCK_M x BLOCK_D in registers) and sum_j A c; then subtracts the positive,
-                    applies the normalization backward and writes dx[:, c] in the input dtype.
-                    NT-Xent: one launch over the 2 cdiv(N, BLOCK_M) row blocks. Cross-view: two launches
-                    (dQ; dK with the roles swapped).
-                    Column pieces: 1 (the program finishes dx itself) unless rows x D-chunks give under two
-                    waves; then each piece stores its fp32 partial acc / sum_j A c in a workspace and
+                    of G. It sweeps the column blocks J of its piece: recomputes S_IJ (16-bit, d <= 256 on sm_90,
+                    d <= 128 on sm_80: X_I resident, one K step; else a K loop), forms A = W_ROW exp2(s2 - lse2_I)
+                    + W_COL exp2(s2 - lse2_J) - (W_ROW + W_COL) Y (the positive in fp32, before the rounding),
+                    accumulates acc += A diag(r_J) X_J[:, c] on tensor cores (fp32 accumulator BLOCK_M x BLOCK_D in
+                    registers) and sum_j A r_j <x_k, x_j>; bf16 with X_I resident then adds the normalization
+                    backward's radial term as one more MMA, acc -= diag(r_k sum_j A c) X_I (RADIAL: no row of X
+                    in the epilogue, which kept a 128 x 256 accumulator from spilling); writes dx[:, c] in the
+                    input dtype. NT-Xent: one launch over the 2 cdiv(N, BLOCK_M) row blocks. Cross-view: two
+                    launches (dQ; dK with the roles swapped).
+                    Column pieces: 1 (the program finishes dx itself) unless rows x D-chunks are under one wave;
+                    then each piece stores its fp32 partial acc / sum_j A c in a workspace and
                     _bwd_epilogue_kernel adds them in a fixed order and finishes dx (deterministic).
 
-Cost model (MACs; M = 2N rows for NT-Xent, n = N cross-view; B_M = BLOCK_M; bytes for 16-bit inputs):
-  forward   per-tile: NT-Xent 0.5 M^2 d (half the tiles: symmetry), M^2 exps; cross-view N^2 d, N^2 exps
-            (2 N^2 symmetric). Grouped (rows only, no symmetry): NT-Xent M^2 d, cross-view N^2 d (2 N^2 d
-            symmetric: two launches); the same exps. L2 reads 2 B d bytes per B^2 d MACs (B = 128: 1/64
-            byte per MAC) in both. Extra memory O(N d): part is nslots x 2N fp32 with nslots <= SLOT_CAP =
-            max(64, d), i.e. <= 8 N max(64, d) bytes (per-tile at M = 16384, B = 128, d = 128: 128 slots,
-            8 MiB; grouped at M = 65536: G = 1, 256 KiB, where per-tile would need 128 MiB), + O(N) stats.
+Cost model (MACs; M = 2N rows for NT-Xent, n = N cross-view; bytes for 16-bit inputs; the compiled code's
+figures, per launch at the target shapes, are in bench/results/static-sm90.md, scripts/static_report.py):
+  forward   NT-Xent 0.5 M^2 d (the upper triangle), cross-view N^2 d; one exp2 per logit computed (fixed
+            shift; two with the max shifts when symmetric / NT-Xent). L2 reads: B d bytes per B^2 d MACs (X_J;
+            X_I once per tpp tiles): 1/128 byte per MAC at B = 128. Grouped (rows only): NT-Xent M^2 d,
+            cross-view N^2 d (2 N^2 d symmetric). Extra memory: part, <= _PART_BUDGET per-tile, nslots x 2N x 4
+            bytes with nslots <= max(64, d) grouped (2N = 4M at d = 128: G = 1, 16 MiB), + O(N) statistics.
             Eager torch: M^2 d and the M x M logits in memory (and 2 M^2 d with the backward's GEMMs).
   backward  per launch, nc = cdiv(d, BLOCK_D) D-chunks: (nc + 1) n^2 d = nc recomputes of S + the gradient
-            GEMM; exps (1 or 2) n^2 nc. NT-Xent: one launch over M rows; cross-view: two over N rows.
-    d <= 128, bf16/fp16: nc = 1, 2 n^2 d. X_I resident on chip (128 x d), each X_J tile (64 x d) loaded once
-            and used by both GEMMs: 1/128 byte of L2 traffic per MAC. SimCLR (128), MoCo / BYOL heads.
-    d > 128, bf16/fp16: the 128 x d fp32 accumulator no longer fits in registers (at d = 2048 it would be 1 MiB),
-            so the OUTPUT is split in D-chunks of 256 (grid axis 1) and every chunk program recomputes S over
-            the full d with a K loop (64-wide steps): (1 + cdiv(d, 256)) n^2 d = 2 n^2 d at d = 256, 3 at 512,
-            4 at 768, 9 at 2048, with X_I and X_J re-read from L2 at every step (3/64 byte per MAC: L2-bound
-            rather than tensor-bound on H100). No workspace and no atomics in exchange.
+            GEMM; two exp2 per logit (NT-Xent, symmetric), one one-way. NT-Xent: one launch over M rows;
+            cross-view: two over N rows.
+    16-bit, d <= 256 (sm_90; d <= 128 sm_80): nc = 1, 2 n^2 d. 128-row tiles on 8 warps (one warpgroup per 64
+            rows: a 64-row tile on 8 warps had both warpgroups computing the same rows), X_I resident (128 x d),
+            each X_J tile loaded once and used by both GEMMs: 1/128 byte of L2 traffic per MAC. Column tiles of
+            64 (d <= 128) or 32 (d <= 256, where 64 leaves the 128 x 256 fp32 accumulator 8 bytes short of
+            registers; the autotuning list has 64 too).
+    16-bit, larger d: D-chunks of 256 on 64 x 64 tiles, S recomputed per chunk with a K loop over d (64-wide
+            steps): (1 + cdiv(d, 256)) n^2 d, X_I and X_J re-read from L2 at every step. fp16 at d in (128, 256]
+            too (it scales X_J in registers and keeps X_I for the epilogue: the resident design spills).
     fp32:   IEEE fp32 dots run on FMA units (no tensor cores) unless TF32 is allowed (see dtypes); 64 x 32
             tiles, D-chunks of 128: (1 + cdiv(d, 128)) n^2 d.
-  Parallelism: the backward has (rows / B_M) x nc programs before splitting the column sweep; it is split
-  into up to 2 x SMs / programs pieces (workspace pieces x rows x d x 4 bytes, <= ~17 MiB at d = 128 on H100).
+  Parallelism: the backward has (rows / BLOCK_M) x nc programs before splitting the column sweep; it is split
+  into up to SMs / programs pieces (workspace pieces x rows x d x 4 bytes).
 Not done, on purpose:
   * Symmetric backward for NT-Xent (tile (I, J) also serving rows J: 1.5 M^2 d instead of 2 M^2 d and half
     the exps) needs either atomics on a fp32 M x d workspace (B d atomic adds per tile for 3 B^2 d MACs:
@@ -153,8 +160,8 @@ def _dot_tile(a_ptr, b_ptr, stride_a, stride_b, ra, rb, amask, bmask, d, acc,
     for k0 in range(0, d, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < d
-        xa = tl.load(a_ptr + ra[:, None] * stride_a + kk[None, :], mask=amask[:, None] & km[None, :], other=0.0)
-        xb = tl.load(b_ptr + rb[:, None] * stride_b + kk[None, :], mask=bmask[:, None] & km[None, :], other=0.0)
+        xa = tl.load(a_ptr + ra[:, None].to(tl.int64) * stride_a + kk[None, :], mask=amask[:, None] & km[None, :], other=0.0)
+        xb = tl.load(b_ptr + rb[:, None].to(tl.int64) * stride_b + kk[None, :], mask=bmask[:, None] & km[None, :], other=0.0)
         acc = _mma(xa, tl.trans(xb), acc, UPCAST, IEEE)
     return acc
 
@@ -285,7 +292,7 @@ def _fwd_kernel(
         stride_i = tl.where(seg_i == 0, stride_x0, stride_x1)
         xi_ptr = tl.where(seg_i == 0, x0_ptr, x1_ptr) + row0.to(tl.int64) * stride_i
         if SINGLE:
-            xi = tl.load(xi_ptr + ar[:, None] * stride_i + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :],
+            xi = tl.load(xi_ptr + ar[:, None].to(tl.int64) * stride_i + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :],
                          other=0.0)
         else:
             xi = 0  # unused: the tiles are read in K steps
@@ -305,7 +312,7 @@ def _fwd_kernel(
             stride_j = tl.where(seg_j == 0, stride_x0, stride_x1)
             xj_ptr = tl.where(seg_j == 0, x0_ptr, x1_ptr) + col0.to(tl.int64) * stride_j
             if SINGLE:
-                xj = tl.load(xj_ptr + ar[:, None] * stride_j + kk[None, :], mask=cmask[:, None] & (kk < d)[None, :],
+                xj = tl.load(xj_ptr + ar[:, None].to(tl.int64) * stride_j + kk[None, :], mask=cmask[:, None] & (kk < d)[None, :],
                              other=0.0)
                 acc = _mma(xi, tl.trans(xj), tl.zeros([BLOCK, BLOCK], dtype=tl.float32), UPCAST, IEEE)
             else:
@@ -322,21 +329,21 @@ def _fwd_kernel(
             else:
                 m_i, l_i, lse_c = _tile_stats_max(s2, m_i, l_i, COL_STATS)
             if bj != j_lo:  # a branch, not a mask (see below): placeholders in the chunk's other row slots
-                tl.store(part_ptr + bj * stride_part + seg_i * N + row0 + ar,
+                tl.store(part_ptr + bj.to(tl.int64) * stride_part + seg_i * N + row0 + ar,
                          tl.zeros([BLOCK], dtype=tl.float32) + empty, mask=rmask)
             if COL_STATS:
                 # the diagonal tile of NT-Xent is symmetric: its rows give these statistics. A branch, not a
                 # mask: a scalar condition combined with a block mask is an int32 mask to triton 3.9's interpreter.
                 if NTXENT:
                     if bj != bi:
-                        tl.store(part_ptr + bi * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask)
+                        tl.store(part_ptr + bi.to(tl.int64) * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask)
                 else:
-                    tl.store(part_ptr + bi * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask)
+                    tl.store(part_ptr + bi.to(tl.int64) * stride_part + seg_j * N + col0 + ar, lse_c, mask=cmask)
         if fixed:  # linear partials (the finalize adds them; see _fixed_shift)
             lse_r = l_i
         else:
             lse_r = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        tl.store(part_ptr + j_lo * stride_part + seg_i * N + row0 + ar, lse_r, mask=rmask)
+        tl.store(part_ptr + j_lo.to(tl.int64) * stride_part + seg_i * N + row0 + ar, lse_r, mask=rmask)
 
 
 @triton.jit
@@ -365,7 +372,7 @@ def _fwd_grouped_kernel(
     xr_ptr = tl.where(seg == 0, r0_ptr, r1_ptr) + row0.to(tl.int64) * stride_r
     rstat = row_base + seg * N + row0
     if SINGLE:
-        xr = tl.load(xr_ptr + ar[:, None] * stride_r + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
+        xr = tl.load(xr_ptr + ar[:, None].to(tl.int64) * stride_r + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
 
     scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
     ri_s = _scale(tl.load(nrm_ptr + rstat + ar, mask=rmask, other=1.0), NORMALIZE) * scale2
@@ -379,7 +386,7 @@ def _fwd_grouped_kernel(
         stride_c = tl.where(cseg == 0, stride_c0, stride_c1)
         xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0.to(tl.int64) * stride_c
         if SINGLE:
-            xc = tl.load(xc_ptr + ar[:, None] * stride_c + kk[None, :], mask=cmask[:, None] & (kk < d)[None, :],
+            xc = tl.load(xc_ptr + ar[:, None].to(tl.int64) * stride_c + kk[None, :], mask=cmask[:, None] & (kk < d)[None, :],
                          other=0.0)
             acc = _mma(xr, tl.trans(xc), tl.zeros([BLOCK, BLOCK], dtype=tl.float32), UPCAST, IEEE)
         else:
@@ -399,7 +406,7 @@ def _fwd_grouped_kernel(
         lse = l_i
     else:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf"))  # l >= 1 when finite
-    tl.store(part_ptr + pid_g * stride_part + rstat + ar, lse, mask=rmask)
+    tl.store(part_ptr + pid_g.to(tl.int64) * stride_part + rstat + ar, lse, mask=rmask)
 
 
 @triton.jit
@@ -480,14 +487,14 @@ def _bwd_finish(
         xr_ptr = tl.where(seg == 0, r0_ptr, r1_ptr) + row0 * stride_r
         nr = tl.load(nrm_ptr + row_base + seg * N + row0 + am, mask=rmask, other=1.0)
         rinv_r = _scale(nr, NORMALIZE)
-        zr = tl.load(xr_ptr + am[:, None] * stride_r + dcols[None, :], mask=m2, other=0.0).to(tl.float32)
+        zr = tl.load(xr_ptr + am[:, None].to(tl.int64) * stride_r + dcols[None, :], mask=m2, other=0.0).to(tl.float32)
         zr = zr * rinv_r[:, None]
         dx = tl.where((nr > 0.0)[:, None], (g - zr * gdot[:, None]) * rinv_r[:, None], g * rinv_r[:, None])
     else:
         dx = g
     stride_o = tl.where(seg == 0, stride_o0, stride_o1)
     o_ptr = tl.where(seg == 0, o0_ptr, o1_ptr) + row0 * stride_o
-    tl.store(o_ptr + am[:, None] * stride_o + dcols[None, :], dx.to(o0_ptr.dtype.element_ty), mask=m2)
+    tl.store(o_ptr + am[:, None].to(tl.int64) * stride_o + dcols[None, :], dx.to(o0_ptr.dtype.element_ty), mask=m2)
     if WRITE_GZ:
         if pid_d == 0:  # a branch, not a scalar mask (see _fwd_kernel)
             tl.store(gz_part_ptr + pid_m, tl.sum(tl.where(rmask, gdot, 0.0), axis=0))
@@ -535,7 +542,7 @@ def _bwd_kernel(
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < d
     if SINGLE:
-        xr = tl.load(xr_ptr + am[:, None] * stride_r + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
+        xr = tl.load(xr_ptr + am[:, None].to(tl.int64) * stride_r + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
                      other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -548,7 +555,7 @@ def _bwd_kernel(
         xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0 * stride_c
         cstat = col_base + cseg * N + col0
         if SINGLE:
-            xc = tl.load(xc_ptr + an[:, None] * stride_c + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
+            xc = tl.load(xc_ptr + an[:, None].to(tl.int64) * stride_c + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
                          other=0.0)
             dot = _mma(xr, tl.trans(xc), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
         else:
@@ -577,7 +584,7 @@ def _bwd_kernel(
         if SINGLE:
             xg = xc
         else:
-            xg = tl.load(xc_ptr + an[:, None] * stride_c + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
+            xg = tl.load(xc_ptr + an[:, None].to(tl.int64) * stride_c + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
                          other=0.0)
         if NORMALIZE:
             if FOLD_RINV:  # A diag(r_J) X_J: the scale goes on the B x B tile (bf16 / fp32 range holds 2 / eps)
@@ -649,30 +656,26 @@ def _bwd_epilogue_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch heuristics
 #
-# Block sizes come from this table, not from autotuning: the forward's partial buffer and the backward's
-# grid depend on them, and the interpreter runs the very sizes the GPU does. Checked for H100 (sm_90) by
-# compiling with triton 3.8 without a GPU (triton.compile + cuobjdump --dump-resource-usage): tensor-core
-# (wgmma) dots for bf16 / fp16 (and fp32 under TF32), pipelined K loops (cp.async, num_stages buffers),
-# shared memory <= 96 KiB, no register spills for bf16 (fp16 NT-Xent d <= 128: 8 bytes; fp32-IEEE: FMA
-# dots, <= 16 bytes). NOT timed. These hold when d and the row strides are multiples of 16 elements (triton
-# then specializes them as 16-divisible): otherwise the loads are not vectorized, the forward's K loop is
-# not multi-buffered and the backward spills ~64 bytes (correct, slower; e.g. d = 300).
+# Block sizes come from this table (the first config of each autotuning list, see _launch): the forward's
+# partial buffer and the backward's grid depend on the structural sizes (BLOCK / BLOCK_M / BLOCK_D), and the
+# interpreter runs the very sizes the GPU does. Checked for H100 (sm_90) and A100 (sm_80) by compiling without a
+# GPU and reading the SASS (scripts/static_report.py -> bench/results/static-sm90.md): wgmma (HGMMA) / mma.sync
+# for bf16 / fp16 (and fp32 under TF32), issued / useful tensor-core MACs 1.000, no register spills at the target
+# shapes. NOT timed: the lists are ready for SSL_FAST_AUTOTUNE=1 on a GPU. The tables hold when d and the row
+# strides are multiples of 16 elements (triton then specializes them as 16-divisible): otherwise the loads are not
+# vectorized (correct, slower; e.g. d = 300).
 #
-#   forward tile (B x B, K-step BLOCK_K)   16-bit                                 fp32
-#     (both forward kernels; _fwd_plan picks per-tile while its slots <= max(64, d), else grouped)
-#     rows (M or N) >= 4096                B 128, K 64, 8 warps, 3 stages  (128 regs)   B 64, K 32, 4 warps
-#     smaller (4x more tiles)              B 64,  K 64, 4 warps, 3 stages  (70 regs)    B 64, K 32, 4 warps
+#   forward tile (B x B, K-step BLOCK_K)   16-bit                                         fp32
+#     rows (M or N) >= 4096                B 128, 8 warps; d <= 256: K = d' (X_I resident,  B 64, K 32, 4 warps
+#                                          2 stages at d' = 256), else K 64, 3 stages
+#     smaller (4x more tiles)              B 64, 4 warps, the same K rule                     B 64, K 32, 4 warps
 #   backward (BLOCK_M x BLOCK_N, K-step, D-chunk)
-#     16-bit, d <= 128                     128 x 64, K = D-chunk = d' (pow2 >= 16), X_I resident, 8 warps
-#     16-bit, d > 128                      64 x 64, K 64, D-chunk 256, 8 warps
+#     16-bit, d <= 128 (or bf16 d <= 256 on sm_90)  128 x 64 (x 32 above 128), K = D-chunk = d', X_I resident, 8 warps
+#     16-bit, larger d                     64 x 64, K 64, D-chunk 256, 8 warps
 #     fp32                                 64 x 32, K 32, D-chunk min(d', 128), 8 warps
-#   Why not 64 x 64 resident for 16-bit d <= 256: with 8 warps triton lays the 64-row S tile out as
-#   warpsPerCTA [8, 1] and both warpgroups compute the same S (2x the S MACs), and a 64 x 256 fp32
-#   accumulator spills; 128-row blocks at d <= 128 have neither problem.
-#   Backward split over column blocks (grid axis 2): when (row blocks x D-chunks) is under 2 waves
-#   (2 x SMs programs), each row block's column sweep is cut in S pieces whose fp32 partials go to a
-#   workspace (S x rows x d x 4 bytes, at most ~2 SMs x BLOCK_M x d x 4 = 17 MiB on H100 at d = 128),
-#   summed in a fixed order by _bwd_epilogue_kernel. S = 1 (no workspace) for large problems.
+#   Backward split over column blocks (grid axis 2): when (row blocks x D-chunks) is under one wave of SMs,
+#   each row block's column sweep is cut in S pieces whose fp32 partials go to a workspace (S x rows x d x 4
+#   bytes), summed in a fixed order by _bwd_epilogue_kernel. S = 1 (no workspace) for large problems.
 
 _SM_TARGET = 132  # programs per wave when there is no CUDA device to ask (the interpreter): an H100
 _ARCH_OVERRIDE = None  # the ahead-of-time scripts: the compute capability the launches are recorded for
