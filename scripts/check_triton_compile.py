@@ -11,6 +11,9 @@ pointers, ints equal to 1 become constexprs). It sweeps bf16 / fp16 / fp32 (IEEE
 NT-Xent and cross-view (one-way and symmetric), normalize True / False and several batch sizes (so both the
 per-tile and the grouped forward, the split and the unsplit backward occur), de-duplicates the launches and
 compiles each distinct variant with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)).
+The launches are recorded once per target architecture (the launchers pick tiles per compute capability
+through the module's _ARCH_OVERRIDE), and every config of each autotuning list is compiled (the module's
+_LAUNCH_HOOK; --quick: the first, the table's, only).
 Every @triton.jit function named *_kernel must be launched by some configuration, else that is an error.
 One line per variant: kernel, dtype, d, flags, tile, num_warps / num_stages, registers, spills (cuobjdump
 --dump-resource-usage LOCAL / STACK bytes), shared memory, and the tensor-core instructions of the PTX
@@ -51,6 +54,7 @@ K = None  # the kernels module (set in main, inherited by forked workers)
 _RECORDS: list = []  # (kernel name, case dict, args, kwargs, arch) of every recorded launch
 _CASE: dict = {}
 _ARCH = [90]  # the compute capability the launches are being recorded for (the launchers' tiles depend on it)
+_CANDIDATES = [True]  # every config of the autotuning lists (False: the first, the table's: --quick)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,7 +135,7 @@ class _Recorder:
 
 def _hook(kernel, grid, args, kwargs, configs):
     """The kernels module's _launch hook: every config of the (pruned) autotuning list is a variant to compile."""
-    for cfg in configs:
+    for cfg in configs if _CANDIDATES[0] else configs[:1]:
         _RECORDS.append((kernel.name, dict(_CASE), args, {**kwargs, **cfg}, _ARCH[0]))
 
 
@@ -158,12 +162,13 @@ def _cases(quick):
     dts = [("bf16", torch.bfloat16, "high"), ("fp16", torch.float16, "high"), ("fp32", torch.float32, "highest"),
            ("tf32", torch.float32, "high")]
     if quick:  # every kernel, 16-bit + fp32, both forward paths (2N = 2^21: grouped), split and unsplit backward
-        return [dict(dt=dt, d=128, n=n, loss=loss, normalize=True)
+        # d = 256: the target shape (its variants are also tests/test_static_report.py's: triton's cache serves both)
+        return [dict(dt=dt, d=256, n=n, loss=loss, normalize=True)
                 for dt in (dts[0], dts[2]) for n in (1024, 32768) for loss in ("ntxent", "info_nce_sym")] + \
             [dict(dt=dts[0], d=128, n=1 << 20, loss="ntxent", normalize=True)] + \
             [dict(dt=dt, d=d, n=1024, loss="rect", normalize=True) for dt in (dts[0], dts[2]) for d in (128, 768)]
     return [dict(dt=dt, d=d, n=n, loss=loss, normalize=norm)
-            for dt in dts for d in (128, 768) for n in (256, 2048, 8192, 65536)
+            for dt in dts for d in (128, 256, 768) for n in (256, 2048, 8192, 65536)
             for loss in ("ntxent", "info_nce", "info_nce_sym", "rect") for norm in (True, False)]
 
 
@@ -277,13 +282,15 @@ def main(argv=None):
     global K
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--arch", nargs="+", default=["90"], help="compute capabilities (default 90): e.g. --arch 80 90")
-    ap.add_argument("--quick", action="store_true", help="a subset that still compiles every kernel (the CI test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a subset that still compiles every kernel, default configs only (the CI test)")
     ap.add_argument("--strict", action="store_true", help="spills / 16-bit dots without tensor cores fail too")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     ap.add_argument("--kernels", default=os.path.join(ROOT, "kernels", "infonce.py"), help="the kernels file")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the launches behind each variant")
     args = ap.parse_args(argv)
     archs = [int(str(a).lower().removeprefix("sm_").removeprefix("sm").rstrip("a")) for a in args.arch]
+    _CANDIDATES[0] = not args.quick
 
     try:
         import torch  # noqa: F401  (CPU only: nothing here touches torch.cuda)

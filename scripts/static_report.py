@@ -204,7 +204,7 @@ def cases():
 # recording
 
 _RECORDS: list = []
-_STATE = dict(case=None, phase=None, arch=90)
+_STATE = dict(case=None, phase=None, arch=90, candidates=True)
 
 
 def _phase(p):
@@ -226,7 +226,7 @@ def _launch_hook(module):
     """For modules that launch through a `_launch(kernel, grid, args, kwargs, configs)` helper: every config of
     the (pruned) list is recorded, the first as the default."""
     def hook(kernel, grid, args, kwargs, configs):
-        for i, cfg in enumerate(configs):
+        for i, cfg in enumerate(configs if _STATE["candidates"] else configs[:1]):
             _RECORDS.append(dict(module=module, kernel=kernel.name, grid=grid, args=args, kwargs={**kwargs, **cfg},
                                  case=_STATE["case"], phase=_STATE["phase"], arch=_STATE["arch"], default=i == 0))
     return hook
@@ -424,13 +424,15 @@ def main(argv=None):
     global MODS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", type=int, default=None, help="default: 90 80 (90 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="the CI subset: the cases marked quick, sm_90")
+    ap.add_argument("--quick", action="store_true",
+                    help="the CI subset: the cases marked quick, sm_90, default configs only (no candidates)")
     ap.add_argument("--check", action="store_true", help="exit 1 when an invariant fails")
     ap.add_argument("--write", action="store_true", help=f"replace this triton's section of {os.path.relpath(REPORT)}")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", default="", help="regex on case labels")
     args = ap.parse_args(argv)
     archs = args.arch or ([90] if args.quick else [90, 80])
+    _STATE["candidates"] = not args.quick
     try:
         import torch  # noqa: F401
         import triton
