@@ -1,9 +1,9 @@
 """The benchmark's op table: for every op, its shapes, inputs, float64 reference and provider adapters.
 
 One :class:`Op` per benchmarked operation, each with a table of :class:`Provider` adapters that run the
-SAME math on the SAME inputs: ``bench/suite.py`` (and ``ssl-fast bench``) builds the inputs once per
-(shape, dtype) in a fresh child process, refuses a provider whose answer on a small input differs from the
-float64 reference (the correctness gate), then measures time and peak memory. Adding a provider is one
+SAME math on the SAME inputs: the measurement child (``bench/measure.py``, started by ``bench/runner.py`` for
+``ssl-fast bench``) builds the inputs per (shape, dtype), refuses a provider whose answer on a small input
+differs from the float64 reference (the correctness gate), then measures time and peak memory. Adding a provider is one
 ``Provider(name, build)`` line: ``build(inputs, hp, device)`` returns a zero-argument callable that runs
 one call on the prepared inputs and returns its output (a loss, the codes, or None for the in-place EMA).
 
@@ -15,6 +15,7 @@ triton at import time.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -34,6 +35,19 @@ class Provider:
     dtypes: Optional[Tuple[str, ...]] = None  # None: every dtype of the op
     backend: Optional[Callable] = None
     about: str = ""
+
+    def unavailable(self, device: str, dtype: str) -> Optional[str]:
+        """Why this provider cannot run on ``device`` ('cpu', 'cuda', 'cuda:K') in ``dtype``, or None when it can:
+        its optional library is missing, it serves other devices, or not that dtype."""
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            return f"{self.requires} not installed"
+        dev_type = "cuda" if device.startswith("cuda") else "cpu"
+        if dev_type not in self.devices:
+            return f"runs on {'/'.join(self.devices)} only" + (f" ({self.about})" if self.about and self.name == "inf_cl"
+                                                                 else "")
+        if self.dtypes and dtype not in self.dtypes:
+            return f"dtype {dtype} not supported"
+        return None
 
 
 @dataclasses.dataclass
@@ -101,10 +115,7 @@ def _ssl_fast_providers(call: Optional[Callable], *, nn_module: Optional[Callabl
         return build
 
     def backend_of(name):
-        def resolve(device):
-            from ssl_fast.ops import _backend
-            return _backend.resolve(_torch().device(device), requested=name)
-        return resolve
+        return lambda device: name if name != "auto" else auto_backend(device)
 
     out = [] if call is None else [
            Provider("ssl_fast_cpp", with_backend("cpp"), backend=backend_of("cpp"),
@@ -119,6 +130,16 @@ def _ssl_fast_providers(call: Optional[Callable], *, nn_module: Optional[Callabl
         out.append(Provider("ssl_fast_nn", build_nn, backend=backend_of("auto"),
                             about="the ssl_fast.nn drop-in module, automatic backend"))
     return out
+
+
+def auto_backend(device) -> str:
+    """The kernel family ``ssl_fast.set_backend("auto")`` runs for float tensors on ``device``, from public facts
+    (ssl_fast's documented rule: CUDA -> triton when triton imports, CPU -> cpp when ssl_fast._C is built, else
+    torch). A forced backend is its own name: ssl_fast runs it or raises, it never switches silently."""
+    import ssl_fast
+    if _torch().device(device).type == "cuda":
+        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    return "cpp" if ssl_fast.HAS_EXT else "torch"
 
 
 def _max_err(out, ref) -> float:
@@ -784,13 +805,9 @@ def _e2e_providers() -> List[Provider]:
             return run
         return build
 
-    def backend(device):
-        from ssl_fast.ops import _backend
-        return _backend.resolve(_torch().device(device))
-
     return [Provider("torch", builder("torch"), about="eager NT-Xent reference (one (2N, 2N) logit matrix)"),
             Provider("lightly", builder("lightly"), requires="lightly", about="lightly.loss.NTXentLoss"),
-            Provider("ssl_fast_nn", builder("ssl_fast_nn"), backend=backend, about="ssl_fast.nn.NTXentLoss")]
+            Provider("ssl_fast_nn", builder("ssl_fast_nn"), backend=auto_backend, about="ssl_fast.nn.NTXentLoss")]
 
 
 def _e2e_gate(provider: Provider, device, hp):
@@ -828,6 +845,20 @@ E2E = Op(
 
 
 OPS: Dict[str, Op] = {op.name: op for op in (NTXENT, INFO_NCE, INFO_NCE_QUEUE, SINKHORN, EMA, SWAV, DIRECTCLR, E2E)}
+
+
+def load_providers_file(path: Optional[str]) -> None:
+    """``--providers-file FILE.py``: a file defining ``PROVIDERS = {"op": [ops.Provider(...), ...]}`` adds
+    (or replaces, by name) providers, so a user's own implementation runs side by side, gate included."""
+    if not path:
+        return
+    spec = importlib.util.spec_from_file_location("bench_extra_providers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for op_name, provs in getattr(mod, "PROVIDERS", {}).items():
+        op = OPS[op_name]
+        for p in provs:
+            op.providers = [q for q in op.providers if q.name != p.name] + [p]
 
 
 def shape_label(op: Op, shape: Dict) -> str:

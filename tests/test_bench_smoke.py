@@ -1,5 +1,6 @@
-"""The benchmark suite (bench/suite.py, ``ssl-fast bench``): the correctness gate of every provider, the CLI on
-tiny sweeps (CSV, markdown, PNG, index), refusal of a wrong provider, largest batch, e2e, pytest-benchmark.
+"""The benchmark suite (``ssl-fast bench``: bench/suite.py, runner.py, measure.py, report.py): the correctness
+gate of every provider, the CLI on tiny sweeps (CSV, markdown, PNG, index), refusal of a wrong provider,
+rows written as they are measured, thread counts, largest batch, e2e, pytest-benchmark.
 
 No timing assertions: this machine is shared. The benchmark runs in subprocesses, as users run it.
 """
@@ -18,8 +19,8 @@ import ssl_fast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-import ops as O  # noqa: E402
-import suite  # noqa: E402
+import measure  # noqa: E402
+import ops  # noqa: E402
 
 
 def _env():
@@ -49,37 +50,37 @@ def _device_dir(out):
 # the correctness gate, in-process: every provider that can run here matches the float64 reference
 
 
-GATE_CASES = [pytest.param(op.name, p.name, id=f"{op.name}-{p.name}") for op in O.OPS.values() for p in op.providers]
+GATE_CASES = [pytest.param(op.name, p.name, id=f"{op.name}-{p.name}") for op in ops.OPS.values() for p in op.providers]
 
 
 @pytest.mark.parametrize("op_name,provider", GATE_CASES)
 def test_every_provider_passes_the_gate(op_name, provider):
-    op = O.OPS[op_name]
+    op = ops.OPS[op_name]
     prov = op.provider(provider)
-    skip = suite._unrunnable(op, prov, "cpu", "fp32")
-    if skip:
-        pytest.skip(skip["note"])
+    why = prov.unavailable("cpu", "fp32")
+    if why:
+        pytest.skip(why)
     if provider == "ssl_fast_cpp" and not ssl_fast.HAS_EXT:
         pytest.skip("ssl_fast._C not built")
-    err = suite.gate(op, prov, torch.device("cpu"), dict(op.hparams))
+    err = measure.gate(op, prov, torch.device("cpu"), dict(op.hparams))
     assert err <= op.gate_tol, f"{op_name}/{provider}: error {err:.2e} > {op.gate_tol:.0e}"
 
 
 def test_gate_catches_a_wrong_value_and_a_wrong_gradient():
-    op = O.OPS["ntxent"]
+    op = ops.OPS["ntxent"]
     hp = dict(op.hparams)
     good = op.provider("torch")
-    scaled = O.Provider("x", lambda inputs, hp_, dev: (lambda f=good.build(inputs, hp_, dev): f() * 1.001))
-    assert suite.gate(op, scaled, torch.device("cpu"), hp) > op.gate_tol
+    scaled = ops.Provider("x", lambda inputs, hp_, dev: (lambda f=good.build(inputs, hp_, dev): f() * 1.001))
+    assert measure.gate(op, scaled, torch.device("cpu"), hp) > op.gate_tol
 
     def wrong_grad(inputs, hp_, dev):  # the right value, the gradient of z2 dropped
         from ssl_fast import reference
         z1, z2 = inputs["z1"], inputs["z2"]
         return lambda: reference.ntxent_reference(z1, z2.detach(), hp_["temperature"])
-    assert suite.gate(op, O.Provider("y", wrong_grad), torch.device("cpu"), hp) > op.gate_tol
-    ema = O.OPS["ema"]
-    lazy = O.Provider("z", lambda inputs, hp_, dev: (lambda: None))  # an EMA that does nothing
-    assert suite.gate(ema, lazy, torch.device("cpu"), dict(ema.hparams)) > ema.gate_tol
+    assert measure.gate(op, ops.Provider("y", wrong_grad), torch.device("cpu"), hp) > op.gate_tol
+    ema = ops.OPS["ema"]
+    lazy = ops.Provider("z", lambda inputs, hp_, dev: (lambda: None))  # an EMA that does nothing
+    assert measure.gate(ema, lazy, torch.device("cpu"), dict(ema.hparams)) > ema.gate_tol
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def test_cli_other_ops(tmp_path, args, op, providers):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _rows(os.path.join(_device_dir(tmp_path), f"{op}.csv"))
     got = [r["provider"] for r in rows]
-    assert got == (providers or [p.name for p in O.OPS[op].providers])
+    assert got == (providers or [p.name for p in ops.OPS[op].providers])
     for r in rows:
         if r["provider"] in ("timm", "lightly") and r["status"] == "unavailable":
             continue
