@@ -272,7 +272,8 @@ def render_op(op: ops.Op, out_dir: str, plot: bool = True) -> List[str]:
              "above the inputs during one call (CUDA: max_memory_allocated; CPU: peak RSS growth in a fresh "
              f"process). Speedups in parentheses are against `{op.baseline}` in the same run. % of peak: against "
              "the device's GEMM / copy peak measured in the same run (peak.csv). One section per thread count "
-             "(`threads`): CPU results are measured at 1 thread and at the machine's default thread count."]
+             "(`threads`: torch threads of the measuring process; `ssl-fast bench` measures CPU ops at 1 thread and "
+             "at the machine's default count unless `--threads` says otherwise)."]
     md = render_markdown(rows, title=f"{op.name}: providers side by side",
                          section_cols=("device_name", "threads", "dtype") + tuple(op.hparams),
                          shape_cols=op.shape_keys, provider_order=provs, notes=notes, baseline=op.baseline,
@@ -321,9 +322,9 @@ def _device_dirs(root: str) -> List[str]:
 
 def headline(root: str) -> str:
     """Per device and op, at the largest shape where ssl_fast and a peer both ran (the op's main mode): ssl_fast's
-    best time and memory against every other provider."""
-    lines = ["| device | op | shape | dtype | mode | ssl_fast ms (MiB) | vs each peer: time x faster / memory x less |",
-             "|---|---|---|---|---|---|---|"]
+    best time and memory against every other provider, one line per thread count measured at that shape."""
+    lines = ["| device | threads | op | shape | dtype | mode | ssl_fast ms (MiB) | vs each peer: time x faster / "
+             "memory x less |", "|---|---:|---|---|---|---|---|---|"]
     for dev in _device_dirs(root):
         for op in ops.OPS.values():
             rows = latest_rows(read_csv(os.path.join(root, dev, f"{op.name}.csv")),
@@ -338,22 +339,24 @@ def headline(root: str) -> str:
                 not r["provider"].startswith("ssl_fast") for r in g)]
             if not cands:
                 continue
-            # the dtype of the op's first row, the shape with the most peers, then the largest
+            # the (dtype, shape) with the most peers at some thread count, then the largest shape; then a line
+            # for each thread count measured there
             cands.sort(key=lambda kg: (len(kg[1]), [sort_key_num(v) for v in kg[0][2:]]))
-            key, grp = cands[-1]
-            fast = min(fast_providers(grp), key=lambda r: to_float(r["median_ms"]))
-            peers = []
-            for r in sorted(grp, key=lambda r: r["provider"]):
-                if r["provider"].startswith("ssl_fast"):
-                    continue
-                t = to_float(r["median_ms"]) / to_float(fast["median_ms"])
-                fm = to_float(fast["peak_mem_mib"])
-                m = f"{to_float(r['peak_mem_mib']) / fm:.2g}x" if fm >= 0.5 else "- (ssl_fast ~0 MiB)"
-                peers.append(f"{r['provider']} {t:.2g}x / {m}")
-            shape = " ".join(f"{k}={v}" for k, v in zip(op.shape_keys, key[2:]))
-            lines.append(f"| {fast['device_name']} ({key[0]} thr) | [{op.name}]({dev}/{op.name}.md) | {shape} | "
-                         f"{key[1]} | {main_mode} | {fast['provider']}: {fmt_num(fast['median_ms'])} "
-                         f"({fmt_num(fast['peak_mem_mib'])}) | {'; '.join(peers)} |")
+            at = cands[-1][0][1:]
+            for key, grp in sorted(((k, g) for k, g in cands if k[1:] == at), key=lambda kg: sort_key_num(kg[0][0])):
+                fast = min(fast_providers(grp), key=lambda r: to_float(r["median_ms"]))
+                peers = []
+                for r in sorted(grp, key=lambda r: r["provider"]):
+                    if r["provider"].startswith("ssl_fast"):
+                        continue
+                    t = to_float(r["median_ms"]) / to_float(fast["median_ms"])
+                    fm = to_float(fast["peak_mem_mib"])
+                    m = f"{to_float(r['peak_mem_mib']) / fm:.2g}x" if fm >= 0.5 else "- (ssl_fast ~0 MiB)"
+                    peers.append(f"{r['provider']} {t:.2g}x / {m}")
+                shape = " ".join(f"{k}={v}" for k, v in zip(op.shape_keys, key[2:]))
+                lines.append(f"| {fast['device_name']} | {key[0]} | [{op.name}]({dev}/{op.name}.md) | {shape} | "
+                             f"{key[1]} | {main_mode} | {fast['provider']}: {fmt_num(fast['median_ms'])} "
+                             f"({fmt_num(fast['peak_mem_mib'])}) | {'; '.join(peers)} |")
     return "\n".join(lines)
 
 
@@ -364,7 +367,10 @@ def write_index(root: str, plot: bool = True) -> str:
              "row carries its device, threads, torch / triton versions, commit and timestamp._", "",
              "## Headline", "", "ssl_fast's fastest backend against every other provider at the largest shape "
              "that most providers ran (the op's main mode; a ratio > 1 means ssl_fast is faster / uses less "
-             "memory).", "", headline(root), ""]
+             "memory). `threads`: the torch threads every number of that line was measured with (all providers "
+             "of a line at the same count); a CPU op has one line per thread count measured at that shape "
+             "(`ssl-fast bench` measures CPU ops at 1 thread and at the machine's default count, the device's "
+             "cpus in its name).", "", headline(root), ""]
     for dev in _device_dirs(root):
         out_dir = os.path.join(root, dev)
         files = []

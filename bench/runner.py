@@ -120,9 +120,10 @@ def default_threads() -> int:
 
 
 def parse_threads(values: Optional[List[str]], device: str) -> List[int]:
-    """``--threads`` values (ints, 'default', comma lists) -> distinct counts in order (default: 2)."""
+    """``--threads`` values (ints, 'default', comma lists) -> distinct counts in order. Default: 1 and the
+    machine's default on CPU (every CPU number exists at both); the default alone on CUDA."""
     if not values:
-        values = ["2"]
+        values = ["default"] if device.startswith("cuda") else ["1", "default"]
     out: List[int] = []
     for v in ",".join(str(x) for x in values).split(","):
         v = v.strip()

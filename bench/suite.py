@@ -60,7 +60,8 @@ def parse_args():
     p.add_argument("--cuda-rep-ms", type=float, default=100.0, help="do_bench measurement budget, ms")
     p.add_argument("--threads", nargs="+", default=None, metavar="N|default",
                    help="torch threads in the children: counts and/or 'default' (the machine's default count), "
-                        "e.g. --threads 1 default (each spec is measured at each count; default: 2)")
+                        "e.g. --threads 1 default (each spec is measured at each count; default: 1 and default "
+                        "on CPU, default on CUDA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (auto: cuda when present)")
     p.add_argument("--out", default=None, help="results root (default bench/results/_scratch, ignored by git)")
     p.add_argument("--save", action="store_true", help="write to the committed bench/results/<device>/")

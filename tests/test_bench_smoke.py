@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import measure  # noqa: E402
 import ops  # noqa: E402
+import report  # noqa: E402
+import runner  # noqa: E402
 
 
 def _env():
@@ -199,6 +201,62 @@ def test_cli_largest_batch(tmp_path):
     largest, over = int(row["largest"]), int(row["first_over"])
     assert 256 <= largest < over and float(row["mib_at_largest"]) <= 0.002 * 1024
     assert "Largest batch" in open(os.path.join(_device_dir(tmp_path), "largest.md")).read()
+
+
+CRASH_AT_64 = textwrap.dedent('''
+    import os
+    import ops
+    from ssl_fast import reference
+
+    def build(inputs, hp, device):
+        z1, z2 = inputs["z1"], inputs["z2"]
+        if z1.shape == (32, 16):  # the measured shape n2 = 64 (the gate's is (32, 32)): the child dies
+            os._exit(3)
+        return lambda: reference.ntxent_reference(z1, z2, hp["temperature"])
+
+    PROVIDERS = {"ntxent": [ops.Provider("crashes", build)]}
+''')
+
+
+def test_cli_one_child_per_provider_survives_a_crash(tmp_path):
+    """--child-per provider: one child runs a provider's shapes in a row; a child that dies on one spec costs
+    that row only (status error, the exit code in the note) and the next spec runs in a new child."""
+    extra = tmp_path / "crash.py"
+    extra.write_text(CRASH_AT_64)
+    proc = _bench(["ntxent", "--n2", "64", "128", "--dim", "16", "--providers", "torch", "crashes", "--providers-file",
+                   str(extra), "--modes", "fwd", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                   "--child-per", "provider", "--out", str(tmp_path / "out"), "--no-plot"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "in 2 child process(es)" in proc.stdout + proc.stderr
+    rows = {(r["provider"], r["n2"]): r for r in _rows(os.path.join(_device_dir(tmp_path / "out"), "ntxent.csv"))}
+    assert rows["crashes", "64"]["status"] == "error" and "child exit 3" in rows["crashes", "64"]["note"]
+    for key in (("crashes", "128"), ("torch", "64"), ("torch", "128")):
+        assert rows[key]["status"] == "ok" and float(rows[key]["median_ms"]) > 0, rows[key]
+    assert float(rows["crashes", "128"]["speedup"]) > 0  # against the torch row of the same run
+
+
+def test_threads_default_is_one_and_the_machine_default_on_cpu():
+    default = torch.get_num_threads()
+    assert runner.parse_threads(None, "cpu") == ([1, default] if default != 1 else [1])
+    assert runner.parse_threads(None, "cuda") == [default]
+    assert runner.parse_threads(["1,default", "3", "1"], "cpu") == [1] + ([default] if default != 1 else []) + (
+        [3] if default != 3 else [])
+
+
+def test_headline_gives_a_line_per_thread_count(tmp_path):
+    """The index's headline: one line per thread count measured at the chosen shape, the count in its column."""
+    op = ops.OPS["sinkhorn"]
+    rows = []
+    for threads, scale in ((1, 1.0), (4, 0.5)):
+        for prov, ms in (("swav", 10.0), ("ssl_fast_cpp", 2.0)):
+            rows.append(dict(device="cpu", device_name="Test CPU (4 cpus)", threads=threads, op="sinkhorn",
+                             provider=prov, mode="fwd", dtype="fp32", b=4096, k=3000, median_ms=ms * scale,
+                             peak_mem_mib=8.0, status="ok"))
+    report.append_csv(str(tmp_path / "test-cpu" / "sinkhorn.csv"), rows, report.columns(op))
+    lines = [ln for ln in report.headline(str(tmp_path)).splitlines() if "[sinkhorn]" in ln]
+    assert len(lines) == 2
+    assert lines[0].startswith("| Test CPU (4 cpus) | 1 |") and lines[1].startswith("| Test CPU (4 cpus) | 4 |")
+    assert all("swav 5x" in ln for ln in lines)
 
 
 def test_cli_errors():
