@@ -6,7 +6,7 @@ The runner (bench/runner.py) starts this file as a child process and reads its s
 for every spec, in order, the child prints one line ``RESULT_MARK {"index": i, ...}`` as soon as that
 measurement is taken, so a child that crashes, runs out of memory or times out loses only the spec it was on.
 A child measures either one spec (CPU: isolated allocator state for the RSS measurement, cold compile caches)
-or every spec of one provider in a row (CUDA: Triton and inductor caches stay warm between shapes).
+or several in a row (CUDA: one CUDA context, Triton and inductor caches stay warm between shapes).
 
 One measurement (:func:`measure`), in this order:
 

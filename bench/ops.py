@@ -20,6 +20,9 @@ import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+# the first GPU run (scripts/gpu_check.sh prove): eager torch, torch.compile and ssl_fast only; the libraries
+# that the GPU image lacks run in the "gpu-peers" presets (scripts/gpu_check.sh tune, from carried wheels)
+GPU_TARGET = ["torch", "ssl_fast_triton", "torch_compile"]  # in this order: a time budget cuts torch_compile first
 TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
@@ -264,6 +267,10 @@ NTXENT = Op(
                 dict(n2=[65536], dim=[128], dtype=["fp32"], modes=["full"], providers=["ssl_fast_cpp"], repeats=3)],
         "gpu": [dict(n2=[16384, 65536], dim=[128, 256, 768], dtype=["bf16"], modes=["fwd", "bwd", "full"]),
                 dict(n2=[16384], dim=[128], dtype=["fp32", "fp16"], modes=["full"])],
+        "gpu-target": [dict(n2=[65536], dim=[256], dtype=["bf16"], modes=["full"], providers=GPU_TARGET),
+                       dict(n2=[16384], dim=[128], dtype=["bf16"], modes=["full"], providers=GPU_TARGET)],
+        "gpu-peers": [dict(n2=[16384, 65536], dim=[128], dtype=["bf16"], modes=["full"],
+                           providers=["lightly", "ssl_fast_triton"])],
     },
     default_shape=dict(n2=[1024], dim=[128]),
 )
@@ -351,6 +358,8 @@ INFO_NCE = Op(
         "cpu": [dict(n2=[2048, 8192], dim=[128], dtype=["fp32"], modes=["full"],
                      providers=["torch", "torch_compile", "open_clip", "ssl_fast_cpp"])],
         "gpu": [dict(n2=[16384, 65536, 131072], dim=[256, 768], dtype=["bf16"], modes=["fwd", "bwd", "full"])],
+        "gpu-peers": [dict(n2=[16384], dim=[128], dtype=["bf16"], modes=["full"],
+                           providers=["open_clip", "inf_cl", "ssl_fast_triton"])],
     },
     default_shape=dict(n2=[1024], dim=[128]),
 )
@@ -415,6 +424,8 @@ INFO_NCE_QUEUE = Op(
         "cpu": [dict(n=[256], queue=[16384, 65536], dim=[128], dtype=["fp32"], modes=["full"],
                      providers=["torch", "torch_compile", "ssl_fast_cpp"])],
         "gpu": [dict(n=[4096], queue=[65536, 262144], dim=[128], dtype=["bf16"], modes=["fwd", "full"])],
+        "gpu-target": [dict(n=[256], queue=[65536], dim=[128], dtype=["bf16", "fp32"], modes=["full"],
+                            providers=GPU_TARGET)],
     },
     default_shape=dict(n=[256], queue=[4096], dim=[128]),
 )
@@ -485,6 +496,9 @@ SINKHORN = Op(
                      providers=["swav", "torch_compile", "lightly", "ssl_fast_cpp", "ssl_fast_torch"]),
                 dict(b=[4096], k=[3000], dtype=["bf16"], providers=["swav", "lightly", "ssl_fast_cpp"])],
         "gpu": [dict(b=[4096, 16384, 65536], k=[3000, 65536], dtype=["fp32", "bf16"])],
+        "gpu-target": [dict(b=[32768, 4096], k=[3000], dtype=["fp32"],
+                            providers=["swav", "ssl_fast_triton", "torch_compile"])],
+        "gpu-peers": [dict(b=[32768, 4096], k=[3000], dtype=["fp32"], providers=["lightly", "ssl_fast_triton"])],
     },
     default_shape=dict(b=[4096], k=[3000]),
 )
@@ -611,6 +625,9 @@ EMA = Op(
                 dict(model=["resnet50", "vit_b_16"], dtype=["fp32-bf16"],
                      providers=["loop", "foreach_lerp", "lightly", "timm", "ssl_fast_cpp"])],
         "gpu": [dict(model=["resnet50", "vit_b_16", "vit_l_16"], dtype=["fp32", "bf16", "fp32-bf16"])],
+        "gpu-target": [dict(model=["vit_b_16"], dtype=["fp32-bf16"],
+                            providers=["loop", "ssl_fast_triton", "ssl_fast_cpp", "foreach_lerp", "torch_compile"])],
+        "gpu-peers": [dict(model=["vit_b_16"], dtype=["fp32-bf16"], providers=["lightly", "timm", "ssl_fast_triton"])],
     },
     default_shape=dict(model=["resnet50"]),
 )
@@ -838,6 +855,8 @@ E2E = Op(
         "quick": [dict(model=["resnet18"], batch=[64], res=[32], dtype=["fp32"])],
         "cpu": [dict(model=["resnet18"], batch=[128], res=[32], dtype=["fp32"], repeats=3)],
         "gpu": [dict(model=["resnet50"], batch=[256, 512], res=[224], dtype=["bf16"])],
+        "gpu-target": [dict(model=["resnet50"], batch=[256], res=[224], dtype=["bf16"], providers=["torch", "ssl_fast_nn"])],
+        "gpu-peers": [dict(model=["resnet50"], batch=[256], res=[224], dtype=["bf16"], providers=["lightly", "ssl_fast_nn"])],
     },
     default_shape=dict(model=["resnet18"], batch=[64], res=[32]),
     gate=_e2e_gate,

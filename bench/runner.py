@@ -6,8 +6,10 @@ provider) (:meth:`Runner.specs`), and runs them in child processes of ``bench/me
 
 * ``--child-per measurement`` (the default on CPU): a FRESH process per spec, so the CPU peak-RSS measurement
   starts from a clean allocator and ``compile_ms`` / ``process_rss_mib`` are what a user's fresh process pays;
-* ``--child-per provider`` (the default on CUDA): one process per (provider, threads, dtype) runs its specs in
-  a row, so Triton / inductor compile caches stay warm between shapes (times are taken after warm-up either way).
+* ``--child-per op`` (the default on CUDA): one process per op and thread count runs its specs provider by
+  provider, so a process starts once (CUDA context, imports) and Triton / inductor compile caches stay warm
+  between shapes (times are taken after warm-up either way); ``--child-per provider``: one per (provider,
+  threads, dtype).
 
 Each result is appended to ``<out>/<device>/<op>.csv`` the moment the child reports it (a timeout or a crash
 loses only the spec it was on; the rest of that child's specs go to a new child). Speedups are against the
@@ -295,14 +297,23 @@ class Runner:
         self.default_budget = 0.5 * avail if not math.isnan(avail) else 0.0
         self.peaks: Dict[tuple, Dict] = {}
         self.t_start = time.monotonic()
+        self._stop_at: Optional[float] = None
+        if threading.current_thread() is threading.main_thread():  # `timeout` sends SIGTERM: kill the child too
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         try:
             from tqdm import tqdm
             self.tqdm = tqdm
         except ImportError:
             self.tqdm = None
 
+    def set_budget(self, seconds: float) -> None:
+        """From now on, stop starting measurements after ``seconds`` (one op's share of --time-budget-s)."""
+        self._stop_at = time.monotonic() + max(0.0, seconds)
+
     def stop_at(self) -> Optional[float]:
-        """``time.monotonic()`` at which --time-budget-s is spent (None: no budget)."""
+        """``time.monotonic()`` at which the time budget is spent (None: no budget)."""
+        if self._stop_at is not None:
+            return self._stop_at
         budget = getattr(self.args, "time_budget_s", None)
         return self.t_start + budget if budget else None
 
@@ -370,16 +381,22 @@ class Runner:
                                                 ref_budget_gib=min(2.0, budget or 2.0), **shape, **hp))
         return out
 
-    def _batches(self, op: ops.Op, specs: List[Dict]) -> List[List[int]]:
-        """Indices of the specs per child: one each, or one child per (threads, dtype, provider) with the
-        baseline provider's child first."""
-        per = self.args.child_per or ("provider" if specs and specs[0]["device"].startswith("cuda") else "measurement")
+    def batches(self, op: ops.Op, specs: List[Dict]) -> List[List[int]]:
+        """Indices of the specs per child (--child-per): one each; one child per (threads, dtype, provider); or
+        one per thread count with the op's specs provider by provider. The baseline provider comes first."""
+        per = self.args.child_per or ("op" if specs and specs[0]["device"].startswith("cuda") else "measurement")
         if per == "measurement":
             return [[i] for i in range(len(specs))]
+        rank: Dict[str, int] = {}  # providers in the order they first appear (the baseline first)
+        for s in specs:
+            rank.setdefault(s["provider"], len(rank))
         groups: Dict[tuple, List[int]] = {}
         for i, s in enumerate(specs):
-            groups.setdefault((s["threads"], s["dtype"], s["provider"]), []).append(i)
-        return sorted(groups.values(), key=lambda g: specs[g[0]]["provider"] != op.baseline)  # stable
+            key = (s["threads"],) if per == "op" else (s["threads"], s["dtype"], s["provider"])
+            groups.setdefault(key, []).append(i)
+        # in a child, provider by provider: a time budget that runs out cuts the providers listed last
+        batches = [sorted(g, key=lambda i: rank[specs[i]["provider"]]) for g in groups.values()]
+        return sorted(batches, key=lambda g: specs[g[0]]["provider"] != op.baseline)  # stable
 
     def _measure(self, op: ops.Op, batch: List[Dict]) -> Iterator[Tuple[int, Dict]]:
         """Results for a batch of specs: the ones that cannot run answer at once, the rest from a child."""
@@ -426,7 +443,7 @@ class Runner:
     def run_op(self, op: ops.Op, device: str, dev_name: str, out_dir: str) -> List[Dict]:
         """Measure every spec of the op; each row is appended to ``<out_dir>/<op>.csv`` as soon as it is taken."""
         specs = self.specs(op, device)
-        batches = self._batches(op, specs)
+        batches = self.batches(op, specs)
         rounds = max(1, self.args.rounds)
         say = print
         bar = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -67,10 +68,13 @@ def parse_args():
     p.add_argument("--save", action="store_true", help="write to the committed bench/results/<device>/")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement before a NaN row")
     p.add_argument("--time-budget-s", type=float, default=None,
-                   help="stop starting measurements after this many seconds (the rest: 'skipped' rows)")
-    p.add_argument("--child-per", choices=("measurement", "provider"), default=None,
-                   help="a fresh child process per measurement (default on CPU), or one per provider, threads "
-                        "and dtype running its shapes in a row with warm compile caches (default on CUDA)")
+                   help="stop starting measurements after this many seconds (the rest: 'skipped' rows); with "
+                        "several ops each op gets an equal share of what is left when it starts")
+    p.add_argument("--plan", action="store_true", help="print the measurements and child processes, run nothing")
+    p.add_argument("--child-per", choices=("measurement", "provider", "op"), default=None,
+                   help="a fresh child process per measurement (default on CPU); one per provider, threads and "
+                        "dtype; or one per op and threads (default on CUDA), running its measurements in a row "
+                        "with warm compile caches")
     p.add_argument("--mem-budget-gib", type=float, default=None,
                    help="CPU: skip a run whose estimated peak exceeds this and cap each child at budget + 2 GiB "
                         "(default: half of MemAvailable); with --largest-batch: the budget searched")
@@ -101,6 +105,23 @@ def list_ops() -> str:
     return "\n".join(out)
 
 
+def plan(run: runner.Runner, op_list, device: str, dev_name: str) -> str:
+    """The measurements each op would take and the child processes they would run in (--plan)."""
+    out = [f"plan on {dev_name} ({device}):"]
+    total = 0
+    for op in op_list:
+        specs = run.specs(op, device)
+        batches = run.batches(op, specs)
+        total += len(specs)
+        out.append(f"{op.name}: {len(specs)} measurements in {len(batches)} child process(es)")
+        for batch in batches:
+            s0 = specs[batch[0]]
+            out.append(f"  child: {s0['provider']} {s0['dtype']} {s0['threads']} thr: "
+                       + ", ".join(f"{ops.shape_label(op, specs[i])} {specs[i]['mode']}" for i in batch))
+    out.append(f"{total} measurements")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     parser = parse_args()
     args = parser.parse_args(argv)
@@ -124,7 +145,13 @@ def main(argv=None) -> int:
     op_list = list(ops.OPS.values()) if args.op == "all" else [ops.OPS[args.op]]
     if args.preset and args.op == "all":  # 'all' with a preset: the ops that define it
         op_list = [op for op in op_list if args.preset in op.presets]
-    for op in op_list:
+    if args.plan:
+        print(plan(run, op_list, device, dev_name))
+        return 0
+    budget = args.time_budget_s
+    for i, op in enumerate(op_list):
+        if budget:  # an equal share of what is left; time an op leaves unused goes to the next
+            run.set_budget((budget - (time.monotonic() - run.t_start)) / (len(op_list) - i))
         if args.largest_batch:
             if op.batch_key is not None:
                 runner.largest_batch(run, op, device, dev_name, out_dir)
