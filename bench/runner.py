@@ -174,7 +174,11 @@ def expand_jobs(op: ops.Op, args, device: str) -> List[Dict]:
             job.setdefault(k, op.default_shape[k])
         job["dtype"] = args.dtype or job.get("dtype") or [op.dtypes[0]]
         job["modes"] = args.modes or job.get("modes") or list(op.modes)
-        job["providers"] = args.providers or job.get("providers") or [p.name for p in op.providers]
+        if args.providers and args.op == "all":  # with every op: the named ones among the job's providers
+            listed = job.get("providers") or [p.name for p in op.providers]
+            job["providers"] = [p for p in listed if p in args.providers]
+        else:
+            job["providers"] = args.providers or job.get("providers") or [p.name for p in op.providers]
         job["repeats"] = args.repeats if args.repeats is not None else job.get("repeats", 5)
         for dt in job["dtype"]:
             if dt not in op.dtypes:
@@ -365,7 +369,7 @@ class Runner:
         budget = self.args.mem_budget_gib if self.args.mem_budget_gib is not None else self.default_budget
         out = []
         for threads in parse_threads(self.args.threads, device):
-            for job in expand_jobs(op, self.args, device):
+            for job in expand_jobs(op, self.args, device):  # (a job without providers adds nothing)
                 provs = sorted(job["providers"], key=lambda p: p != op.baseline)
                 for dtype in job["dtype"]:
                     for shape in grid(job, op.shape_keys):
@@ -443,6 +447,9 @@ class Runner:
     def run_op(self, op: ops.Op, device: str, dev_name: str, out_dir: str) -> List[Dict]:
         """Measure every spec of the op; each row is appended to ``<out_dir>/<op>.csv`` as soon as it is taken."""
         specs = self.specs(op, device)
+        if not specs:
+            print(f"{op.name}: none of the named providers")
+            return []
         batches = self.batches(op, specs)
         rounds = max(1, self.args.rounds)
         say = print

@@ -52,7 +52,8 @@ def parse_args():
         p.add_argument(f"--{k}", type=typ, nargs="+", help=f"shape: {k} (ops that have it)")
     p.add_argument("--dtype", nargs="+", help="fp32 bf16 fp16 (ema also fp32-bf16 fp32-fp16)")
     p.add_argument("--modes", nargs="+", help="fwd bwd full (losses), update (ema), step (e2e)")
-    p.add_argument("--providers", nargs="+", help="default: every provider the op has (see --list)")
+    p.add_argument("--providers", nargs="+", help="default: every provider the op has (see --list); with 'all', "
+                                                  "each op runs those of its preset's providers that are named")
     p.add_argument("--providers-file", help="a .py file with PROVIDERS = {op: [ops.Provider(...)]} to add")
     p.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                    help="override a hyperparameter, e.g. --set temperature=0.2")
