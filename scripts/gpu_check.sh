@@ -92,8 +92,13 @@ if has build; then
   # the later stages keep KEEP_S seconds: a slow build must not eat the Triton tests
   KEEP_S=${KEEP_S:-240}
   built=0 rc=1
+  if ((cuda_tools)) && [ -z "${CUDA_HOME:-}" ]; then  # the toolkit whose lib holds libcudart (nvcc may be a wrapper)
+    for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+      if [ -x "$c/bin/nvcc" ] && compgen -G "$c/lib*/libcudart.so*" > /dev/null; then export CUDA_HOME=$c; break; fi
+    done
+    [ -n "${CUDA_HOME:-}" ] || { cuda_tools=0; skip build_cuda "nvcc found, but no toolkit folder with libcudart"; }
+  fi
   if ((cuda_tools)); then
-    export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
     SSL_FAST_FORCE_CUDA=1 SSL_FAST_CUDA_ARCHS=9.0 run build $(($(left) - KEEP_S)) "C++ and CUDA sources, sm_90" \
       "${pip_e[@]}"
     rc=$?; ((rc == 0)) && built=1
