@@ -60,9 +60,9 @@ def _detail(work, stage):
         if rows:
             return f"{rows} rows written"
     if name == "sweep":
-        ok = [ln for ln in lines if re.match(r"\s+\S+\s+\S+", ln) and " ok " in ln]
-        if ok:
-            return f"{len(ok)} configurations ok (see the sweep table)"
+        rows = report.read_csv(os.path.join(work, "results", "tune.csv"))
+        if rows:
+            return f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} configurations ok (the sweep table below)"
     if name in ("bench", "peers", "sweep") or name.startswith("build") or name == "wheels":
         err = [ln for ln in lines if "Error" in ln or "error:" in ln]
         return err[-1].strip()[:160] if err else ""
