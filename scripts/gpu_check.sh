@@ -18,6 +18,7 @@
 #   OUT=gpu_out       output folder
 #   PYTHON=python3    the interpreter (the machine's, which has torch)
 #   BUDGET_S=450      the whole call's seconds; every stage's cap is cut to what is left
+#   CAP_SCALE=1       multiplies every stage's own cap (the suite's dry run on a busy CPU machine uses 20)
 #   STAGES="..."      a subset of the call's stages, in its order (default: all of them)
 #   XDIST=8           pytest-xdist workers for the tests when pytest-xdist is installed (0: none)
 #   TUNE_ARGS=...     extra arguments for bench/tune.py (e.g. --families infonce_fwd ema --max-configs 4)
@@ -35,6 +36,7 @@ OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-450}
 XDIST=${XDIST:-8}
+CAP_SCALE=${CAP_SCALE:-1}  # multiplies every stage's own cap (the dry run on a loaded machine); BUDGET_S still rules
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -54,7 +56,7 @@ record() { printf "%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$3" "$4" "$5" >> "$WORK/stag
 left() { echo $((DEADLINE - $(date +%s) - RESERVE)); }
 # run NAME CAP NOTE CMD...: CMD under `timeout` (cap cut to the time left), output to logs/NAME.log
 run() {
-  local name=$1 cap=$2 note=$3; shift 3
+  local name=$1 cap=$(($2 * CAP_SCALE)) note=$3; shift 3
   local l; l=$(left)
   if ((cap > l)); then cap=$l; fi
   if ((cap < 5)); then record "$name" skipped 0 0 "the call's budget is spent"; return 1; fi
