@@ -122,6 +122,12 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from .tuning import override as _override  # the tile sweep's per-launch overrides (bench/tune.py)
+except ImportError:  # loaded by file path (scripts/check_triton_compile.py): the tables as written
+    def _override(name, cfg):
+        return cfg
+
 # Constants inside the kernels: log2(e) = 1.4426950408889634 (exp(x) = exp2(x log2 e)), ln(2) =
 # 0.6931471805599453 (lse = lse2 ln 2), eps = 1e-12 (F.normalize: a zero row maps to zero, never NaN).
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -592,20 +598,24 @@ def _fwd_config(rows: int, d: int, dtype: torch.dtype) -> dict:
     _fwd_plan."""
     dp = _pow2(d)
     if dtype == torch.float32:
-        return dict(BLOCK=64, BLOCK_K=min(dp, 32), num_warps=4, num_stages=2)
-    if rows >= 4096:
-        return dict(BLOCK=128, BLOCK_K=min(dp, 64), num_warps=8, num_stages=3)
-    return dict(BLOCK=64, BLOCK_K=min(dp, 64), num_warps=4, num_stages=3)
+        cfg = dict(BLOCK=64, BLOCK_K=min(dp, 32), num_warps=4, num_stages=2)
+    elif rows >= 4096:
+        cfg = dict(BLOCK=128, BLOCK_K=min(dp, 64), num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK=64, BLOCK_K=min(dp, 64), num_warps=4, num_stages=3)
+    return _override("infonce_fwd", cfg)
 
 
 def _bwd_config(d: int, dtype: torch.dtype) -> dict:
     dp = _pow2(d)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_D=min(dp, 128), SINGLE=False, num_warps=8,
-                    num_stages=2)
-    if dp <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=dp, BLOCK_D=dp, SINGLE=True, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256, SINGLE=False, num_warps=8, num_stages=2)
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_D=min(dp, 128), SINGLE=False, num_warps=8,
+                   num_stages=2)
+    elif dp <= 128:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=dp, BLOCK_D=dp, SINGLE=True, num_warps=8, num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256, SINGLE=False, num_warps=8, num_stages=2)
+    return _override("infonce_bwd", cfg)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -1038,8 +1048,10 @@ def _rect_config(d: int, dtype: torch.dtype) -> dict:
     # backward: 8 warps (with 4, sm_90 needs 250-255 registers for the 64 x 128 fp32 accumulator and the
     # column kernel spills; measured with scripts/check_triton_compile.py)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=min(dp, 32), BLOCK_D=min(dp, 64), num_warps=4, bwd_warps=8)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(dp, 64), BLOCK_D=min(dp, 128), num_warps=4, bwd_warps=8)
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=min(dp, 32), BLOCK_D=min(dp, 64), num_warps=4, bwd_warps=8)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(dp, 64), BLOCK_D=min(dp, 128), num_warps=4, bwd_warps=8)
+    return _override("infonce_rect", cfg)
 
 
 def _rect_inputs(rows, cands, d_check=True):
