@@ -1,7 +1,7 @@
 """Rectangular InfoNCE: local anchors against (gathered) candidates. The op behind distributed NT-Xent /
 InfoNCE (``process_group=``), queues of negatives (``negatives=``) and the lightly-compatible memory bank.
 
-Op (every backend, see ``csrc/cpu/infonce.cpp`` and ``kernels/infonce.py``, section "Rectangular"):
+Op (every backend, see ``csrc/cpu/infonce_rect.cpp`` and ``kernels/infonce_rect.py``):
 rows A (R x d), candidates C (Cn x d), per row a positive column p(i) (or -1) and an excluded column e(i)
 (the anchor itself, or -1); with S = norm(A) norm(C)^T / T and S_i,e(i) = -inf the op returns the per-row
 terms t_i = logsumexp_j S_ij - S_i,p(i). Its backward takes per-row weights w_i = dL/dt_i and returns
@@ -102,7 +102,7 @@ def _torch_bwd(w, rows, cands, saved, lse, pos, excl, inv_temp, normalize, grad_
 
 
 # ----------------------------------------------------------------------------------------------------
-# cpp backend (csrc/cpu/infonce.cpp: ssl_fast::infonce_rect_fwd_cpp / infonce_rect_bwd_cpp)
+# cpp backend (csrc/cpu/infonce_rect.cpp: ssl_fast::infonce_rect_fwd_cpp / infonce_rect_bwd_cpp)
 
 
 def _cpp_fwd_fake(rows, cands, pos, excl, inv_temp, normalize, block):
@@ -140,11 +140,11 @@ def _cpp_bwd(w, rows, cands, saved, lse, pos, excl, inv_temp, normalize, grad_co
 
 
 # ----------------------------------------------------------------------------------------------------
-# triton backend (kernels/infonce.py, section "Rectangular"); the impls import the kernels on first use
+# triton backend (kernels/infonce_rect.py); the impls import the kernels on first use
 
 
 def _kernels():
-    from ssl_fast.kernels import infonce as kernels
+    from ssl_fast.kernels import infonce_rect as kernels
 
     return kernels
 
