@@ -12,6 +12,7 @@ import torch
 
 import ssl_fast
 from ssl_fast import reference as R
+from ssl_fast.ops import _library
 from ssl_fast.ops import infonce_rect as rect
 
 from infonce_helpers import FLOORS, err
@@ -58,7 +59,7 @@ def test_rect_vs_float64(backend, shape, dtype, normalize, monkeypatch):
         pytest.skip("triton: fp32/bf16/fp16; one wide-d case is enough under the interpreter")
     if backend == "triton" and dtype == torch.float16 and not normalize:
         pytest.skip("covered by bf16")
-    monkeypatch.setattr(rect, "CPU_BLOCK", 8)  # several tiles per row / column block, ragged last tiles
+    monkeypatch.setattr(_library, "CPU_BLOCK", 8)  # several tiles per row / column block, ragged last tiles
     r, cn, d = shape
     gen = torch.Generator().manual_seed(r * 1000 + cn)
     dev = _dev(backend)
@@ -152,24 +153,25 @@ def test_process_group_single_process_falls_back():
 
 @pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C")
 def test_opcheck_cpp():
+    fwd, bwd = torch.ops.ssl_fast.infonce_rect_fwd_cpp.default, torch.ops.ssl_fast.infonce_rect_bwd_cpp.default
     rows, cands = torch.randn(5, 4), torch.randn(9, 4)
     pos, excl = torch.tensor([0, 1, -1, 3, 8]), torch.tensor([2, -1, 4, 0, 1])
     it = torch.tensor(2.0)
-    torch.library.opcheck(rect._CPP_FWD, (rows, cands, pos, excl, it, True, 0))
-    terms, lse, an, cn, anorm, cnorm = rect._CPP_FWD(rows, cands, pos, excl, it, True, 0)
-    torch.library.opcheck(rect._CPP_BWD, (torch.randn(5), an, cn, anorm, cnorm, lse, pos, excl, it, True, 7, 0))
+    torch.library.opcheck(fwd, (rows, cands, pos, excl, it, True, 0))
+    terms, lse, an, cn, anorm, cnorm = fwd(rows, cands, pos, excl, it, True, 0)
+    torch.library.opcheck(bwd, (torch.randn(5), an, cn, anorm, cnorm, lse, pos, excl, it, True, 7, 0))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (CUDA or the interpreter)")
 def test_opcheck_triton():
+    fwd, bwd = torch.ops.ssl_fast.infonce_rect_fwd_triton.default, torch.ops.ssl_fast.infonce_rect_bwd_triton.default
     rows, cands = torch.randn(5, 4, device=DEVICE), torch.randn(9, 4, device=DEVICE)
     pos = torch.tensor([0, 1, -1, 3, 8], device=DEVICE)
     excl = torch.tensor([2, -1, 4, 0, 1], device=DEVICE)
     it = torch.tensor(2.0, device=DEVICE)
-    torch.library.opcheck(rect._TRITON_FWD, (rows, cands, pos, excl, it, True))
-    terms, lse, xn, yn = rect._TRITON_FWD(rows, cands, pos, excl, it, True)
-    torch.library.opcheck(rect._TRITON_BWD, (torch.randn(5, device=DEVICE), rows, cands, xn, yn, lse, pos, excl, it,
-                                             True, 7))
+    torch.library.opcheck(fwd, (rows, cands, pos, excl, it, True))
+    terms, lse, xn, yn = fwd(rows, cands, pos, excl, it, True)
+    torch.library.opcheck(bwd, (torch.randn(5, device=DEVICE), rows, cands, xn, yn, lse, pos, excl, it, True, 7))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
