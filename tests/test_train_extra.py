@@ -11,7 +11,7 @@ import torch
 
 from ssl_fast.train import Trainer, make_config
 
-from test_train import _assert_same, _cli, _torchrun, skip_if_missing, tiny
+from test_train import _assert_same, _cli, _torchrun, tiny
 
 
 def _bn_eval(module):
@@ -135,7 +135,6 @@ def test_batch_unshuffle_inverts_batch_shuffle_single_process():
 
 
 def test_moco_shuffle_bn_groups_single_process():
-    skip_if_missing("moco")
     m = _moco(shuffle_bn=True, shuffle_bn_groups=4)
     teacher = m.teacher.module if hasattr(m.teacher, "module") else m.teacher.teacher
     x = torch.randn(16, 1, 16, 16)
@@ -184,14 +183,12 @@ def _shuffle_worker(rank, world):
 
 
 def test_batch_shuffle_under_two_gloo_processes():
-    skip_if_missing("moco")
     from test_distributed import spawn
 
     spawn(_shuffle_worker, 2)
 
 
 def test_ddp_moco_v2_shuffle_bn_ranks_stay_in_sync(tmp_path):
-    skip_if_missing("moco")
     over = tiny("moco", tmp_path / "run", max_steps=3, shuffle_bn=True, gather_distributed=True)
     (r0, r1), _ = _torchrun(tmp_path / "out", over)
     _assert_same(r0["state"], r1["state"])  # weights, EMA teacher and the (gathered) queue
@@ -202,7 +199,6 @@ def test_ddp_moco_v2_shuffle_bn_ranks_stay_in_sync(tmp_path):
 # ---------------------------------------------------------------------------- SimSiam's fixed predictor lr
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])
 def test_simsiam_fix_pred_lr_keeps_predictor_at_initial_lr(optimizer, tmp_path):
-    skip_if_missing("simsiam")
     from ssl_fast.methods import recipe
 
     assert recipe("simsiam", "imagenet")["fix_pred_lr"] is True
@@ -226,7 +222,6 @@ def test_simsiam_fix_pred_lr_keeps_predictor_at_initial_lr(optimizer, tmp_path):
 
 
 def test_fix_pred_lr_resume_keeps_groups(tmp_path):
-    skip_if_missing("simsiam")
     over = tiny("simsiam", tmp_path, lr=0.05, lr_scaling="none", max_steps=4, fix_pred_lr=True)
     Trainer(make_config(dict(over, stop_at_step=2))).fit()
     tr = Trainer(make_config(dict(over, resume="auto")))
