@@ -204,7 +204,7 @@ def test_public_exports():
 def test_auto_backend_on_cpu_is_cpp():
     if not ssl_fast.HAS_EXT:
         pytest.skip("no C++ extension")
-    assert ops._resolve(torch.device("cpu"), None) == "cpp"
+    assert ops.TABLE.resolve(torch.device("cpu")) == "cpp"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def _ops_to_check():
     if ops._CPP_OP is not None:
         out.append(("cpp", ops._CPP_OP))
     if "triton" in BACKENDS:
-        out.append(("triton", ops._triton_op()))
+        out.append(("triton", torch.ops.ssl_fast.ema_update_triton_.default))
     return out  # (backend, op): the op runs on _dev(backend) tensors
 
 
