@@ -84,6 +84,7 @@ def _families(smoke: bool) -> List[Dict]:
     import ssl_fast
     from ssl_fast.kernels import ema as ke
     from ssl_fast.kernels import infonce as ki
+    from ssl_fast.kernels import infonce_rect as kr
     from ssl_fast.kernels import sinkhorn as ks
 
     bf16 = torch.bfloat16
@@ -173,7 +174,7 @@ def _families(smoke: bool) -> List[Dict]:
                          variants=_bwd_variants(d), resolved=lambda d=d: ki._bwd_config(d, bf16), tol=2e-2))
     for n, k, d in qs:
         fams.append(dict(family="infonce_rect", shape=f"n={n} queue={k} dim={d}", dtype="bf16", setup=queue(n, k, d),
-                         variants=RECT_VARIANTS, resolved=lambda d=d: ki._rect_config(d, bf16), tol=2e-2))
+                         variants=RECT_VARIANTS, resolved=lambda d=d: kr._rect_config(d, bf16), tol=2e-2))
     for b, k in sk:
         fams.append(dict(family="sinkhorn", shape=f"b={b} k={k}", dtype="fp32", setup=sinkhorn(b, k),
                          variants=SINKHORN_VARIANTS, resolved=lambda k=k: ks._config(k), tol=1e-4))

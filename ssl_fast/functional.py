@@ -259,8 +259,10 @@ def swav_loss(
     For each high-resolution crop i, codes q_i = :func:`sinkhorn_knopp` of its scores (with ``queue_outputs[i]``
     appended for the codes, then dropped); every other crop v predicts them:
     ``loss = 1/n_high sum_i 1/(n_crops - 1) sum_{v != i} CE(q_i, softmax(scores_v / T))`` with
-    ``CE(q, p) = -mean_b sum_k q_bk log p_bk``. Equal to lightly's ``SwaVLoss`` in value and gradient (one
-    ``log_softmax`` per crop here). No gradient flows through the codes (targets, as in SwAV).
+    ``CE(q, p) = -mean_b sum_k q_bk log p_bk``. Equal to lightly's ``SwaVLoss`` in value and gradient. No
+    gradient flows through the codes (targets, as in SwAV). The swapped prediction is fused (C++ on CPU, Triton on
+    CUDA): one pass over each crop's scores gives the loss and its gradient (computed in the forward, as the loss
+    is terminal; the backward scales it by the upstream gradient), with fp32 statistics.
 
     Args:
         high_resolution_outputs: n_high >= 1 prototype scores (B, K) of the high-resolution crops.
@@ -276,12 +278,12 @@ def swav_loss(
         every crop (B, K); queue outputs (Bq, K). Returns a 0-dim tensor.
 
     Returns:
-        0-dim tensor in the dtype of the scores' log-softmax (float32 for float32 scores).
+        0-dim float32 tensor (float64 for float64 scores); gradients come back in the scores' dtype.
 
     Raises:
         ValueError: no high-resolution crop, fewer than two crops, crops of different shapes, too few queue
             outputs, temperature / sinkhorn_epsilon <= 0, sinkhorn_iterations < 1.
-        TypeError: a crop that is not a floating-point tensor.
+        TypeError: a crop that is not a floating-point tensor, crops of different dtypes.
 
     Example:
         >>> scores = [prototypes(F.normalize(projector(backbone(x)), dim=1)) for x in crops]

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from ssl_fast.kernels import ema, infonce, sinkhorn, tuning  # noqa: E402
+from ssl_fast.kernels import ema, infonce, infonce_rect, sinkhorn, tuning  # noqa: E402
 
 
 def test_unset_leaves_the_tables(monkeypatch):
@@ -26,7 +26,7 @@ def test_override_replaces_only_the_named_keys(monkeypatch):
     fwd = infonce._fwd_config(8192, 128, torch.bfloat16)
     assert (fwd["BLOCK"], fwd["num_stages"], fwd["BLOCK_K"], fwd["num_warps"]) == (64, 4, 64, 8)
     assert infonce._bwd_config(128, torch.bfloat16)["BLOCK_N"] == 32
-    assert infonce._rect_config(128, torch.bfloat16)["BLOCK_M"] == 16
+    assert infonce_rect._rect_config(128, torch.bfloat16)["BLOCK_M"] == 16
     assert sinkhorn._config(3000)["num_warps"] == 16
     assert ema._launch_config()["CHUNK"] == 4096
 
