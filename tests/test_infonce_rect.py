@@ -226,15 +226,9 @@ def test_first_call_negatives_is_cheap():
     assert child != tfc.CHILD
     env = dict(os.environ, OMP_NUM_THREADS="2")
     env.pop("TRITON_INTERPRET", None)
-    runs = []
-    for _ in range(3):
-        proc = subprocess.run([sys.executable, "-c", child, "x"], cwd=tfc.ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert r["heavy"] == [] and r["grad_ok"], r
-        runs.append(r)
-        if r["ms"] < 50.0 and r["mib"] < 20.0:
-            break
-    assert min(r["mib"] for r in runs) < 20.0, runs
-    assert min(r["ms"] for r in runs) < 50.0, runs
+    proc = subprocess.run([sys.executable, "-c", child, "x"], cwd=tfc.ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["heavy"] == [] and r["grad_ok"], r
+    assert r["mib"] < 20.0, r
