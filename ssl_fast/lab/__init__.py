@@ -182,7 +182,8 @@ def write_summary(results: List[LabResult], out: str, *, quick: bool = False, se
                  f"direction on every seed), {FAILED} (an asserted claim beyond it in the opposite direction on "
                  f"every seed) or {UNRESOLVED} (an asserted claim within the noise). Claims within the noise at a "
                  f"budget are reported in each report, not asserted; the measured noise of each claim and its margin: "
-                 f"docs/lab/margins.md (`python -m ssl_fast.lab.margins`).\n\n")
+                 f"docs/lab/margins.md (`python -m ssl_fast.lab.margins`). Time: wall seconds of each run (on a "
+                 f"shared machine they include the time spent waiting for a core).\n\n")
         fh.write(summary_table(rows, out))
     return path
 
