@@ -40,12 +40,6 @@ def mlp(dims: Sequence[int], bn_last: bool = False, bn_last_affine: bool = True,
     return nn.Sequential(*layers)
 
 
-def teacher_of(ema: nn.Module) -> nn.Module:
-    """The teacher network of an ``ssl_fast.nn.EMA`` (``ema.teacher``). Kept only for tests/test_lab.py; the
-    methods read ``.teacher`` directly: delete it once nothing imports it."""
-    return ema.teacher
-
-
 class Tower(nn.Sequential):
     """backbone -> projector (the part a momentum teacher copies)."""
 
