@@ -37,8 +37,8 @@ from torch import nn
 
 from ..data import Pipeline, build_source, byol_views, digits_view, multicrop, simclr_views
 from ..methods import build_backbone, build_method
-from .checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoint, load_checkpoint,
-                         prune_checkpoints, save_checkpoint)
+from .checkpoint import (FORMAT, CheckpointError, check_compatible, checkpoint_path, latest_good_checkpoint,
+                         load_checkpoint, load_model_state, prune_checkpoints, save_checkpoint)
 from .config import TrainConfig
 from .evaluate import knn_eval
 from .log import RunLogger, peak_memory_mb
@@ -266,10 +266,13 @@ class Trainer:
             dist.all_gather_object(all_rng, rng)
         else:
             all_rng = [rng]
-        return {"format": "ssl_fast.train/1", "step": self.step, "epoch": self.step // self.steps_per_epoch,
-                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": all_rng, "world_size": self.world, "config": self.cfg.to_dict(), "metrics": dict(self.metrics)}
+        from .. import __version__
+
+        return {"format": FORMAT, "ssl_fast_version": __version__, "step": self.step,
+                "epoch": self.step // self.steps_per_epoch, "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": all_rng, "world_size": self.world,
+                "config": self.cfg.to_dict(), "metrics": dict(self.metrics)}
 
     def save(self) -> Optional[str]:
         state = self.state_dict()  # collective: every rank takes part
@@ -281,12 +284,15 @@ class Trainer:
             dist.barrier()
         return path
 
-    def load(self, state: Dict[str, Any]) -> None:
-        saved = state.get("config", {})
-        if saved.get("method") not in (None, self.cfg.method):
-            raise CheckpointError(f"checkpoint was trained with --method {saved.get('method')}, not {self.cfg.method}")
-        self.method.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load(self, state: Dict[str, Any], path: str = "checkpoint") -> None:
+        config = self.cfg.to_dict()
+        check_compatible(state, config, path)
+        load_model_state(self.method, state["model"], path, state, config)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:  # parameter groups of another layout (e.g. --fix-pred-lr)
+            raise CheckpointError(f"checkpoint {path!r}: its optimizer state does not fit this run's optimizer "
+                                  f"({exc}); was it written with other --fix-pred-lr / --optimizer values?") from exc
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -308,7 +314,7 @@ class Trainer:
                 return False
         else:
             state = load_checkpoint(r)
-        self.load(state)
+        self.load(state, state.get("_path", r))
         self.resumed_from = state.get("_path", r)
         return True
 
