@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 TRAIN_EPILOG = """examples:
@@ -88,12 +89,37 @@ def _load_yaml(path: str) -> dict:
     return values
 
 
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of the job is gone."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("gloo/transport", "Connection reset by peer", "Connection closed by peer",
+                                   "Broken pipe", "NCCL communicator was aborted"))
+
+
+def _lost_peer_message(trainer, exc: BaseException) -> str:
+    from .train.checkpoint import list_checkpoints
+
+    why = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". This is typically")[0]
+    found = list_checkpoints(trainer.cfg.run_dir)
+    last = (f"the last checkpoint is {found[0]}" if found else
+            f"there is no checkpoint in {trainer.cfg.run_dir} yet")
+    return (f"rank {trainer.rank} lost contact with the other processes at step {trainer.step + 1} (a process or a "
+            f"node died, or the network failed): {why[:300]}. {last[0].upper()}{last[1:]}; under torchrun "
+            f"--max-restarts (with --resume auto) the job continues from it once every node is back, otherwise "
+            f"run the same command again with --resume auto")
+
+
 def _train(args) -> int:
     from .train import CheckpointError, Trainer, TrainingInterrupted, make_config
 
     values = vars(args).copy()
     values.pop("command")
     config_file = values.pop("config", None)
+    trainer = None
     try:
         cfg = make_config(values, _load_yaml(config_file) if config_file else None)
         trainer = Trainer(cfg)
@@ -106,6 +132,10 @@ def _train(args) -> int:
         return _err("train", str(exc), 1)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         return _err("train", str(exc), 2)
+    except RuntimeError as exc:  # after CheckpointError (a RuntimeError)
+        if trainer is None or getattr(trainer, "world", 1) < 2 or not _lost_peer(exc):
+            raise
+        return _err("train", _lost_peer_message(trainer, exc), 1)
     if out["rank"] == 0:
         data = "digits" if cfg.data == "digits" else cfg.data
         print(f"{cfg.method} on {data}: {out['steps']} steps ({out['epochs']:.1f} epochs, batch {cfg.batch_size}) "

@@ -8,7 +8,10 @@ channels_last, optional ``torch.compile`` of the backbone, gradient accumulation
 Exact resume. Data order is a function of (seed, epoch) and the augmentation generator is re-seeded from
 (seed, step, rank) before each step, so a resumed run draws the same batches and views as an uninterrupted
 one; the checkpoint also holds model (incl. EMA teacher and queues, which are module state), optimizer,
-scheduler, gradient scaler, step, and every rank's torch / CUDA / numpy / Python RNG states.
+scheduler, gradient scaler, step, and every rank's torch / CUDA / numpy / Python RNG states. Bit for bit
+with 1 or 2 processes; with 3+, the first step after a (re)start differs in float rounding: DDP re-buckets the
+gradients after the first step of every process (without find_unused_parameters), and an all-reduce over 3+
+ranks sums each element in an order that depends on the bucket layout (4 ranks, 6 steps: 6e-8).
 
 Signals and faults. SIGINT / SIGTERM finish the current step, write a checkpoint and raise
 ``TrainingInterrupted`` (the CLI exits with 130 and prints how to resume). Test hook: with
@@ -110,9 +113,14 @@ def init_process_group(backend: str) -> None:
     look them up: a worker that reads its peer's key before the peer rewrites it connects to a dead port
     ("connectFullMesh ... Connection refused") or waits on a stale barrier count. Every attempt therefore
     gets its own key space, ``PrefixStore("ssl_fast/attempt_<TORCHELASTIC_RESTART_COUNT>")``.
+
+    Only where the store is shared (``TORCHELASTIC_USE_AGENT_STORE=True``, torchrun's default): with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` rank 0 hosts a new store for every attempt, and the restart
+    counts of the nodes' agents may differ (a replaced node's agent counts from 0 again), so a prefix made
+    from them would split the job.
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend)
         return
     store, rank, world = next(dist.rendezvous("env://"))
