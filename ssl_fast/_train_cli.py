@@ -113,7 +113,44 @@ def _lost_peer_message(trainer, exc: BaseException) -> str:
             f"run the same command again with --resume auto")
 
 
+_distributed_run = False  # set by _train when this process was one rank of several
+
+
+def finish(code: int) -> int:
+    """The end of the ``ssl-fast`` program (not of a ``main([...])`` call): after a distributed ``train``, flush
+    and leave with ``os._exit(code)``; otherwise return ``code``.
+
+    Why: a rank that had finished and written everything was seen to abort at exit ("terminate called without
+    an active exception", SIGABRT: 1 of 6 two-node gloo runs), so torchrun reported the job failed (and with
+    --max-restarts would restart a finished job). At that point the gloo group a DDP model used is still alive
+    with its threads (``Trainer._teardown``: DDP keeps it referenced after ``destroy_process_group``), and they
+    run while the interpreter finalizes and the C++ runtime destroys its statics. That message is what
+    libstdc++ prints when a thread is torn down under a noexcept frame (a thread that asks for the GIL after
+    finalization began is ended with a forced unwind) or a joinable std::thread is destroyed. ``os._exit``
+    skips both phases, and nothing is left to do in them: every file is closed, rank 0's last checkpoint and
+    backbone.pt are written and every rank has passed the final barrier (after an error, this rank's
+    message is printed and flushed). tests/test_distributed.py's workers leave the same way for the same
+    signature. The abort did not reproduce on the 2-core test machine (see tests/_multinode.py repeat).
+    """
+    if not _distributed_run:
+        return code
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _train(args) -> int:
+    global _distributed_run
+    try:
+        return _train_impl(args)
+    finally:
+        _distributed_run = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _train_impl(args) -> int:
     from .train import CheckpointError, Trainer, TrainingInterrupted, make_config
 
     values = vars(args).copy()

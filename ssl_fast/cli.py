@@ -178,6 +178,7 @@ def _bench(argv) -> int:
 
 
 def main(argv=None) -> int:
+    as_program = argv is None  # the ssl-fast / python -m ssl_fast.cli program, not a main([...]) call
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # every flag goes to bench/suite.py (ssl-fast bench --help lists them)
         return _bench(argv[1:])
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
         return _diagnose(args)
     if args.command == "info":
         return _info()
-    return _train_cli.run(args, parser)
+    code = _train_cli.run(args, parser)
+    return _train_cli.finish(code) if as_program else code
 
 
 if __name__ == "__main__":

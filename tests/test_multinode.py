@@ -89,6 +89,7 @@ def _multinode(tmp_path, name, overrides, nnodes, nproc, slow=None):
     text = read_logs(str(logs))
     assert all(v == 0 for v in codes.values()), f"exit codes {codes}\n{text[-6000:]}"
     _assert_clean_exit(text)
+    assert f"run directory: {run}" in text and (run / "backbone.pt").exists()  # rank 0's summary and files
     return _final_model(run, over["max_steps"]), applied, seconds
 
 

@@ -523,6 +523,14 @@ class Trainer:
         return torch.stack(self.loss_history).tolist() if self.loss_history else []
 
     def _teardown(self) -> None:
+        """End of a distributed run: a last barrier, so that no rank leaves (and closes its connections) while
+        another still writes rank 0's files or waits in a collective, then ``destroy_process_group``.
+
+        The group's threads may outlive this: a process group that DDP wrapped is still referenced from C++
+        after ``destroy_process_group`` (torch 2.14: gloo's two ``pt_gloo_runloop`` threads and its
+        ``gloo_tcp_loop`` thread run until the process ends). The ``ssl-fast train`` program therefore ends a
+        distributed run with ``os._exit`` after flushing (``ssl_fast._train_cli.finish``)."""
         if getattr(self, "owns_pg", False) and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_pg = False
