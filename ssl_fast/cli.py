@@ -123,6 +123,7 @@ OPTIONAL_MODULES = {"matplotlib": ("matplotlib", "train"), "sklearn": ("scikit-l
 
 
 def main(argv=None) -> int:
+    as_program = argv is None  # the ssl-fast / python -m ssl_fast.cli program, not a main([...]) call
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _main(argv)
@@ -155,7 +156,8 @@ def _main(argv) -> int:
         return _lab(args)
     if args.command == "info":
         return _info()
-    return _train_cli.run(args, parser)
+    code = _train_cli.run(args, parser)
+    return _train_cli.finish(code) if as_program else code
 
 
 if __name__ == "__main__":
