@@ -48,6 +48,8 @@ import sass_analysis as S  # noqa: E402
 REPORT = os.path.join(ROOT, "bench", "results", "static-sm90.md")
 KERNEL_FILES = {m: os.path.join(ROOT, "kernels", f"{m}.py") for m in ("infonce", "infonce_rect", "sinkhorn", "ema",
                                                                       "swav")}
+# the files whose source lines the SASS frames are matched against (the kernels and their shared helpers)
+PROJECT_FILES = list(KERNEL_FILES.values()) + [os.path.join(ROOT, "kernels", "infonce_common.py")]
 
 # ----------------------------------------------------------------------------------------------------
 # the machine (leads: datasheet figures and this workplace's measurements; see the report's header)
@@ -77,7 +79,7 @@ TRIPS = {
     ("_fwd_kernel", "bj"): lambda a: a["tpp"],
     ("_bwd_epilogue_kernel", "_"): lambda a: a["nsplit"],
     ("_prep_kernel", "k0"): lambda a: _cd(a["d"], a["BLOCK_D"]),
-    ("_finalize_kernel", "s0"): lambda a: _cd(a["nslots"], a["BLOCK_S"]),
+    ("_merge_partials", "s0"): lambda a: _cd(a["nslots"] if "nslots" in a else a["nsplit"], a["BLOCK_S"]),
     ("_sum_kernel", "i0"): lambda a: _cd(a["n"], a["BLOCK"]),
     ("_rect_fwd_kernel", "j0"): lambda a: _cd(a["cps"], a["BLOCK_N"]),
     ("_rect_bwd_rows_kernel", "j0"): lambda a: _cd(a["cps"], a["BLOCK_N"]),
@@ -134,7 +136,7 @@ def _infonce_case(loss, n, d, dt, prec="high"):
 def _rect_case(r, cn, d, dt, grad_cols):
     def run(M):
         import torch
-        K = M.get("infonce_rect") or M["infonce"]
+        K = M["infonce_rect"]
         rows, cands = _E((r, d), dt), _E((cn, d), dt)
         idx = _E((r,), torch.int64)
         t = _E((), torch.float32)
@@ -233,16 +235,11 @@ def _launch_hook(module):
 
 
 def load_modules(api):
+    """The kernel modules ssl_fast.kernels.<name> (kernels/<name>.py; relative imports of infonce_common)."""
     mods = {}
     for m, path in KERNEL_FILES.items():
-        if not os.path.exists(path):
-            continue
-        name = f"_ssl_fast_{m}_report"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        mods[m] = mod
+        if os.path.exists(path):
+            mods[m] = importlib.import_module(f"ssl_fast.kernels.{m}")
     return mods
 
 
@@ -310,7 +307,7 @@ def _job(task):
     ttir = ttir.decode() if isinstance(ttir, bytes) else str(ttir)
     res = S.resources(cubin) or dict(reg=-1, stack=-1, local=-1)
     opts = spec[3]
-    prog = S.Program(cubin, ttir, project_files=list(KERNEL_FILES.values()))
+    prog = S.Program(cubin, ttir, project_files=PROJECT_FILES)
     return dict(ok=True, secs=time.time() - t0, res=res, smem=out.metadata.shared, prog=prog,
                 warps=opts["num_warps"], stages=opts["num_stages"], tile=_tile(fn, spec))
 
@@ -455,9 +452,7 @@ def main(argv=None):
     with recording(MODS, api):
         for arch in archs:  # the launchers pick tiles per compute capability
             _STATE["arch"] = arch
-            for mod in MODS.values():
-                if hasattr(mod, "_ARCH_OVERRIDE"):
-                    mod._ARCH_OVERRIDE = arch
+            importlib.import_module("ssl_fast.kernels.infonce_common")._ARCH_OVERRIDE = arch
             for label, kind, _, driver, _ in todo:
                 _STATE["case"] = label
                 try:

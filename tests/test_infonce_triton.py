@@ -22,6 +22,7 @@ from infonce_helpers import loss_and_grads as _loss_and_grads  # noqa: E402
 from infonce_helpers import ref_fn as _ref  # noqa: E402
 from ssl_fast import reference  # noqa: E402
 from ssl_fast.kernels import infonce as K  # noqa: E402
+from ssl_fast.kernels import infonce_common as KC  # noqa: E402
 from ssl_fast.ops import infonce as ops  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -119,10 +120,10 @@ def test_split_and_unsplit_backward_agree(monkeypatch, loss_name, kw, d):
     go = torch.randn(())
     t = torch.tensor(0.2, requires_grad=True)
     fn = _fn(loss_name, "triton")
-    monkeypatch.setattr(K, "_SM_TARGET", 1000)  # many programs wanted: split
+    monkeypatch.setattr(KC, "_SM_TARGET", 1000)  # many programs wanted: split
     assert K._bwd_splits(2, 10, torch.device("cpu")) > 1
     split = _loss_and_grads(fn, x1, x2, t, go, **kw)
-    monkeypatch.setattr(K, "_SM_TARGET", 1)  # already enough programs: one sweep
+    monkeypatch.setattr(KC, "_SM_TARGET", 1)  # already enough programs: one sweep
     assert K._bwd_splits(2, 10, torch.device("cpu")) == 1
     whole = _loss_and_grads(fn, x1, x2, t, go, **kw)
     assert torch.equal(split[0], whole[0])
@@ -195,7 +196,7 @@ def test_partial_buffer_bound():
                     if plan["grouped"]:  # per-tile would not fit; enough programs unless the cap binds
                         assert blocks * 4 * m > K._PART_BUDGET
                         assert 1 <= plan["nslots"] <= max(64, d)
-                        assert blocks * plan["nslots"] >= 2 * K._SM_TARGET or plan["nslots"] == max(64, d)
+                        assert blocks * plan["nslots"] >= 2 * KC._SM_TARGET or plan["nslots"] == max(64, d)
                         assert (plan["nslots"] - 1) * plan["jpg"] < blocks <= plan["nslots"] * plan["jpg"]
                     else:
                         assert plan["nslots"] == blocks and 4 * m * blocks <= K._PART_BUDGET

@@ -46,6 +46,7 @@ def same(a, b, what):
 
 if which == "infonce":
     from ssl_fast.kernels import infonce as K
+    from ssl_fast.kernels import infonce_rect as KR
     n, d, it, g = 64, 16, torch.tensor(10.0), torch.tensor(1.0)
     for dtype in (torch.float32, torch.bfloat16):
         z1 = strided(n, d, dtype, 40)  # tile rows 40..63 reach past 2^31 elements
@@ -67,13 +68,13 @@ if which == "infonce":
             same(a, b, "info_nce bwd")
         rows, cands = strided(n, d, dtype, 40), torch.randn(70, d).to(dtype)
         pos, excl = torch.arange(n) % 70, torch.full((n,), -1)
-        out = K.rect_forward(rows, cands, pos, excl, it, True)
-        ref = K.rect_forward(rows.contiguous(), cands, pos, excl, it, True)
+        out = KR.rect_forward(rows, cands, pos, excl, it, True)
+        ref = KR.rect_forward(rows.contiguous(), cands, pos, excl, it, True)
         for a, b in zip(out, ref):
             same(a, b, "rect fwd")
         w = torch.randn(n)
-        for a, b in zip(K.rect_backward(w, rows, cands, *out[2:], out[1], pos, excl, it, True, 70),
-                        K.rect_backward(w, rows.contiguous(), cands, *out[2:], out[1], pos, excl, it, True, 70)):
+        for a, b in zip(KR.rect_backward(w, rows, cands, *out[2:], out[1], pos, excl, it, True, 70),
+                        KR.rect_backward(w, rows.contiguous(), cands, *out[2:], out[1], pos, excl, it, True, 70)):
             same(a, b, "rect bwd")
 elif which == "sinkhorn":
     from ssl_fast.kernels import sinkhorn as K
