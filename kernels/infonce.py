@@ -204,7 +204,8 @@ def _fwd_kernel(
         stride_i = tl.where(seg_i == 0, stride_x0, stride_x1)
         xi_ptr = tl.where(seg_i == 0, x0_ptr, x1_ptr) + row0.to(tl.int64) * stride_i
         if SINGLE:
-            xi = tl.load(xi_ptr + ar[:, None].to(tl.int64) * stride_i + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :],
+            xi = tl.load(xi_ptr + ar[:, None].to(tl.int64) * stride_i + kk[None, :],
+                         mask=rmask[:, None] & (kk < d)[None, :],
                          other=0.0)
         else:
             xi = 0  # unused: the tiles are read in K steps
@@ -224,7 +225,8 @@ def _fwd_kernel(
             stride_j = tl.where(seg_j == 0, stride_x0, stride_x1)
             xj_ptr = tl.where(seg_j == 0, x0_ptr, x1_ptr) + col0.to(tl.int64) * stride_j
             if SINGLE:
-                xj = tl.load(xj_ptr + ar[:, None].to(tl.int64) * stride_j + kk[None, :], mask=cmask[:, None] & (kk < d)[None, :],
+                xj = tl.load(xj_ptr + ar[:, None].to(tl.int64) * stride_j + kk[None, :],
+                             mask=cmask[:, None] & (kk < d)[None, :],
                              other=0.0)
                 acc = _mma(xi, tl.trans(xj), tl.zeros([BLOCK, BLOCK], dtype=tl.float32), UPCAST, IEEE)
             else:
@@ -241,7 +243,8 @@ def _fwd_kernel(
             else:
                 m_i, l_i, lse_c = _tile_stats_max(s2, m_i, l_i, COL_STATS)
             if bj != j_lo:  # a branch, not a mask (see below): placeholders in the chunk's other row slots
-                tl.store(part_ptr + bj.to(tl.int64) * stride_part + seg_i * N + row0 + ar,
+                # slot bj in int64 (bj itself may be a Python int: the interpreter's loop variable)
+                tl.store(part_ptr + (j_lo.to(tl.int64) + (bj - j_lo)) * stride_part + seg_i * N + row0 + ar,
                          tl.zeros([BLOCK], dtype=tl.float32) + empty, mask=rmask)
             if COL_STATS:
                 # the diagonal tile of NT-Xent is symmetric: its rows give these statistics. A branch, not a
@@ -284,7 +287,8 @@ def _fwd_grouped_kernel(
     xr_ptr = tl.where(seg == 0, r0_ptr, r1_ptr) + row0.to(tl.int64) * stride_r
     rstat = row_base + seg * N + row0
     if SINGLE:
-        xr = tl.load(xr_ptr + ar[:, None].to(tl.int64) * stride_r + kk[None, :], mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
+        xr = tl.load(xr_ptr + ar[:, None].to(tl.int64) * stride_r + kk[None, :],
+                     mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
 
     scale2 = tl.load(inv_temp_ptr).to(tl.float32) * 1.4426950408889634
     ri_s = _scale(tl.load(nrm_ptr + rstat + ar, mask=rmask, other=1.0), NORMALIZE) * scale2
@@ -298,7 +302,8 @@ def _fwd_grouped_kernel(
         stride_c = tl.where(cseg == 0, stride_c0, stride_c1)
         xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0.to(tl.int64) * stride_c
         if SINGLE:
-            xc = tl.load(xc_ptr + ar[:, None].to(tl.int64) * stride_c + kk[None, :], mask=cmask[:, None] & (kk < d)[None, :],
+            xc = tl.load(xc_ptr + ar[:, None].to(tl.int64) * stride_c + kk[None, :],
+                         mask=cmask[:, None] & (kk < d)[None, :],
                          other=0.0)
             acc = _mma(xr, tl.trans(xc), tl.zeros([BLOCK, BLOCK], dtype=tl.float32), UPCAST, IEEE)
         else:
@@ -439,7 +444,8 @@ def _bwd_kernel(
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < d
     if SINGLE:
-        xr = tl.load(xr_ptr + am[:, None].to(tl.int64) * stride_r + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
+        xr = tl.load(xr_ptr + am[:, None].to(tl.int64) * stride_r + dcols[None, :],
+                     mask=rmask[:, None] & dmask[None, :],
                      other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -452,7 +458,8 @@ def _bwd_kernel(
         xc_ptr = tl.where(cseg == 0, c0_ptr, c1_ptr) + col0 * stride_c
         cstat = col_base + cseg * N + col0
         if SINGLE:
-            xc = tl.load(xc_ptr + an[:, None].to(tl.int64) * stride_c + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
+            xc = tl.load(xc_ptr + an[:, None].to(tl.int64) * stride_c + dcols[None, :],
+                         mask=cmask[:, None] & dmask[None, :],
                          other=0.0)
             dot = _mma(xr, tl.trans(xc), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
         else:
@@ -481,7 +488,8 @@ def _bwd_kernel(
         if SINGLE:
             xg = xc
         else:
-            xg = tl.load(xc_ptr + an[:, None].to(tl.int64) * stride_c + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
+            xg = tl.load(xc_ptr + an[:, None].to(tl.int64) * stride_c + dcols[None, :],
+                         mask=cmask[:, None] & dmask[None, :],
                          other=0.0)
         if NORMALIZE:
             if FOLD_RINV:  # A diag(r_J) X_J: the scale goes on the B x B tile (bf16 / fp32 range holds 2 / eps)
@@ -743,7 +751,8 @@ def _finalize(part, nslots, cos, inv_temp, n, rows, w0, w1, normalize):
     grid = triton.cdiv(rows, _FIN["BLOCK_R"])
     loss_part = torch.empty(grid, dtype=torch.float32, device=dev)
     _finalize_kernel[(grid,)](part, cos, inv_temp, lse, loss_part, part.stride(0), nslots, n, rows, w0, w1,
-                              NORMALIZE=normalize, BLOCK_R=_FIN["BLOCK_R"], BLOCK_S=_FIN["BLOCK_S"], num_warps=_FIN["num_warps"])
+                              NORMALIZE=normalize, BLOCK_R=_FIN["BLOCK_R"], BLOCK_S=_FIN["BLOCK_S"],
+                              num_warps=_FIN["num_warps"])
     return _sum(loss_part), lse
 
 

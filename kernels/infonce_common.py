@@ -44,8 +44,10 @@ def _dot_tile(a_ptr, b_ptr, stride_a, stride_b, ra, rb, amask, bmask, d, acc,
     for k0 in range(0, d, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < d
-        xa = tl.load(a_ptr + ra[:, None].to(tl.int64) * stride_a + kk[None, :], mask=amask[:, None] & km[None, :], other=0.0)
-        xb = tl.load(b_ptr + rb[:, None].to(tl.int64) * stride_b + kk[None, :], mask=bmask[:, None] & km[None, :], other=0.0)
+        xa = tl.load(a_ptr + ra[:, None].to(tl.int64) * stride_a + kk[None, :],
+                     mask=amask[:, None] & km[None, :], other=0.0)
+        xb = tl.load(b_ptr + rb[:, None].to(tl.int64) * stride_b + kk[None, :],
+                     mask=bmask[:, None] & km[None, :], other=0.0)
         acc = _mma(xa, tl.trans(xb), acc, UPCAST, IEEE)
     return acc
 
