@@ -331,7 +331,17 @@ def _rect_config(d: int, dtype: torch.dtype, arch: int = 90) -> dict:
     return _override("infonce_rect", cfg)
 
 
-_RECT_EPI = dict(BLOCK=16, num_warps=4)  # the pieces' epilogue: 16 rows per program (MoCo: 16 programs)
+def _epi_block(n: int, chunks: int, device: torch.device) -> int:
+    """Rows per program of the pieces' epilogue: 16, halved (down to 2) while the grid is under one wave (it reads
+    the whole workspace, pieces x n x d fp32: MoCo's 256 rows x 132 pieces at d = 128 are 17 MiB, which 16
+    programs of 16 rows would read at a fraction of HBM bandwidth; 2 rows give 128 programs)."""
+    b = 16
+    while b > 2 and triton.cdiv(n, b) * chunks < _sm_count(device):
+        b //= 2
+    return b
+
+
+_RECT_EPI_WARPS = 4
 
 
 def _rect_inputs(rows, cands, d_check=True):
@@ -412,11 +422,12 @@ def rect_backward(w, rows, cands, row_scales, cand_scales, lse, pos, excl, inv_t
             rows.stride(0), cands.stride(0), r, cn, d, per * sweep, SPLIT=nsplit > 1, BLOCK_M=own, BLOCK_N=sweep,
             **common)
         if nsplit > 1:  # gz partials per epilogue program (a finer grid than the rows kernel's)
-            gz_part = torch.empty(triton.cdiv(r, _RECT_EPI["BLOCK"]), dtype=torch.float32, device=dev)
-            _rect_bwd_epilogue_kernel[(triton.cdiv(r, _RECT_EPI["BLOCK"]), chunks)](
+            eb = _epi_block(r, chunks, dev)
+            gz_part = torch.empty(triton.cdiv(r, eb), dtype=torch.float32, device=dev)
+            _rect_bwd_epilogue_kernel[(triton.cdiv(r, eb), chunks)](
                 rows, row_scales, ws, wsd, inv_temp, dx, gz_part, rows.stride(0), r, d, nsplit,
-                NORMALIZE=bool(normalize), WRITE_GZ=True, BLOCK=_RECT_EPI["BLOCK"], BLOCK_D=bd, SINGLE=single,
-                num_warps=_RECT_EPI["num_warps"])
+                NORMALIZE=bool(normalize), WRITE_GZ=True, BLOCK=eb, BLOCK_D=bd, SINGLE=single,
+                num_warps=_RECT_EPI_WARPS)
         if grad_cols > 0:
             ncb = triton.cdiv(grad_cols, own)
             csplit, cper = _pieces(ncb * chunks, triton.cdiv(r, sweep), dev)
@@ -427,9 +438,10 @@ def rect_backward(w, rows, cands, row_scales, cand_scales, lse, pos, excl, inv_t
                 rows.stride(0), cands.stride(0), r, grad_cols, d, cper * sweep, SPLIT=csplit > 1, BLOCK_M=sweep,
                 BLOCK_N=own, **common)
             if csplit > 1:
-                _rect_bwd_epilogue_kernel[(triton.cdiv(grad_cols, _RECT_EPI["BLOCK"]), chunks)](
+                eb = _epi_block(grad_cols, chunks, dev)
+                _rect_bwd_epilogue_kernel[(triton.cdiv(grad_cols, eb), chunks)](
                     cands, cand_scales, cws, cwsd, inv_temp, dy, gz_part, cands.stride(0), grad_cols, d, csplit,
-                    NORMALIZE=bool(normalize), WRITE_GZ=False, BLOCK=_RECT_EPI["BLOCK"], BLOCK_D=bd, SINGLE=single,
-                    num_warps=_RECT_EPI["num_warps"])
+                    NORMALIZE=bool(normalize), WRITE_GZ=False, BLOCK=eb, BLOCK_D=bd, SINGLE=single,
+                    num_warps=_RECT_EPI_WARPS)
         gz = gz_part.sum()
     return [dx, dy, gz]
