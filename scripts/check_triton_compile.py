@@ -1,15 +1,15 @@
 #!/usr/bin/env python
-"""Ahead-of-time compile check of the InfoNCE Triton kernels (kernels/infonce.py, kernels/infonce_rect.py) for real
-GPU targets, no GPU needed.
+"""Ahead-of-time compile check of the InfoNCE and SwAV Triton kernels (kernels/infonce.py, kernels/infonce_rect.py,
+kernels/swav.py) for real GPU targets, no GPU needed.
 
 The CPU interpreter tests (TRITON_INTERPRET=1) prove the math but not that the kernels compile for a GPU, nor
 how they compile. This script runs the modules' own launchers (ntxent_forward / ntxent_backward /
-info_nce_forward / info_nce_backward, rect_forward / rect_backward) on `meta` tensors with every kernel replaced
-by a recorder, so the
-launches it compiles are exactly the ones the launchers make: block sizes from _fwd_config / _bwd_config /
-_fwd_plan, flags (NTXENT, COL_STATS, NSEG, SELF_MASK, W_ROW / W_COL, FOLD_RINV, WRITE_GZ, SPLIT, SINGLE, ...)
-from the launchers' keyword arguments, and triton's own argument specialization (16-divisible ints and
-pointers, ints equal to 1 become constexprs). It sweeps bf16 / fp16 / fp32 (IEEE and TF32), d in {128, 768},
+info_nce_forward / info_nce_backward, rect_forward / rect_backward, swav_loss) on `meta` tensors with every
+kernel replaced by a recorder, so the launches it compiles are exactly the ones the launchers make: block
+sizes from _fwd_config / _bwd_config / _fwd_plan / _rect_config, flags (NTXENT, COL_STATS, NSEG, SELF_MASK,
+W_ROW / W_COL, FOLD_RINV, WRITE_GZ, SPLIT, SINGLE, ...) from the launchers' keyword arguments, and triton's own
+argument specialization (16-divisible ints and pointers, ints equal to 1 become constexprs). It sweeps bf16 /
+fp16 / fp32 (IEEE and TF32), d in {128, 256, 768} (SwAV: K in {3000, 65536}),
 NT-Xent and cross-view (one-way and symmetric), normalize True / False and several batch sizes (so both the
 per-tile and the grouped forward, the split and the unsplit backward occur), de-duplicates the launches and
 compiles each distinct variant with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)).
@@ -50,7 +50,7 @@ import types
 os.environ.pop("TRITON_INTERPRET", None)  # before anything imports triton: compile for real, not interpret
 
 UNSUPPORTED = "unsupported triton version for ahead-of-time compile check"
-MODULES = ("infonce", "infonce_rect")  # ssl_fast.kernels.<name>: the kernel modules checked by default
+MODULES = ("infonce", "infonce_rect", "swav")  # ssl_fast.kernels.<name>: the kernel modules checked by default
 
 K = None  # every launcher and kernel of the checked modules by name (set in main, inherited by forked workers)
 _RECORDS: list = []  # (kernel name, case dict, args, kwargs, arch) of every recorded launch
@@ -171,10 +171,13 @@ def _cases(quick):
         return [dict(dt=dt, d=256, n=n, loss=loss, normalize=True)
                 for dt in (dts[0], dts[2]) for n in (1024, 32768) for loss in ("ntxent", "info_nce_sym")] + \
             [dict(dt=dts[0], d=128, n=1 << 20, loss="ntxent", normalize=True)] + \
-            [dict(dt=dt, d=d, n=1024, loss="rect", normalize=True) for dt in (dts[0], dts[2]) for d in (128, 768)]
+            [dict(dt=dt, d=d, n=1024, loss="rect", normalize=True) for dt in (dts[0], dts[2]) for d in (128, 768)] + \
+            [dict(dt=dt, d=3000, n=256, loss="swav", normalize=True) for dt in (dts[0], dts[2])]
     return [dict(dt=dt, d=d, n=n, loss=loss, normalize=norm)
             for dt in dts for d in (128, 256, 768) for n in (256, 2048, 8192, 65536)
-            for loss in ("ntxent", "info_nce", "info_nce_sym", "rect") for norm in (True, False)]
+            for loss in ("ntxent", "info_nce", "info_nce_sym", "rect") for norm in (True, False)] + \
+        [dict(dt=dt, d=k, n=n, loss="swav", normalize=True)
+         for dt in dts[:3] for k in (3000, 65536) for n in (256, 4096)]
 
 
 def _run_case(c):
@@ -190,7 +193,10 @@ def _run_case(c):
         g = torch.empty((), dtype=torch.float32, device="meta")
         _CASE.clear()
         _CASE.update(dtype=label, d=d, n=n, loss=c["loss"])
-        if c["loss"] == "rect":  # rectangular op: n local rows against 4n candidates (distributed / queue)
+        if c["loss"] == "swav":  # SwAV's swapped prediction: 3 crops (2 with codes) of n x K scores (K = d here)
+            for grad in (True, False):
+                K.swav_loss([a, b, b], [torch.empty((n, d), dtype=torch.float32, device="meta")] * 2, 10.0, grad)
+        elif c["loss"] == "rect":  # rectangular op: n local rows against 4n candidates (distributed / queue)
             cands = torch.empty((4 * n, d), dtype=dtype, device="meta")
             idx = torch.empty((n,), dtype=torch.int64, device="meta")
             _, lse, xn, yn = K.rect_forward(a, cands, idx, idx, t, c["normalize"])

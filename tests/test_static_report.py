@@ -8,7 +8,9 @@
    register spills at the target shapes (NT-Xent bf16 2N = 65536, D = 256; MoCo's 256 queries x 65792
    candidates, D = 128), >= 132 CTAs in the MoCo forward and backward, a trip count for every loop. ~1-2 min
    cold on 2 cores (its variants are also tests/test_triton_compile.py's: triton's cache serves the second).
-Skipped when triton is missing or its ahead-of-time API is not the one the scripts speak.
+3. The committed bench/results/static-sm90.md (every triton section, sm_90 and sm_80): its rows keep the same
+   invariants (no triton needed to read them; `python scripts/static_report.py --write` regenerates it).
+All skipped when triton is missing; 2 also when its ahead-of-time API is not the one the scripts speak.
 """
 
 import os
@@ -108,3 +110,56 @@ def test_report_invariants(quick_report):
     assert head and re.search(r"\| (\d+) / (\d+) \|$", head[0]), head
     fwd_ctas, bwd_ctas = map(int, re.search(r"\| (\d+) / (\d+) \|$", head[0]).groups())
     assert fwd_ctas >= 132 and bwd_ctas >= 132, head[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the committed report (bench/results/static-sm90.md, every triton section in it): its own rows must keep the
+# invariants, so that a regenerated report that breaks one cannot be committed unnoticed. No triton needed.
+
+REPORT = os.path.join(ROOT, "bench", "results", "static-sm90.md")
+_TARGETS = ("NT-Xent bf16 2N=65536 D=256", "MoCo queue bf16 N=256 x 65792 D=128")
+
+
+def _tables(text):
+    """{(triton section, arch): [row cells]} of the per-launch tables (rows with a phase column)."""
+    out, sec, arch = {}, None, None
+    for ln in text.splitlines():
+        if ln.startswith("## triton "):
+            sec = ln[3:].split(",")[0]
+        elif ln.startswith("### sm_"):
+            arch = int(ln[len("### sm_"):].split()[0])
+        elif ln.startswith("| ") and sec and arch:
+            cells = [c.strip() for c in ln.strip("|").split("|")]
+            if len(cells) > 3 and cells[1] in ("fwd", "bwd"):
+                out.setdefault((sec, arch), []).append(cells)
+    return out
+
+
+def test_committed_report_invariants():
+    text = open(REPORT).read()
+    assert text.startswith("# Static performance report") and "python scripts/static_report.py --write" in text
+    tables = _tables(text)
+    assert any(arch == 90 for _, arch in tables), "no sm_90 section"
+    for (sec, arch), rows in tables.items():
+        h = ["op", "phase", "kernel", "tile", "w/s"] + (["ctas", "regs", "spill"] if arch == 90 else ["regs", "spill"])
+        h += ["smem", "occ", "tc", "ratio"]
+        seen = set()
+        for cells in rows:
+            r = dict(zip(h, cells))
+            op, default = r["op"], "(candidate)" not in r["kernel"]
+            where = f"{sec} sm_{arch} {op} {r['kernel']}"
+            sixteen = " bf16 " in f" {op} " or " fp16 " in f" {op} "
+            infonce = op.startswith(("NT-Xent", "InfoNCE", "MoCo", "distributed"))
+            if infonce and sixteen and r["ratio"] != "-":
+                assert r["tc"] == ("wgmma" if arch == 90 else "mma"), where
+                assert float(r["ratio"]) <= 1.05, where
+                seen.add(op)
+            if default and op in _TARGETS:
+                assert r["spill"] == "0 B", where
+        assert set(_TARGETS) <= seen, (sec, arch, seen)
+    # MoCo's queue shape: >= 132 CTAs in the forward and the backward (the headline's last column)
+    moco = [ln for ln in text.splitlines() if ln.startswith("| MoCo queue") and ln.count("|") == 10]
+    assert moco
+    for ln in moco:
+        fwd, bwd = map(int, re.search(r"\| (\d+) / (\d+) \|$", ln).groups())
+        assert fwd >= 132 and bwd >= 132, ln
