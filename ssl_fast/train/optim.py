@@ -18,6 +18,8 @@ from typing import Callable, Iterable, List
 import torch
 from torch import nn
 
+from ..ops.optim_ema import lars_foreach_
+
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = True,
                  fixed_lr: Iterable[torch.Tensor] = ()) -> List[dict]:
@@ -74,42 +76,44 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            wd = group["weight_decay"]
-            if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            if group["lars"]:
-                w_norm = torch.stack(torch._foreach_norm(params))
-                g_norm = torch.stack(torch._foreach_norm(grads))
-                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                    torch.ones_like(w_norm))
-                grads = torch._foreach_mul(grads, list(trust.unbind(0)))
             bufs = []
-            for p, g in zip(params, grads):
+            for p in params:
                 st = self.state[p]
                 if "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(st["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            lars_foreach_(params, [p.grad for p in params], bufs, group["lr"], group["momentum"],
+                          group["weight_decay"], group["eta"], group["lars"])
         return loss
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
                     eta: float = 0.001, exclude_bias_norm: bool = True,
-                    fixed_lr: Iterable[torch.Tensor] = ()) -> torch.optim.Optimizer:
-    """``sgd`` | ``lars`` | ``adamw`` over ``param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)``."""
+                    fixed_lr: Iterable[torch.Tensor] = (), ema=None) -> torch.optim.Optimizer:
+    """``sgd`` | ``lars`` | ``adamw`` over ``param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)``.
+
+    ``ema``: an ``ssl_fast.nn.EMA`` teacher of (part of) ``model``: the optimizer is then ``ssl_fast.optim``'s
+    (the same math), whose step also updates the teacher in the same pass (``step(ema_step=k)``)."""
+    if name not in ("sgd", "lars", "adamw"):
+        raise ValueError(f"optimizer must be sgd | lars | adamw, got {name!r}")
     groups = param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)
+    if ema is not None:
+        from .. import optim as fused
+
+        if name == "lars":
+            return fused.LARS(groups, lr=lr, momentum=momentum, eta=eta, ema=ema)
+        for g in groups:
+            g.pop("lars")
+        if name == "sgd":
+            return fused.SGD(groups, lr=lr, momentum=momentum, ema=ema)
+        return fused.AdamW(groups, lr=lr, ema=ema)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=eta)
     for g in groups:
         g.pop("lars")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, foreach=True)
-    raise ValueError(f"optimizer must be sgd | lars | adamw, got {name!r}")
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
 class WarmupCosine:
