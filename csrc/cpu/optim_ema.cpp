@@ -33,7 +33,7 @@
 //   s  = sqrt(v)                                        _foreach_sqrt: ATen's vml::vsqrt, i.e. MKL's vmsSqrt
 //                                                       (mode HA) where torch has MKL. It is NOT correctly rounded
 //                                                       (on this AMD EPYC 17% of results differ from fl(sqrt)), so
-//                                                       this kernel calls the same MKL function on blocks of 256
+//                                                       this kernel calls the same MKL function on blocks of 2048
 //                                                       (ieee_sqrt=false, the default), or takes the correctly
 //                                                       rounded sqrt (ieee_sqrt=true: fused=True's and CUDA's; faster
 //                                                       here, since MKL's HA sqrt costs ~0.4 ns / element on this CPU).
@@ -105,7 +105,7 @@ namespace {
 using namespace optim_ema;
 
 constexpr int64_t kGrain = 1 << 15;      // below 32K elements a group runs on the calling thread
-constexpr int64_t kBlock = 256;          // AdamW: elements per sqrt block (3 x 1 KiB of fp32 in L1)
+constexpr int64_t kSqrtBlock = 2048;     // AdamW with MKL's sqrt: elements per vmsSqrt call (8 KiB of fp32)
 constexpr int64_t kSpan = 1024;          // elements per optimizer-then-EMA block (see ema_block)
 constexpr int64_t kNormBlock = 1 << 13;  // LARS: elements per partial sum of squares
 constexpr long long kVmlHa = 0x2 | 0x140000 | 0x100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE (ATen's)
@@ -185,53 +185,57 @@ void sgd_group(const Group& g, const SgdC& c, const LerpC& l, at::IntArrayRef fr
 
 // ---- AdamW ------------------------------------------------------------------------------------------
 
-// s <- sqrt(s) on `n` <= kBlock elements, as torch's _foreach_sqrt gives it for T (see the header comment), or
-// the correctly rounded sqrt (`ieee`: torch.optim.AdamW(fused=True)'s and the GPU's).
-template <typename T>
-inline void sqrt_block(float* s, int64_t n, bool ieee) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (!ieee && vmsSqrt_64 != nullptr) {
-      alignas(64) float out[kBlock];
-      vmsSqrt_64(n, s, out, kVmlHa);
-      std::copy(out, out + n, s);
-      return;
-    }
-  }
-  const Round<T> r;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) s[i] = r(op_sqrt(s[i]));
-}
-
+// AdamW over one span. With MKL's sqrt (fp32 parameters, !ieee, torch built with MKL): blocks of kSqrtBlock
+// elements in two loops, the moments first (g, m, v; stored), MKL's vmsSqrt of the block of v just stored
+// (L1-hot) into S, then the parameter and the EMA (p, e; m from L1): one MKL call per 8 KiB of v, one
+// scratch buffer. Otherwise one loop with the correctly rounded sqrt inline (bf16 parameters take that one:
+// torch's bf16 sqrt is the correctly rounded fp32 one, rounded to bf16), the EMA per kSpan block after it.
 template <typename T, typename E, bool HAS_E>
 void adam_span(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, E* __restrict e, int64_t n,
                float step_size, float bc2_sqrt, const AdamC c, const LerpC l, bool ieee) {
   const Round<T> r;
-  alignas(64) float P[kBlock];
-  alignas(64) float M[kBlock];
-  alignas(64) float S[kBlock];
-  for (int64_t s = 0; s < n; s += kBlock) {
-    const int64_t len = std::min(kBlock, n - s);
+  if constexpr (std::is_same_v<T, float>) {
+    if (!ieee && vmsSqrt_64 != nullptr) {
+      alignas(64) float S[kSqrtBlock];
+      for (int64_t s = 0; s < n; s += kSqrtBlock) {
+        const int64_t len = std::min(kSqrtBlock, n - s);
+        T* ps = p + s;
+        const T* gs = g + s;
+        T* ms = m + s;
+        T* vs = v + s;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          float mf = ms[i], vf = vs[i];
+          adam_moments(gs[i], mf, vf, c, r);
+          ms[i] = mf;
+          vs[i] = vf;
+        }
+        vmsSqrt_64(len, vs, S, kVmlHa);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const float pf = adam_finish(adam_decay(ps[i], c, r), ms[i], S[i], step_size, bc2_sqrt, c, r);
+          ps[i] = pf;
+          if constexpr (HAS_E) from_f(e[s + i], lerp(to_f(e[s + i]), pf, l));
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t s = 0; s < n; s += kSpan) {
+    const int64_t len = std::min(kSpan, n - s);
     T* ps = p + s;
     const T* gs = g + s;
     T* ms = m + s;
     T* vs = v + s;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      float mf = to_f(ms[i]);
-      float vf = to_f(vs[i]);
-      P[i] = adam_moments(to_f(ps[i]), to_f(gs[i]), mf, vf, c, r);
+      float mf = to_f(ms[i]), vf = to_f(vs[i]);
+      adam_moments(to_f(gs[i]), mf, vf, c, r);
       from_f(ms[i], mf);
       from_f(vs[i], vf);
-      M[i] = mf;
-      S[i] = vf;
+      from_f(ps[i], adam_finish(adam_decay(to_f(ps[i]), c, r), mf, r(op_sqrt(vf)), step_size, bc2_sqrt, c, r));
     }
-    sqrt_block<T>(S, len, ieee);
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float pf = adam_finish(P[i], M[i], S[i], step_size, bc2_sqrt, c, r);
-      from_f(ps[i], pf);
-      if constexpr (HAS_E) from_f(e[s + i], lerp(to_f(e[s + i]), pf, l));
-    }
+    if constexpr (HAS_E) ema_block(e + s, ps, len, l);
   }
 }
 

@@ -176,15 +176,18 @@ struct AdamC {
   float eps;
   bool has_wd, w1_small;
 };
-// First half: decayed p, new m and v (stored); the caller takes sqrt(v) (see adam_finish).
+// The decoupled weight decay of p (it does not enter the moments).
 template <typename R>
-SSL_FAST_HD float adam_moments(float p, float g, float& m, float& v, const AdamC& c, R r) {
-  if (c.has_wd) p = r(op_mul(p, c.decay));
+SSL_FAST_HD float adam_decay(float p, const AdamC& c, R r) {
+  return c.has_wd ? r(op_mul(p, c.decay)) : p;
+}
+// The new moments m and v; the caller takes sqrt(v) rounded to T (see adam_finish).
+template <typename R>
+SSL_FAST_HD void adam_moments(float g, float& m, float& v, const AdamC& c, R r) {
   const float d = op_sub(g, m);
   m = r(c.w1_small ? op_fma(c.w1, d, m) : op_fma(-c.one_minus_w1, d, g));
   v = r(op_mul(v, c.b2));
   v = r(op_fma(op_mul(c.c2, g), g, v));
-  return p;
 }
 // Second half, from s = sqrt(v) rounded to T: ((s / bc2_sqrt) + eps), then p + (step_size * m) / denom.
 template <typename R>

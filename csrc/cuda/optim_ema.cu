@@ -130,10 +130,10 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const __grid_constant__ 
           pn = sgd_elem(pv[u], gv[u], av[u], sc0 != 0.0f, c, r);
           if (c.has_mom) from_f(s1[i], av[u]);
         } else if constexpr (KIND == 1) {  // AdamW: sc0 = step size, sc1 = bias correction sqrt
-          const float pd = adam_moments(pv[u], gv[u], av[u], bv[u], c, r);
+          adam_moments(gv[u], av[u], bv[u], c, r);
           from_f(s1[i], av[u]);
           from_f(s2[i], bv[u]);
-          pn = adam_finish(pd, av[u], r(op_sqrt(bv[u])), sc0, sc1, c, r);
+          pn = adam_finish(adam_decay(pv[u], c, r), av[u], r(op_sqrt(bv[u])), sc0, sc1, c, r);
         } else {  // LARS
           pn = lars_elem(pv[u], gv[u], av[u], trust, c, r);
           from_f(s1[i], av[u]);
