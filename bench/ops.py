@@ -902,33 +902,20 @@ def _optim_ema_gate(kind: str):
 
 
 def _optim_ema_providers(kind: str) -> List[Provider]:
-    def foreach_lerp(inputs, hp, device):
-        params, ema = inputs["params"], inputs["ema"]
-        opt = _torch_optimizer(kind, params, **({} if kind == "lars" else {"foreach": True}))
+    def torch_step(compiled: bool = False, **opt_kw):
+        """build(): torch's optimizer (``opt_kw``: foreach / fused) step, then the lerp; optionally compiled."""
+        def build(inputs, hp, device):
+            params, ema = inputs["params"], inputs["ema"]
+            opt = _torch_optimizer(kind, params, **({} if kind == "lars" else opt_kw))
 
-        def run():
-            opt.step()
-            _lerp_all(ema, params, hp["momentum"])
-        return run
+            def step():
+                opt.step()
+                _lerp_all(ema, params, hp["momentum"])
+            return _torch().compile(step) if compiled else step
+        return build
 
-    def fused_lerp(inputs, hp, device):
-        params, ema = inputs["params"], inputs["ema"]
-        opt = _torch_optimizer(kind, params, fused=True)
-
-        def run():
-            opt.step()
-            _lerp_all(ema, params, hp["momentum"])
-        return run
-
-    def torch_compile(inputs, hp, device):
-        params, ema = inputs["params"], inputs["ema"]
-        opt = _torch_optimizer(kind, params, **({} if kind == "lars" else {"foreach": True}))
-
-        @_torch().compile
-        def step():
-            opt.step()
-            _lerp_all(ema, params, hp["momentum"])
-        return step
+    foreach_lerp, fused_lerp = torch_step(foreach=True), torch_step(fused=True)
+    torch_compile = torch_step(compiled=True, foreach=True)
 
     def call(inputs, hp, ieee_sqrt=False):
         import ssl_fast.optim as fopt
