@@ -145,12 +145,27 @@ inline void ema_block(E* __restrict e, const T* __restrict p, int64_t n, const L
   for (int64_t i = 0; i < n; ++i) from_f(e[i], lerp(to_f(e[i]), to_f(p[i]), l));
 }
 
+// Two runtime bools as template arguments: f.template operator()<A, B>(). A group's flags (weight decay on,
+// Nesterov, ...) become constants in its loops, so the vectorized body computes nothing it then discards
+// (sel() of the math functions computes both sides; with bf16 parameters every side costs roundings).
+template <typename F>
+inline void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f.template operator()<true, true>(); else f.template operator()<true, false>();
+  } else {
+    if (b) f.template operator()<false, true>(); else f.template operator()<false, false>();
+  }
+}
+
 // ---- SGD --------------------------------------------------------------------------------------------
 
-template <typename T, typename E, bool HAS_E, bool MOM, bool FRESH>
-void sgd_span(T* __restrict p, const T* __restrict g, T* __restrict b, E* __restrict e, int64_t n, const SgdC c,
+template <typename T, typename E, bool HAS_E, bool MOM, bool FRESH, bool WD, bool NEST>
+void sgd_span(T* __restrict p, const T* __restrict g, T* __restrict b, E* __restrict e, int64_t n, SgdC c,
               const LerpC l) {  // constants by value: loop invariants the vectorizer can if-convert on
   const Round<T> r;
+  c.has_mom = MOM;
+  c.has_wd = WD;
+  c.nesterov = NEST;
   for (int64_t s = 0; s < n; s += kSpan) {
     const int64_t len = std::min(kSpan, n - s);
     T* ps = p + s;
@@ -177,13 +192,15 @@ void sgd_group(const Group& g, const SgdC& c, const LerpC& l, at::IntArrayRef fr
     T* b = c.has_mom ? ptr<T>(it.s1) + off : nullptr;
     E* e = HAS_E ? ptr<E>(it.e) + off : nullptr;
     const bool is_fresh = c.has_mom && !fresh.empty() && fresh[it.index] != 0;
-    if (!c.has_mom) {
-      sgd_span<T, E, HAS_E, false, false>(p, gr, b, e, len, c, l);
-    } else if (is_fresh) {
-      sgd_span<T, E, HAS_E, true, true>(p, gr, b, e, len, c, l);
-    } else {
-      sgd_span<T, E, HAS_E, true, false>(p, gr, b, e, len, c, l);
-    }
+    with_flags(c.has_wd, c.nesterov, [&]<bool WD, bool NEST>() {
+      if (!c.has_mom) {
+        sgd_span<T, E, HAS_E, false, false, WD, false>(p, gr, b, e, len, c, l);
+      } else if (is_fresh) {
+        sgd_span<T, E, HAS_E, true, true, WD, NEST>(p, gr, b, e, len, c, l);
+      } else {
+        sgd_span<T, E, HAS_E, true, false, WD, NEST>(p, gr, b, e, len, c, l);
+      }
+    });
   });
 }
 
@@ -194,10 +211,12 @@ void sgd_group(const Group& g, const SgdC& c, const LerpC& l, at::IntArrayRef fr
 // (L1-hot) into S, then the parameter and the EMA (p, e; m from L1): one MKL call per 8 KiB of v, one
 // scratch buffer. Otherwise one loop with the correctly rounded sqrt inline (bf16 parameters take that one:
 // torch's bf16 sqrt is the correctly rounded fp32 one, rounded to bf16), the EMA per kSpan block after it.
-template <typename T, typename E, bool HAS_E>
+template <typename T, typename E, bool HAS_E, bool WD, bool W1_SMALL>
 void adam_span(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, E* __restrict e, int64_t n,
-               float step_size, float bc2_sqrt, const AdamC c, const LerpC l, bool ieee) {
+               float step_size, float bc2_sqrt, AdamC c, const LerpC l, bool ieee) {
   const Round<T> r;
+  c.has_wd = WD;
+  c.w1_small = W1_SMALL;
   if constexpr (std::is_same_v<T, float>) {
     if (!ieee && vmsSqrt_64 != nullptr) {
       alignas(64) float S[kSqrtBlock];
@@ -248,17 +267,22 @@ void adam_group(const Group& g, const AdamC& c, const LerpC& l, const std::vecto
                 const std::vector<float>& bc2, bool ieee) {
   for_spans(g, [&](size_t t, int64_t off, int64_t len) {
     const Item& it = g.items[t];
-    adam_span<T, E, HAS_E>(ptr<T>(it.p) + off, ptr<T>(it.g) + off, ptr<T>(it.s1) + off, ptr<T>(it.s2) + off,
-                           HAS_E ? ptr<E>(it.e) + off : nullptr, len, ss[it.index], bc2[it.index], c, l, ieee);
+    with_flags(c.has_wd, c.w1_small, [&]<bool WD, bool W1_SMALL>() {
+      adam_span<T, E, HAS_E, WD, W1_SMALL>(ptr<T>(it.p) + off, ptr<T>(it.g) + off, ptr<T>(it.s1) + off,
+                                           ptr<T>(it.s2) + off, HAS_E ? ptr<E>(it.e) + off : nullptr, len,
+                                           ss[it.index], bc2[it.index], c, l, ieee);
+    });
   });
 }
 
 // ---- LARS -------------------------------------------------------------------------------------------
 
-template <typename T, typename E, bool HAS_E>
+template <typename T, typename E, bool HAS_E, bool WD, bool ADAPT>
 void lars_span(T* __restrict p, const T* __restrict g, T* __restrict b, E* __restrict e, int64_t n, float trust,
-               const LarsC c, const LerpC l) {
+               LarsC c, const LerpC l) {
   const Round<T> r;
+  c.has_wd = WD;
+  c.adapt = ADAPT;
   for (int64_t s = 0; s < n; s += kSpan) {
     const int64_t len = std::min(kSpan, n - s);
     T* ps = p + s;
@@ -287,7 +311,8 @@ std::vector<float> lars_trusts(const Group& g, const LarsC c, double eta) {
   std::vector<double> wsq(blocks), gsq(blocks);
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / kNormBlock), [&](int64_t b0, int64_t b1) {
     const Round<T> r;
-    const LarsC cl = c;  // a local copy: loop invariants the vectorizer can if-convert on
+    LarsC cl = c;  // a local copy: loop invariants the vectorizer can if-convert on
+    cl.has_wd = c.has_wd;
     size_t t = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), b0) - first.begin()) - 1;
     for (int64_t blk = b0; blk < b1; ++blk) {
       while (first[t + 1] <= blk) ++t;
@@ -325,8 +350,10 @@ void lars_group(const Group& g, const LarsC& c, const LerpC& l, double eta) {
   const std::vector<float> trust = lars_trusts<T>(g, c, eta);
   for_spans(g, [&](size_t t, int64_t off, int64_t len) {
     const Item& it = g.items[t];
-    lars_span<T, E, HAS_E>(ptr<T>(it.p) + off, ptr<T>(it.g) + off, ptr<T>(it.s1) + off,
-                           HAS_E ? ptr<E>(it.e) + off : nullptr, len, trust[t], c, l);
+    with_flags(c.has_wd, c.adapt, [&]<bool WD, bool ADAPT>() {
+      lars_span<T, E, HAS_E, WD, ADAPT>(ptr<T>(it.p) + off, ptr<T>(it.g) + off, ptr<T>(it.s1) + off,
+                                        HAS_E ? ptr<E>(it.e) + off : nullptr, len, trust[t], c, l);
+    });
   });
 }
 
