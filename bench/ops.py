@@ -1,9 +1,9 @@
 """The benchmark's op table: for every op, its shapes, inputs, float64 reference and provider adapters.
 
 One :class:`Op` per benchmarked operation, each with a table of :class:`Provider` adapters that run the
-SAME math on the SAME inputs: ``bench/suite.py`` (and ``ssl-fast bench``) builds the inputs once per
-(shape, dtype) in a fresh child process, refuses a provider whose answer on a small input differs from the
-float64 reference (the correctness gate), then measures time and peak memory. Adding a provider is one
+SAME math on the SAME inputs: the measurement child (``bench/measure.py``, started by ``bench/runner.py`` for
+``ssl-fast bench``) builds the inputs per (shape, dtype), refuses a provider whose answer on a small input
+differs from the float64 reference (the correctness gate), then measures time and peak memory. Adding a provider is one
 ``Provider(name, build)`` line: ``build(inputs, hp, device)`` returns a zero-argument callable that runs
 one call on the prepared inputs and returns its output (a loss, the codes, or None for the in-place EMA).
 
@@ -15,10 +15,14 @@ triton at import time.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+# the first GPU run (scripts/gpu_check.sh prove): eager torch, torch.compile and ssl_fast only; the libraries
+# that the GPU image lacks run in the "gpu-peers" presets (scripts/gpu_check.sh tune, from carried wheels)
+GPU_TARGET = ["torch", "ssl_fast_triton", "torch_compile"]  # in this order: a time budget cuts torch_compile first
 TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
@@ -34,6 +38,19 @@ class Provider:
     dtypes: Optional[Tuple[str, ...]] = None  # None: every dtype of the op
     backend: Optional[Callable] = None
     about: str = ""
+
+    def unavailable(self, device: str, dtype: str) -> Optional[str]:
+        """Why this provider cannot run on ``device`` ('cpu', 'cuda', 'cuda:K') in ``dtype``, or None when it can:
+        its optional library is missing, it serves other devices, or not that dtype."""
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            return f"{self.requires} not installed"
+        dev_type = "cuda" if device.startswith("cuda") else "cpu"
+        if dev_type not in self.devices:
+            return f"runs on {'/'.join(self.devices)} only" + (f" ({self.about})" if self.about and self.name == "inf_cl"
+                                                                 else "")
+        if self.dtypes and dtype not in self.dtypes:
+            return f"dtype {dtype} not supported"
+        return None
 
 
 @dataclasses.dataclass
@@ -101,10 +118,7 @@ def _ssl_fast_providers(call: Optional[Callable], *, nn_module: Optional[Callabl
         return build
 
     def backend_of(name):
-        def resolve(device):
-            from ssl_fast.ops import _backend
-            return _backend.resolve(_torch().device(device), requested=name)
-        return resolve
+        return lambda device: name if name != "auto" else auto_backend(device)
 
     out = [] if call is None else [
            Provider("ssl_fast_cpp", with_backend("cpp"), backend=backend_of("cpp"),
@@ -119,6 +133,16 @@ def _ssl_fast_providers(call: Optional[Callable], *, nn_module: Optional[Callabl
         out.append(Provider("ssl_fast_nn", build_nn, backend=backend_of("auto"),
                             about="the ssl_fast.nn drop-in module, automatic backend"))
     return out
+
+
+def auto_backend(device) -> str:
+    """The kernel family ``ssl_fast.set_backend("auto")`` runs for float tensors on ``device``, from public facts
+    (ssl_fast's documented rule: CUDA -> triton when triton imports, CPU -> cpp when ssl_fast._C is built, else
+    torch). A forced backend is its own name: ssl_fast runs it or raises, it never switches silently."""
+    import ssl_fast
+    if _torch().device(device).type == "cuda":
+        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    return "cpp" if ssl_fast.HAS_EXT else "torch"
 
 
 def _max_err(out, ref) -> float:
@@ -243,6 +267,10 @@ NTXENT = Op(
                 dict(n2=[65536], dim=[128], dtype=["fp32"], modes=["full"], providers=["ssl_fast_cpp"], repeats=3)],
         "gpu": [dict(n2=[16384, 65536], dim=[128, 256, 768], dtype=["bf16"], modes=["fwd", "bwd", "full"]),
                 dict(n2=[16384], dim=[128], dtype=["fp32", "fp16"], modes=["full"])],
+        "gpu-target": [dict(n2=[65536], dim=[256], dtype=["bf16"], modes=["full"], providers=GPU_TARGET),
+                       dict(n2=[16384], dim=[128], dtype=["bf16"], modes=["full"], providers=GPU_TARGET)],
+        "gpu-peers": [dict(n2=[16384, 65536], dim=[128], dtype=["bf16"], modes=["full"],
+                           providers=["lightly", "ssl_fast_triton"])],
     },
     default_shape=dict(n2=[1024], dim=[128]),
 )
@@ -330,6 +358,8 @@ INFO_NCE = Op(
         "cpu": [dict(n2=[2048, 8192], dim=[128], dtype=["fp32"], modes=["full"],
                      providers=["torch", "torch_compile", "open_clip", "ssl_fast_cpp"])],
         "gpu": [dict(n2=[16384, 65536, 131072], dim=[256, 768], dtype=["bf16"], modes=["fwd", "bwd", "full"])],
+        "gpu-peers": [dict(n2=[16384], dim=[128], dtype=["bf16"], modes=["full"],
+                           providers=["open_clip", "inf_cl", "ssl_fast_triton"])],
     },
     default_shape=dict(n2=[1024], dim=[128]),
 )
@@ -394,6 +424,8 @@ INFO_NCE_QUEUE = Op(
         "cpu": [dict(n=[256], queue=[16384, 65536], dim=[128], dtype=["fp32"], modes=["full"],
                      providers=["torch", "torch_compile", "ssl_fast_cpp"])],
         "gpu": [dict(n=[4096], queue=[65536, 262144], dim=[128], dtype=["bf16"], modes=["fwd", "full"])],
+        "gpu-target": [dict(n=[256], queue=[65536], dim=[128], dtype=["bf16", "fp32"], modes=["full"],
+                            providers=GPU_TARGET)],
     },
     default_shape=dict(n=[256], queue=[4096], dim=[128]),
 )
@@ -464,6 +496,9 @@ SINKHORN = Op(
                      providers=["swav", "torch_compile", "lightly", "ssl_fast_cpp", "ssl_fast_torch"]),
                 dict(b=[4096], k=[3000], dtype=["bf16"], providers=["swav", "lightly", "ssl_fast_cpp"])],
         "gpu": [dict(b=[4096, 16384, 65536], k=[3000, 65536], dtype=["fp32", "bf16"])],
+        "gpu-target": [dict(b=[32768, 4096], k=[3000], dtype=["fp32"],
+                            providers=["swav", "ssl_fast_triton", "torch_compile"])],
+        "gpu-peers": [dict(b=[32768, 4096], k=[3000], dtype=["fp32"], providers=["lightly", "ssl_fast_triton"])],
     },
     default_shape=dict(b=[4096], k=[3000]),
 )
@@ -590,6 +625,9 @@ EMA = Op(
                 dict(model=["resnet50", "vit_b_16"], dtype=["fp32-bf16"],
                      providers=["loop", "foreach_lerp", "lightly", "timm", "ssl_fast_cpp"])],
         "gpu": [dict(model=["resnet50", "vit_b_16", "vit_l_16"], dtype=["fp32", "bf16", "fp32-bf16"])],
+        "gpu-target": [dict(model=["vit_b_16"], dtype=["fp32-bf16"],
+                            providers=["loop", "ssl_fast_triton", "ssl_fast_cpp", "foreach_lerp", "torch_compile"])],
+        "gpu-peers": [dict(model=["vit_b_16"], dtype=["fp32-bf16"], providers=["lightly", "timm", "ssl_fast_triton"])],
     },
     default_shape=dict(model=["resnet50"]),
 )
@@ -784,13 +822,9 @@ def _e2e_providers() -> List[Provider]:
             return run
         return build
 
-    def backend(device):
-        from ssl_fast.ops import _backend
-        return _backend.resolve(_torch().device(device))
-
     return [Provider("torch", builder("torch"), about="eager NT-Xent reference (one (2N, 2N) logit matrix)"),
             Provider("lightly", builder("lightly"), requires="lightly", about="lightly.loss.NTXentLoss"),
-            Provider("ssl_fast_nn", builder("ssl_fast_nn"), backend=backend, about="ssl_fast.nn.NTXentLoss")]
+            Provider("ssl_fast_nn", builder("ssl_fast_nn"), backend=auto_backend, about="ssl_fast.nn.NTXentLoss")]
 
 
 def _e2e_gate(provider: Provider, device, hp):
@@ -821,6 +855,8 @@ E2E = Op(
         "quick": [dict(model=["resnet18"], batch=[64], res=[32], dtype=["fp32"])],
         "cpu": [dict(model=["resnet18"], batch=[128], res=[32], dtype=["fp32"], repeats=3)],
         "gpu": [dict(model=["resnet50"], batch=[256, 512], res=[224], dtype=["bf16"])],
+        "gpu-target": [dict(model=["resnet50"], batch=[256], res=[224], dtype=["bf16"], providers=["torch", "ssl_fast_nn"])],
+        "gpu-peers": [dict(model=["resnet50"], batch=[256], res=[224], dtype=["bf16"], providers=["lightly", "ssl_fast_nn"])],
     },
     default_shape=dict(model=["resnet18"], batch=[64], res=[32]),
     gate=_e2e_gate,
@@ -870,7 +906,7 @@ def _torch_optimizer(kind: str, params, **kw):
     hp = {k: v for k, v in OPTIM_HP[kind].items() if k != "weight_decay"}
     groups = _optim_groups(kind, params)
     if kind == "lars":
-        from ssl_fast.train.optim import LARS
+        from ssl_fast.train import LARS
         return LARS(groups, **hp)
     return (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(groups, **hp, **kw)
 
@@ -928,9 +964,8 @@ def _optim_ema_providers(kind: str) -> List[Provider]:
         opt = cls(_optim_groups(kind, params), **hpk, ema=list(zip(params, ema)), ema_momentum=hp["momentum"])
         return opt.step
 
-    provs = [Provider("foreach_lerp", foreach_lerp,
-                      about=f"{'ssl_fast.train.LARS (torch._foreach ops)' if kind == 'lars' else 'torch.optim, foreach=True'}"
-                            " + torch._foreach_lerp_ (the unfused default)"),
+    unfused = "ssl_fast.train.LARS (torch._foreach ops)" if kind == "lars" else "torch.optim, foreach=True"
+    provs = [Provider("foreach_lerp", foreach_lerp, about=f"{unfused} + torch._foreach_lerp_ (the unfused default)"),
              Provider("torch_compile", torch_compile, about="torch.compile of that step + lerp (inductor fuses it)")]
     if kind != "lars":
         provs.insert(1, Provider("fused_lerp", fused_lerp, about="torch.optim, fused=True + torch._foreach_lerp_"))
@@ -988,6 +1023,20 @@ SGD_EMA, ADAMW_EMA, LARS_EMA = (_optim_ema_op(k) for k in ("sgd", "adamw", "lars
 
 OPS: Dict[str, Op] = {op.name: op for op in (NTXENT, INFO_NCE, INFO_NCE_QUEUE, SINKHORN, EMA, SWAV, DIRECTCLR, E2E,
                                              SGD_EMA, ADAMW_EMA, LARS_EMA)}
+
+
+def load_providers_file(path: Optional[str]) -> None:
+    """``--providers-file FILE.py``: a file defining ``PROVIDERS = {"op": [ops.Provider(...), ...]}`` adds
+    (or replaces, by name) providers, so a user's own implementation runs side by side, gate included."""
+    if not path:
+        return
+    spec = importlib.util.spec_from_file_location("bench_extra_providers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for op_name, provs in getattr(mod, "PROVIDERS", {}).items():
+        op = OPS[op_name]
+        for p in provs:
+            op.providers = [q for q in op.providers if q.name != p.name] + [p]
 
 
 def shape_label(op: Op, shape: Dict) -> str:

@@ -20,22 +20,22 @@ import sys
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _harness as H  # noqa: E402
-import ops as O  # noqa: E402
+import ops  # noqa: E402
+import report  # noqa: E402
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:60]
 
 
-def plot_op(op: O.Op, csv_path: str, out_dir: str) -> List[str]:
+def plot_op(op: ops.Op, csv_path: str, out_dir: str) -> List[str]:
     """Writes the plots of ``csv_path`` (an ``op``'s CSV) into ``out_dir``; returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     setting = ["device_name", "threads", "dtype"] + list(op.hparams)
-    rows = H.latest_rows(H.read_csv(csv_path), setting + list(op.shape_keys) + ["mode", "provider"])
+    rows = report.latest_rows(report.read_csv(csv_path), setting + list(op.shape_keys) + ["mode", "provider"])
     order = [p.name for p in op.providers]
     others = [k for k in op.shape_keys if k != op.batch_key] if op.batch_key else []
     sections: Dict[tuple, List[Dict]] = {}
@@ -48,15 +48,15 @@ def plot_op(op: O.Op, csv_path: str, out_dir: str) -> List[str]:
         label = ", ".join(f"{k}={v}" for k, v in zip(setting[2:] + others, sec[2:]))
         if op.batch_key is None:
             fig, ax = plt.subplots(figsize=(6.5, 4))
-            shapes = sorted({O.shape_label(op, r) for r in srows})
+            shapes = sorted({ops.shape_label(op, r) for r in srows})
             width = 0.8 / max(1, len(provs))
             for i, p in enumerate(provs):
-                vals = [next((H.to_float(r["gbps"]) for r in srows if O.shape_label(op, r) == s
-                              and r["provider"] == p), H.NAN) for s in shapes]
+                vals = [next((report.to_float(r["gbps"]) for r in srows if ops.shape_label(op, r) == s
+                              and r["provider"] == p), report.NAN) for s in shapes]
                 ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p)
             for j, s in enumerate(shapes):
-                peak = next((H.to_float(r["peak_gbps"]) for r in srows if O.shape_label(op, r) == s
-                             and r.get("status") == "ok"), H.NAN)
+                peak = next((report.to_float(r["peak_gbps"]) for r in srows if ops.shape_label(op, r) == s
+                             and r.get("status") == "ok"), report.NAN)
                 if not math.isnan(peak):
                     ax.hlines(peak, j - 0.1, j + 0.8, colors="k", linestyles="dashed")
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
@@ -70,7 +70,7 @@ def plot_op(op: O.Op, csv_path: str, out_dir: str) -> List[str]:
                 for i, (col, ylab) in enumerate((("median_ms", "time, ms"), ("peak_mem_mib", "peak extra memory, MiB"))):
                     ax = axes[i][j]
                     for p in provs:
-                        pts = sorted((H.to_float(r[op.batch_key]), H.to_float(r[col])) for r in srows
+                        pts = sorted((report.to_float(r[op.batch_key]), report.to_float(r[col])) for r in srows
                                      if r["provider"] == p and r["mode"] == mode)
                         pts = [(x, y) for x, y in pts if not math.isnan(y) and y > 0]
                         if pts:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("csv", help="bench/results/<device>/<op>.csv (the op is the file's name)")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's folder)")
     args = p.parse_args(argv)
-    op = O.OPS[os.path.splitext(os.path.basename(args.csv))[0]]
+    op = ops.OPS[os.path.splitext(os.path.basename(args.csv))[0]]
     out = args.out or os.path.dirname(os.path.abspath(args.csv))
     os.makedirs(out, exist_ok=True)
     for path in plot_op(op, args.csv, out):

@@ -4,7 +4,7 @@
     pytest bench/test_bench_cpu.py --benchmark-only --benchmark-autosave  # keep the run in .benchmarks/
     pytest bench/test_bench_cpu.py --benchmark-disable                    # run each once: a smoke test
 
-The same provider adapters and correctness gate as ``bench/suite.py`` (each provider must match the float64
+The same provider adapters and correctness gate as ``ssl-fast bench`` (each provider must match the float64
 reference before it is timed), in-process and without the memory measurement: ``ssl-fast bench`` is the tool
 for side-by-side tables with peak memory; this file plugs the CPU tier into pytest-benchmark's tooling
 (comparison between saved runs, ``--benchmark-compare``). torch.compile is left out (its compile would
@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("pytest_benchmark")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ops as O  # noqa: E402
-import suite  # noqa: E402
+import measure  # noqa: E402
+import ops  # noqa: E402
 
 CASES = {
     "ntxent": (dict(n2=1024, dim=128), "full", ["torch", "lightly", "pml", "ssl_fast_cpp", "ssl_fast_nn"]),
@@ -38,22 +38,22 @@ PARAMS = [pytest.param(op, prov, id=f"{op}-{prov}") for op, (_, _, provs) in CAS
 @pytest.mark.parametrize("op_name,provider", PARAMS)
 def test_cpu_tier(benchmark, op_name, provider):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    op = O.OPS[op_name]
+    op = ops.OPS[op_name]
     prov = op.provider(provider)
-    skip = suite._unrunnable(op, prov, "cpu", "fp32")
-    if skip:
-        pytest.skip(skip["note"])
+    why = prov.unavailable("cpu", "fp32")
+    if why:
+        pytest.skip(why)
     device = torch.device("cpu")
     hp = dict(op.hparams)
-    err = suite.gate(op, prov, device, hp)
+    err = measure.gate(op, prov, device, hp)
     assert err <= op.gate_tol, f"{provider} differs from the float64 reference by {err:.2e}"
     shape, mode, _ = CASES[op_name]
     if provider == "pml":  # cubic in 2N: (2N, 2N(2N-2)) mask; keep it small
         shape = dict(shape, n2=256)
     inputs = op.make_inputs(shape, "fp32", device, "bwd" in op.modes)
     fn = prov.build(inputs, hp, device)
-    prep, run = suite.make_step(op, fn, op.grad_inputs(inputs), mode, {})
-    benchmark.extra_info.update(op=op_name, provider=provider, mode=mode, shape=O.shape_label(op, shape))
+    prep, run = measure.make_step(op, fn, op.grad_inputs(inputs), mode, {})
+    benchmark.extra_info.update(op=op_name, provider=provider, mode=mode, shape=ops.shape_label(op, shape))
     if prep is None:
         benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     else:

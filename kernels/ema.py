@@ -44,6 +44,13 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from .tuning import override as _override  # the tile sweep's per-launch overrides (bench/tune.py)
+except ImportError:  # loaded by file path (scripts/check_triton_compile.py): the tables as written
+    def _override(name, cfg):
+        return cfg
+
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Elements per program and per vector step: 16K-element chunks (64 KiB of fp32 per operand) keep the
 # table small and give every program enough work; the interpreter runs each program in Python, so it
@@ -51,6 +58,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 1024 if _INTERPRET else 16384
 BLOCK = 512 if _INTERPRET else 2048
 NUM_WARPS = 8
+
+
+def _launch_config() -> dict:
+    """CHUNK (elements per program, the table's rows), BLOCK (elements per vector step), num_warps."""
+    return _override("ema", dict(CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS))
+
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
               torch.float16: tl.float16}
@@ -143,12 +156,12 @@ _TABLES: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDic
 _TABLES_MAX = 16
 
 
-def _table(pairs: List[Tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """int64 [n_chunks, 3] on ``device``: (ema offset, online offset, length) of every chunk, offsets in
-    elements from the first pair's tensors; cached on everything it depends on."""
+def _table(pairs: List[Tuple[torch.Tensor, torch.Tensor]], device: torch.device, chunk: int) -> torch.Tensor:
+    """int64 [n_chunks, 3] on ``device``: (ema offset, online offset, length) of every chunk of ``chunk``
+    elements, offsets in elements from the first pair's tensors; cached on everything it depends on."""
     es, os_ = pairs[0][0].element_size(), pairs[0][1].element_size()
     spans = [(e.data_ptr(), o.data_ptr(), e.numel()) for e, o in pairs]
-    key = (device, es, os_, tuple(spans))
+    key = (device, es, os_, chunk, tuple(spans))
     tab = _TABLES.get(key)
     if tab is not None:
         _TABLES.move_to_end(key)
@@ -158,8 +171,8 @@ def _table(pairs: List[Tuple[torch.Tensor, torch.Tensor]], device: torch.device)
     for ea, oa, n in spans:
         # addresses are multiples of the element size, so the differences are whole elements
         eo, oo = (ea - e0) // es, (oa - o0) // os_
-        for start in range(0, n, CHUNK):
-            rows.append((eo + start, oo + start, min(CHUNK, n - start)))
+        for start in range(0, n, chunk):
+            rows.append((eo + start, oo + start, min(chunk, n - start)))
     host = torch.tensor(rows, dtype=torch.int64)
     # pinned + non_blocking: no host sync (the caching host allocator keeps the buffer until the copy ran)
     tab = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
@@ -190,10 +203,11 @@ def ema_update_(ema: List[torch.Tensor], online: List[torch.Tensor], momentum: f
             backs.append((e, ew))
         aligned = ew.data_ptr() % 16 == 0 and ow.data_ptr() % 16 == 0
         groups.setdefault((ew.dtype, ow.dtype, aligned), []).append((ew, ow))
+    cfg = _launch_config()
     with _device_ctx(ema[0]):
         for (edt, odt, aligned), pairs in groups.items():
             acc = torch.float64 if torch.float64 in (edt, odt) else torch.float32
-            tab = _table(pairs, device)
+            tab = _table(pairs, device, cfg["CHUNK"])
             if momentum_tensor is not None:
                 m_t, from_ptr = momentum_tensor.reshape(()).to(device=device, dtype=acc), True
             elif acc == torch.float64:  # a float kernel argument is fp32: pass fp64 through memory
@@ -202,9 +216,9 @@ def ema_update_(ema: List[torch.Tensor], online: List[torch.Tensor], momentum: f
                 m_t, from_ptr = tab, False
             e0, o0 = pairs[0]
             _ema_kernel[(tab.shape[0],)](
-                tab, e0, o0, m_t, momentum, 1.0 - momentum, CHUNK=CHUNK, BLOCK=BLOCK, ACC=_TL_DTYPES[acc],
-                M_FROM_PTR=from_ptr, E_VEC=16 // e0.element_size() if aligned else 1,
+                tab, e0, o0, m_t, momentum, 1.0 - momentum, CHUNK=cfg["CHUNK"], BLOCK=cfg["BLOCK"],
+                ACC=_TL_DTYPES[acc], M_FROM_PTR=from_ptr, E_VEC=16 // e0.element_size() if aligned else 1,
                 O_VEC=16 // o0.element_size() if aligned else 1, RNE_BF16=_INTERPRET and edt == torch.bfloat16,
-                num_warps=NUM_WARPS)
+                num_warps=cfg["num_warps"])
     for e, ew in backs:
         e.copy_(ew)

@@ -23,7 +23,6 @@ partials in order and writes the trust ratio: deterministic, independent of the 
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 from typing import Dict, List, Optional
 
@@ -31,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ema import _is_flat, _rne_bf16
+from .ema import _device_ctx, _is_flat, _rne_bf16
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 1024 if _INTERPRET else 8192
@@ -262,10 +261,6 @@ def _table(items: List[tuple], device: torch.device):
     return out
 
 
-def _device_ctx(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _run(kind: int, params, grads, s1, s2, ema, per_tensor: Optional[List[tuple]], consts, flags, momentum,
          momentum_tensor, lars_wd=0.0, lars_eta=0.0) -> None:
     """Group the tensors by (param dtype, ema dtype or None, aligned), build the chunk table, launch."""
@@ -298,7 +293,7 @@ def _run(kind: int, params, grads, s1, s2, ema, per_tensor: Optional[List[tuple]
                 scal.copy_(torch.tensor([per_tensor[it[5]] for it in items], dtype=torch.float32))
             scal = scal.to(device)
             vec = 16 // max(x.element_size() for x in items[0][:5] if x is not None) if aligned else 1
-            bf16, rne = pdt == torch.bfloat16, _INTERPRET
+            bf16 = pdt == torch.bfloat16
             c = consts(pdt)
             if kind == LARS and flags[0]:  # trust ratios first
                 part = torch.empty(tab.shape[0], 2, dtype=torch.float64, device=device)

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Ahead-of-time compile check of the Triton kernels in kernels/infonce.py for real GPU targets, no GPU needed.
+"""Ahead-of-time compile check of the InfoNCE Triton kernels (kernels/infonce.py, kernels/infonce_rect.py) for real
+GPU targets, no GPU needed.
 
 The CPU interpreter tests (TRITON_INTERPRET=1) prove the math but not that the kernels compile for a GPU, nor
-how they compile. This script runs the module's own launchers (ntxent_forward / ntxent_backward /
-info_nce_forward / info_nce_backward) on `meta` tensors with every kernel replaced by a recorder, so the
+how they compile. This script runs the modules' own launchers (ntxent_forward / ntxent_backward /
+info_nce_forward / info_nce_backward, rect_forward / rect_backward) on `meta` tensors with every kernel replaced
+by a recorder, so the
 launches it compiles are exactly the ones the launchers make: block sizes from _fwd_config / _bwd_config /
 _fwd_plan, flags (NTXENT, COL_STATS, NSEG, SELF_MASK, W_ROW / W_COL, FOLD_RINV, WRITE_GZ, SPLIT, SINGLE, ...)
 from the launchers' keyword arguments, and triton's own argument specialization (16-divisible ints and
@@ -40,14 +42,14 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 os.environ.pop("TRITON_INTERPRET", None)  # before anything imports triton: compile for real, not interpret
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNSUPPORTED = "unsupported triton version for ahead-of-time compile check"
-MODULE_NAME = "_ssl_fast_infonce_aot"  # the kernels file is loaded by path, under this module name
+MODULES = ("infonce", "infonce_rect")  # ssl_fast.kernels.<name>: the kernel modules checked by default
 
-K = None  # the kernels module (set in main, inherited by forked workers)
+K = None  # every launcher and kernel of the checked modules by name (set in main, inherited by forked workers)
 _RECORDS: list = []  # (kernel name, case label, case dict, args, kwargs) of every recorded launch
 _CASE: dict = {}
 
@@ -129,17 +131,20 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(module, jit_names):
-    checks = [n for n in ("_check", "_check_scalar") if hasattr(module, n)]
-    saved = {n: getattr(module, n) for n in jit_names + checks}
+def _recording(modules, jit_type):
+    saved = []  # (module, name, value)
     try:
-        for n in jit_names:
-            setattr(module, n, _Recorder(n))
-        for n in checks:  # they insist on CUDA tensors; ours are on `meta`
-            setattr(module, n, lambda *a, **k: None)
+        for module in modules:
+            jit_names = [n for n, v in vars(module).items() if isinstance(v, jit_type)]
+            checks = [n for n in ("_check", "_check_scalar") if hasattr(module, n)]
+            saved += [(module, n, getattr(module, n)) for n in jit_names + checks]
+            for n in jit_names:
+                setattr(module, n, _Recorder(n))
+            for n in checks:  # they insist on CUDA tensors; ours are on `meta`
+                setattr(module, n, lambda *a, **k: None)
         yield
     finally:
-        for n, v in saved.items():
+        for module, n, v in saved:
             setattr(module, n, v)
 
 
@@ -269,7 +274,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a subset that still compiles every kernel (the CI test)")
     ap.add_argument("--strict", action="store_true", help="spills / 16-bit dots without tensor cores fail too")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
-    ap.add_argument("--kernels", default=os.path.join(ROOT, "kernels", "infonce.py"), help="the kernels file")
+    ap.add_argument("--kernels", nargs="+", default=list(MODULES), metavar="MODULE",
+                    help=f"kernel modules ssl_fast.kernels.<MODULE> (default: {' '.join(MODULES)})")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the launches behind each variant")
     args = ap.parse_args(argv)
     archs = [int(str(a).lower().removeprefix("sm_").removeprefix("sm").rstrip("a")) for a in args.arch]
@@ -290,17 +296,18 @@ def main(argv=None):
               f"written for triton 3.8. Skipped, exit 0.")
         return 0
 
-    spec_ = importlib.util.spec_from_file_location(MODULE_NAME, args.kernels)
-    K = importlib.util.module_from_spec(spec_)
-    sys.modules[MODULE_NAME] = K
-    spec_.loader.exec_module(K)
-    jit_names = [n for n, v in vars(K).items() if isinstance(v, api["JITFunction"])]
+    modules = [importlib.import_module(f"ssl_fast.kernels.{m}") for m in args.kernels]
+    merged = {}
+    for module in modules:
+        merged.update({n: v for n, v in vars(module).items() if not n.startswith("__")})
+    K = types.SimpleNamespace(**merged)
+    jit_names = [n for n, v in merged.items() if isinstance(v, api["JITFunction"])]
     kernel_names = [n for n in jit_names if n.endswith("_kernel")]
 
     cases = _cases(args.quick)
     _RECORDS.clear()
     try:
-        with _recording(K, jit_names):
+        with _recording(modules, api["JITFunction"]):
             for c in cases:
                 _run_case(c)
     except Exception:
@@ -324,7 +331,7 @@ def main(argv=None):
             v["cases"].append(case)
     jobs = sorted(variants.values(), key=lambda v: (v["arch"], order.get(v["kernel"], 99)))
 
-    print(f"triton {triton.__version__}, kernels {os.path.relpath(args.kernels)}: {len(cases)} launcher cases, "
+    print(f"triton {triton.__version__}, kernels {', '.join(args.kernels)}: {len(cases)} launcher cases, "
           f"{len(jobs)} distinct variants for sm_{', sm_'.join(map(str, archs))} ({args.jobs} jobs)", flush=True)
     errors, warnings = [], []
     t0 = time.time()

@@ -1,4 +1,5 @@
-"""``ssl-fast train | eval | linear-probe``: argument parsing and error reporting (the work is in ssl_fast.train).
+"""``ssl-fast train | eval | linear-probe | diagnose``: argument parsing and error reporting (the work is in
+ssl_fast.train and ssl_fast.diagnostics).
 
 Every ``TrainConfig`` field is a flag of ``train`` (``--batch-size``, ``--channels-last`` / ``--no-channels-last``
 ...). Values come from: defaults < the method's recipe < ``--config file.yaml`` < flags. Errors (missing data
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 TRAIN_EPILOG = """examples:
@@ -88,12 +90,74 @@ def _load_yaml(path: str) -> dict:
     return values
 
 
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of the job is gone."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("gloo/transport", "Connection reset by peer", "Connection closed by peer",
+                                   "Broken pipe", "NCCL communicator was aborted"))
+
+
+def _lost_peer_message(trainer, exc: BaseException) -> str:
+    from .train.checkpoint import list_checkpoints
+
+    why = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". This is typically")[0]
+    found = list_checkpoints(trainer.cfg.run_dir)
+    last = (f"the last checkpoint is {found[0]}" if found else
+            f"there is no checkpoint in {trainer.cfg.run_dir} yet")
+    return (f"rank {trainer.rank} lost contact with the other processes at step {trainer.step + 1} (a process or a "
+            f"node died, or the network failed): {why[:300]}. {last[0].upper()}{last[1:]}; under torchrun "
+            f"--max-restarts (with --resume auto) the job continues from it once every node is back, otherwise "
+            f"run the same command again with --resume auto")
+
+
+_distributed_run = False  # set by _train when this process was one rank of several
+
+
+def finish(code: int) -> int:
+    """The end of the ``ssl-fast`` program (not of a ``main([...])`` call): after a distributed ``train``, flush
+    and leave with ``os._exit(code)``; otherwise return ``code``.
+
+    Why: a rank that had finished and written everything was seen to abort at exit ("terminate called without
+    an active exception", SIGABRT: 1 of 6 two-node gloo runs), so torchrun reported the job failed (and with
+    --max-restarts would restart a finished job). At that point the gloo group a DDP model used is still alive
+    with its threads (``Trainer._teardown``: DDP keeps it referenced after ``destroy_process_group``), and they
+    run while the interpreter finalizes and the C++ runtime destroys its statics. That message is what
+    libstdc++ prints when a thread is torn down under a noexcept frame (a thread that asks for the GIL after
+    finalization began is ended with a forced unwind) or a joinable std::thread is destroyed. ``os._exit``
+    skips both phases, and nothing is left to do in them: every file is closed, rank 0's last checkpoint and
+    backbone.pt are written and every rank has passed the final barrier (after an error, this rank's
+    message is printed and flushed). tests/test_distributed.py's workers leave the same way for the same
+    signature. The abort did not reproduce on the 2-core test machine (see tests/_multinode.py repeat).
+    """
+    if not _distributed_run:
+        return code
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _train(args) -> int:
+    global _distributed_run
+    try:
+        return _train_impl(args)
+    finally:
+        _distributed_run = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _train_impl(args) -> int:
     from .train import CheckpointError, Trainer, TrainingInterrupted, make_config
 
     values = vars(args).copy()
     values.pop("command")
     config_file = values.pop("config", None)
+    trainer = None
     try:
         cfg = make_config(values, _load_yaml(config_file) if config_file else None)
         trainer = Trainer(cfg)
@@ -106,6 +170,10 @@ def _train(args) -> int:
         return _err("train", str(exc), 1)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         return _err("train", str(exc), 2)
+    except RuntimeError as exc:  # after CheckpointError (a RuntimeError)
+        if trainer is None or getattr(trainer, "world", 1) < 2 or not _lost_peer(exc):
+            raise
+        return _err("train", _lost_peer_message(trainer, exc), 1)
     if out["rank"] == 0:
         data = "digits" if cfg.data == "digits" else cfg.data
         print(f"{cfg.method} on {data}: {out['steps']} steps ({out['epochs']:.1f} epochs, batch {cfg.batch_size}) "
@@ -119,41 +187,28 @@ def _train(args) -> int:
     return 0
 
 
-def _encoder_from_checkpoint(path: str, data, device: str):
-    import torch
+def _restore(cmd: str, args):
+    """(Restored, None) or (None, exit code) for the checkpoint of ``eval`` / ``linear-probe``."""
+    from .train import CheckpointError, restore
 
-    from .data import build_source
-    from .methods import build_backbone
-    from .train import load_checkpoint, make_config
-
-    state = load_checkpoint(path)
-    saved = dict(state.get("config", {}))
-    if data:
-        saved["data"] = data
-    keep = {k: v for k, v in saved.items() if k not in ("resume",)}
-    cfg = make_config(keep)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    source = build_source(cfg.data, cfg.dataset, image_size=cfg.image_size, workers=cfg.workers,
-                          load_size=cfg.load_size or max(cfg.image_size, round(cfg.image_size * 256 / 224)))
-    backbone, _ = build_backbone(cfg.backbone, source.channels, cfg.small_stem, cfg.width)
-    sd = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
-    backbone.load_state_dict(sd)
-    return backbone.to(dev), source, cfg, dev
+    try:
+        return restore(args.checkpoint, data=args.data, device=args.device), None
+    except CheckpointError as exc:
+        return None, _err(cmd, str(exc), 1)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        return None, _err(cmd, str(exc), 2)
 
 
 def _eval(args) -> int:
     import torch
 
-    from .train import CheckpointError, knn_eval
+    from .train import knn_eval
 
-    try:
-        enc, source, cfg, dev = _encoder_from_checkpoint(args.checkpoint, args.data, args.device)
-    except CheckpointError as exc:
-        return _err("eval", str(exc), 1)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        return _err("eval", str(exc), 2)
-    acc = knn_eval(enc, source, dev, cfg.image_size, args.knn_k, args.knn_t)
+    run, code = _restore("eval", args)
+    if run is None:
+        return code
+    enc, source, dev = run.method.encoder, run.source, run.device
+    acc = knn_eval(enc, source, dev, run.cfg.image_size, args.knn_k, args.knn_t)
     print(f"kNN accuracy (held-out split of {source.name}, k={args.knn_k}): {100 * acc:.2f}%")
     if args.export:
         torch.save({k: v.detach().cpu() for k, v in enc.state_dict().items()}, args.export)
@@ -162,22 +217,77 @@ def _eval(args) -> int:
 
 
 def _linear_probe(args) -> int:
-    from .train import CheckpointError, extract_features, linear_probe
+    from .train import extract_features, linear_probe
 
-    try:
-        enc, source, cfg, dev = _encoder_from_checkpoint(args.checkpoint, args.data, args.device)
-    except CheckpointError as exc:
-        return _err("linear-probe", str(exc), 1)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        return _err("linear-probe", str(exc), 2)
-    tr = extract_features(enc, source, "train", dev, cfg.image_size)
-    te = extract_features(enc, source, "test", dev, cfg.image_size)
+    run, code = _restore("linear-probe", args)
+    if run is None:
+        return code
+    enc, source, dev = run.method.encoder, run.source, run.device
+    tr = extract_features(enc, source, "train", dev, run.cfg.image_size)
+    te = extract_features(enc, source, "test", dev, run.cfg.image_size)
     if te[0].numel() == 0:
         return _err("linear-probe", "the data has no held-out split (an ImageFolder needs val/)", 2)
     acc_tr, acc_te = linear_probe(*tr, *te, num_classes=source.num_classes, epochs=args.epochs, lr=args.lr,
                                   weight_decay=args.weight_decay)
     print(f"linear probe on frozen features ({tr[0].shape[1]} dims): train {100 * acc_tr:.2f}%, "
           f"held-out {100 * acc_te:.2f}%")
+    return 0
+
+
+def add_diagnose_parser(sub) -> None:
+    p = sub.add_parser("diagnose", help="collapse diagnostics of a run, a checkpoint or saved embeddings",
+                       description="Compute collapse diagnostics (covariance spectrum, effective rank, alignment, "
+                                   "uniformity, normalized-output std, kNN) on held-out data and write report.md, "
+                                   "spectrum.png and spectrum.csv. PATH: an ssl-fast train run directory, a "
+                                   "checkpoint ckpt_*.pt, or a .pt file holding an (N, D) tensor or a dict of them.")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/diagnose, or next to the .pt file)")
+    p.add_argument("--device", default="cpu", help="device for the encoder (default cpu)")
+    p.add_argument("--max-samples", type=int, default=4096, help="held-out images used at most (default 4096)")
+
+
+def _diagnose(args) -> int:
+    import torch
+
+    from .diagnostics.diagnose import diagnose_embeddings
+
+    path = args.path
+    if not os.path.exists(path):
+        print(f"ssl-fast diagnose: {path!r} does not exist", file=sys.stderr)
+        return 2
+    obj = None
+    if os.path.isfile(path):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"ssl-fast diagnose: cannot read {path!r}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+            return 2
+    is_embeddings = isinstance(obj, torch.Tensor) or (
+        isinstance(obj, dict) and obj and "step" not in obj and all(isinstance(v, torch.Tensor) for v in obj.values()))
+    if is_embeddings:
+        emb = {"embedding": obj} if isinstance(obj, torch.Tensor) else obj
+        bad = [k for k, v in emb.items() if v.dim() < 2 or v.shape[0] < 2 or not v.is_floating_point()]
+        if bad:
+            print(f"ssl-fast diagnose: {', '.join(map(str, bad))}: need floating (N, D) tensors with N >= 2",
+                  file=sys.stderr)
+            return 2
+        out = args.out or os.path.splitext(path)[0] + "_diagnose"
+        report, summaries = diagnose_embeddings({k: v[: args.max_samples] for k, v in emb.items()}, out,
+                                                notes=f"Embeddings from `{os.path.basename(path)}`.")
+    else:
+        from .train import diagnose_checkpoint
+
+        try:
+            report, summaries = diagnose_checkpoint(path, args.out, device=args.device, max_samples=args.max_samples)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            print(f"ssl-fast diagnose: {exc}", file=sys.stderr)
+            return 2
+    for name, s in summaries.items():
+        print(f"{name}: {s['state']}  effective rank {s['effective_rank']:.2f} / rank at 1e-3 {s['rank_at_1e-3']} "
+              f"of {s['dim']}, std x sqrt(d) {s['std_sqrt_d']:.3f}, uniformity {s['uniformity']:.3f}"
+              + (f", alignment {s['alignment']:.3f}" if "alignment" in s else "")
+              + (f", kNN {s['knn_accuracy']:.3f}" if "knn_accuracy" in s else ""))
+    print(f"report: {report}")
     return 0
 
 
@@ -188,5 +298,7 @@ def run(args, parser) -> int:
         return _eval(args)
     if args.command == "linear-probe":
         return _linear_probe(args)
+    if args.command == "diagnose":
+        return _diagnose(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2

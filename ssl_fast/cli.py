@@ -86,68 +86,6 @@ def _lab(args) -> int:
         lab.update_readme(args.readme, args.out)
         print(f"updated the verdict table in {args.readme}")
     return 0 if all(r.passed for r in results) else 1
-def _add_diagnose_parser(sub) -> None:
-    p = sub.add_parser("diagnose", help="collapse diagnostics of a run, a checkpoint or saved embeddings",
-                       description="Compute collapse diagnostics (covariance spectrum, effective rank, alignment, "
-                                   "uniformity, normalized-output std, kNN) on held-out data and write report.md, "
-                                   "spectrum.png and spectrum.csv. PATH: an ssl-fast train run directory, a "
-                                   "checkpoint ckpt_*.pt, or a .pt file holding an (N, D) tensor or a dict of them.")
-    p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--out", default=None, help="output folder (default: <run>/diagnose, or next to the .pt file)")
-    p.add_argument("--device", default="cpu", help="device for the encoder (default cpu)")
-    p.add_argument("--max-samples", type=int, default=4096, help="held-out images used at most (default 4096)")
-
-
-def _diagnose(args) -> int:
-    import os
-
-    import torch
-
-    from ssl_fast.diagnostics import diagnose as dgn
-
-    path = args.path
-    if not os.path.exists(path):
-        print(f"ssl-fast diagnose: {path!r} does not exist", file=sys.stderr)
-        return 2
-    obj = None
-    if os.path.isfile(path):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            print(f"ssl-fast diagnose: cannot read {path!r}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
-            return 2
-    is_embeddings = isinstance(obj, torch.Tensor) or (
-        isinstance(obj, dict) and obj and "step" not in obj and all(isinstance(v, torch.Tensor) for v in obj.values()))
-    if is_embeddings:
-        emb = {"embedding": obj} if isinstance(obj, torch.Tensor) else obj
-        bad = [k for k, v in emb.items() if v.dim() < 2 or v.shape[0] < 2 or not v.is_floating_point()]
-        if bad:
-            print(f"ssl-fast diagnose: {', '.join(map(str, bad))}: need floating (N, D) tensors with N >= 2",
-                  file=sys.stderr)
-            return 2
-        out = args.out or os.path.splitext(path)[0] + "_diagnose"
-        report, summaries = dgn.diagnose_embeddings({k: v[: args.max_samples] for k, v in emb.items()}, out,
-                                                    notes=f"Embeddings from `{os.path.basename(path)}`.")
-    else:
-        try:
-            import ssl_fast.train  # noqa: F401
-        except ImportError:
-            print("ssl-fast diagnose: run directories and training checkpoints need ssl_fast.train, which this "
-                  "installation lacks; pass a .pt file of embeddings instead", file=sys.stderr)
-            return 2
-        try:
-            report, summaries = dgn.diagnose_checkpoint(path, args.out, device=args.device,
-                                                        max_samples=args.max_samples)
-        except (FileNotFoundError, ValueError, RuntimeError) as exc:
-            print(f"ssl-fast diagnose: {exc}", file=sys.stderr)
-            return 2
-    for name, s in summaries.items():
-        print(f"{name}: {s['state']}  effective rank {s['effective_rank']:.2f} / rank at 1e-3 {s['rank_at_1e-3']} "
-              f"of {s['dim']}, std x sqrt(d) {s['std_sqrt_d']:.3f}, uniformity {s['uniformity']:.3f}"
-              + (f", alignment {s['alignment']:.3f}" if "alignment" in s else "")
-              + (f", kNN {s['knn_accuracy']:.3f}" if "knn_accuracy" in s else ""))
-    print(f"report: {report}")
-    return 0
 # ---- end lab ----------------------------------------------------------------------------------------------
 
 
@@ -185,6 +123,7 @@ OPTIONAL_MODULES = {"matplotlib": ("matplotlib", "train"), "sklearn": ("scikit-l
 
 
 def main(argv=None) -> int:
+    as_program = argv is None  # the ssl-fast / python -m ssl_fast.cli program, not a main([...]) call
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _main(argv)
@@ -210,16 +149,15 @@ def _main(argv) -> int:
 
     _train_cli.add_parsers(sub)
     _add_lab_parser(sub)
-    _add_diagnose_parser(sub)
+    _train_cli.add_diagnose_parser(sub)
     sub.add_parser("bench", help="benchmark every op's providers side by side (ssl-fast bench --help)", add_help=False)
     args = parser.parse_args(argv)
     if args.command == "lab":
         return _lab(args)
-    if args.command == "diagnose":
-        return _diagnose(args)
     if args.command == "info":
         return _info()
-    return _train_cli.run(args, parser)
+    code = _train_cli.run(args, parser)
+    return _train_cli.finish(code) if as_program else code
 
 
 if __name__ == "__main__":

@@ -94,6 +94,25 @@ def reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """y = [x_0; x_1; ...] (rank-major); backward: each rank's block of the summed gradient (a reduce-scatter),
+    so a loss of the gathered rows sends every row's gradient back to its owner."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter(grad, ctx.group), None
+
+
+def all_gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """:func:`all_gather` with autograd: the gradient of the result is reduce-scattered back to its owners."""
+    return _AllGatherWithGrad.apply(x, group)
+
+
 class _AllReduceSum(torch.autograd.Function):
     """y = sum over ranks of x (the loss value of the global batch on every rank).
 
@@ -118,5 +137,5 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return x if group is None else _AllReduceSum.apply(x, group)
 
 
-__all__ = ["resolve_group", "world_and_rank", "check_equal_batch", "all_gather", "reduce_scatter",
-           "all_reduce_sum"]
+__all__ = ["resolve_group", "world_and_rank", "check_equal_batch", "all_gather", "all_gather_with_grad",
+           "reduce_scatter", "all_reduce_sum"]

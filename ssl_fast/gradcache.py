@@ -57,7 +57,7 @@ def _chunks(x, chunk_size: int):
     return [tuple(p[i] for p in parts) for i in range(len(parts[0]))]
 
 
-def _call(model, chunk):
+def _forward(model, chunk):
     return model(*chunk) if isinstance(chunk, tuple) else model(chunk)
 
 
@@ -102,7 +102,7 @@ def cached_step(
             st, outs = [], []
             for c in chunks:
                 st.append(_RngState())
-                outs.append(_call(m, c))
+                outs.append(_forward(m, c))
             states.append(st)
             embs.append(torch.cat(outs).detach().requires_grad_())
 
@@ -120,7 +120,7 @@ def cached_step(
             done += 1
             sync = contextlib.nullcontext() if done == total or not hasattr(m, "no_sync") else m.no_sync()
             with sync, s.replay():
-                out = _call(m, c)
+                out = _forward(m, c)
                 n = out.shape[0]
                 out.backward(g[start:start + n])
             start += n

@@ -39,8 +39,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from .ops import ema as _ema_ops
-from .ops import optim_ema as _ops
+from . import functional as sf
 
 __all__ = ["SGD", "AdamW", "LARS"]
 
@@ -58,15 +57,19 @@ def _nonneg(value, name: str) -> float:
     return float(value)
 
 
+def _check_momentum(m) -> None:
+    """The EMA op's own check of a momentum (ValueError / TypeError naming it): a call on empty lists checks
+    its arguments and writes nothing."""
+    sf.ema_update_([], [], m)
+
+
 class _FusedEMAOptimizer(torch.optim.Optimizer):
     """Shared by SGD, AdamW and LARS: the EMA attachment, the step loop, the unsupported-option checks."""
 
     def __init__(self, params, defaults: Dict[str, Any], ema, ema_momentum, backend: Optional[str]):
         super().__init__(params, defaults)
-        if backend is not None:
-            from .ops import _backend
-
-            _backend._check_name(backend)
+        if backend is not None and (not isinstance(backend, str) or backend.lower() not in sf.BACKENDS):
+            raise ValueError(f"backend must be one of {sf.BACKENDS}, got {backend!r}")
         self.backend = backend
         self._ema_module = None
         self._pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
@@ -109,7 +112,7 @@ class _FusedEMAOptimizer(torch.optim.Optimizer):
                 pairs.append((o, t))
             if ema_momentum is None:
                 raise ValueError("ema_momentum is required with (online, teacher) pairs")
-            _ema_ops.check_momentum(ema_momentum)
+            _check_momentum(ema_momentum)
             self._ema_module = None
         seen = set()
         for i, (o, t) in enumerate(pairs):
@@ -135,7 +138,7 @@ class _FusedEMAOptimizer(torch.optim.Optimizer):
             return self._ema_module.momentum_at(k, ema_total_steps), k
         if ema_step is not None or ema_total_steps is not None:
             raise ValueError("ema_step / ema_total_steps need ema= an ssl_fast.nn.EMA (a schedule)")
-        _ema_ops.check_momentum(self.ema_momentum)
+        _check_momentum(self.ema_momentum)
         return self.ema_momentum, None
 
     # -- the step ------------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ class _FusedEMAOptimizer(torch.optim.Optimizer):
         if m is not None:
             rest = [(o, t) for o, t in self._pairs if id(o) not in done]
             if rest:
-                _ema_ops.ema_update_([t for _, t in rest], [o.detach() for o, _ in rest], m, backend=self.backend)
+                sf.ema_update_([t for _, t in rest], [o.detach() for o, _ in rest], m, backend=self.backend)
             if self._ema_module is not None:
                 self._ema_module.update(step=k, total_steps=ema_total_steps, parameters=False)
         return loss
@@ -238,7 +241,7 @@ class SGD(_FusedEMAOptimizer):
                 else:
                     fresh.append(False)
                 bufs.append(buf)
-        _ops.sgd_ema_step_(params, [p.grad for p in params], bufs, ema, fresh, lr=group["lr"], momentum=momentum,
+        sf.sgd_ema_step_(params, [p.grad for p in params], bufs, ema, fresh, lr=group["lr"], momentum=momentum,
                            dampening=group["dampening"], weight_decay=group["weight_decay"],
                            nesterov=group["nesterov"], ema_momentum=m, backend=self.backend)
 
@@ -304,7 +307,7 @@ class AdamW(_FusedEMAOptimizer):
             steps.append(st["step"])
         torch._foreach_add_(steps, 1.0)  # torch.optim's increment of the CPU step tensors
         beta1, beta2 = group["betas"]
-        _ops.adamw_ema_step_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, ema,
+        sf.adamw_ema_step_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, ema,
                              [float(s) for s in steps], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                              weight_decay=group["weight_decay"], ieee_sqrt=self.ieee_sqrt, ema_momentum=m,
                              backend=self.backend)
@@ -339,6 +342,6 @@ class LARS(_FusedEMAOptimizer):
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(st["momentum_buffer"])
-        _ops.lars_ema_step_(params, [p.grad for p in params], bufs, ema, lr=group["lr"], momentum=group["momentum"],
+        sf.lars_ema_step_(params, [p.grad for p in params], bufs, ema, lr=group["lr"], momentum=group["momentum"],
                             weight_decay=group["weight_decay"], eta=group["eta"], adapt=bool(group["lars"]),
                             ema_momentum=m, backend=self.backend)

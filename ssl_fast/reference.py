@@ -86,7 +86,11 @@ def infonce_rect_reference(
     normalize: bool = True,
 ) -> torch.Tensor:
     """Per-row terms t_i = logsumexp_{j != excl[i]} S_ij - S_i,pos[i] (no positive term where pos[i] = -1),
-    S = norm(rows) norm(candidates)^T / T, materializing the (R, Cn) logits."""
+    S = norm(rows) norm(candidates)^T / T, materializing the (R, Cn) logits.
+
+    Also the ``torch`` backend of ``ssl_fast.ops.infonce_rect`` (its autograd is that backend's backward):
+    ``excl=None`` or excl[i] = -1 excludes nothing; candidates that must get no gradient (a queue appended
+    after the first grad_cols rows) are passed detached."""
     a = F.normalize(rows, dim=1, eps=NORM_EPS) if normalize else rows
     c = F.normalize(candidates, dim=1, eps=NORM_EPS) if normalize else candidates
     s = (a @ c.t()) / temperature

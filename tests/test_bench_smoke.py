@@ -1,5 +1,6 @@
-"""The benchmark suite (bench/suite.py, ``ssl-fast bench``): the correctness gate of every provider, the CLI on
-tiny sweeps (CSV, markdown, PNG, index), refusal of a wrong provider, largest batch, e2e, pytest-benchmark.
+"""The benchmark suite (``ssl-fast bench``: bench/suite.py, runner.py, measure.py, report.py): the correctness
+gate of every provider, the CLI on tiny sweeps (CSV, markdown, PNG, index), refusal of a wrong provider,
+rows written as they are measured, thread counts, largest batch, e2e, pytest-benchmark.
 
 No timing assertions: this machine is shared. The benchmark runs in subprocesses, as users run it.
 """
@@ -18,8 +19,10 @@ import ssl_fast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-import ops as O  # noqa: E402
-import suite  # noqa: E402
+import measure  # noqa: E402
+import ops  # noqa: E402
+import report  # noqa: E402
+import runner  # noqa: E402
 
 
 def _env():
@@ -49,37 +52,37 @@ def _device_dir(out):
 # the correctness gate, in-process: every provider that can run here matches the float64 reference
 
 
-GATE_CASES = [pytest.param(op.name, p.name, id=f"{op.name}-{p.name}") for op in O.OPS.values() for p in op.providers]
+GATE_CASES = [pytest.param(op.name, p.name, id=f"{op.name}-{p.name}") for op in ops.OPS.values() for p in op.providers]
 
 
 @pytest.mark.parametrize("op_name,provider", GATE_CASES)
 def test_every_provider_passes_the_gate(op_name, provider):
-    op = O.OPS[op_name]
+    op = ops.OPS[op_name]
     prov = op.provider(provider)
-    skip = suite._unrunnable(op, prov, "cpu", "fp32")
-    if skip:
-        pytest.skip(skip["note"])
+    why = prov.unavailable("cpu", "fp32")
+    if why:
+        pytest.skip(why)
     if provider == "ssl_fast_cpp" and not ssl_fast.HAS_EXT:
         pytest.skip("ssl_fast._C not built")
-    err = suite.gate(op, prov, torch.device("cpu"), dict(op.hparams))
+    err = measure.gate(op, prov, torch.device("cpu"), dict(op.hparams))
     assert err <= op.gate_tol, f"{op_name}/{provider}: error {err:.2e} > {op.gate_tol:.0e}"
 
 
 def test_gate_catches_a_wrong_value_and_a_wrong_gradient():
-    op = O.OPS["ntxent"]
+    op = ops.OPS["ntxent"]
     hp = dict(op.hparams)
     good = op.provider("torch")
-    scaled = O.Provider("x", lambda inputs, hp_, dev: (lambda f=good.build(inputs, hp_, dev): f() * 1.001))
-    assert suite.gate(op, scaled, torch.device("cpu"), hp) > op.gate_tol
+    scaled = ops.Provider("x", lambda inputs, hp_, dev: (lambda f=good.build(inputs, hp_, dev): f() * 1.001))
+    assert measure.gate(op, scaled, torch.device("cpu"), hp) > op.gate_tol
 
     def wrong_grad(inputs, hp_, dev):  # the right value, the gradient of z2 dropped
         from ssl_fast import reference
         z1, z2 = inputs["z1"], inputs["z2"]
         return lambda: reference.ntxent_reference(z1, z2.detach(), hp_["temperature"])
-    assert suite.gate(op, O.Provider("y", wrong_grad), torch.device("cpu"), hp) > op.gate_tol
-    ema = O.OPS["ema"]
-    lazy = O.Provider("z", lambda inputs, hp_, dev: (lambda: None))  # an EMA that does nothing
-    assert suite.gate(ema, lazy, torch.device("cpu"), dict(ema.hparams)) > ema.gate_tol
+    assert measure.gate(op, ops.Provider("y", wrong_grad), torch.device("cpu"), hp) > op.gate_tol
+    ema = ops.OPS["ema"]
+    lazy = ops.Provider("z", lambda inputs, hp_, dev: (lambda: None))  # an EMA that does nothing
+    assert measure.gate(ema, lazy, torch.device("cpu"), dict(ema.hparams)) > ema.gate_tol
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,13 +169,15 @@ def test_cli_report_index(ntxent_run):
      ["loop", "ssl_fast_cpp", "timm"]),
     (["info_nce_queue", "--n", "16", "--queue", "64", "--dim", "16", "--modes", "full"], "info_nce_queue", None),
     (["e2e", "--batch", "4", "--res", "16", "--providers", "torch", "ssl_fast_nn"], "e2e", ["torch", "ssl_fast_nn"]),
+    (["adamw_ema", "--model", "tiny", "--dtype", "fp32-bf16", "--providers", "foreach_lerp", "fused_lerp",
+      "ssl_fast_cpp"], "adamw_ema", ["foreach_lerp", "fused_lerp", "ssl_fast_cpp"]),
 ])
 def test_cli_other_ops(tmp_path, args, op, providers):
     proc = _bench(args + ["--repeats", "1", "--threads", "1", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _rows(os.path.join(_device_dir(tmp_path), f"{op}.csv"))
     got = [r["provider"] for r in rows]
-    assert got == (providers or [p.name for p in O.OPS[op].providers])
+    assert got == (providers or [p.name for p in ops.OPS[op].providers])
     for r in rows:
         if r["provider"] in ("timm", "lightly") and r["status"] == "unavailable":
             continue
@@ -181,7 +186,7 @@ def test_cli_other_ops(tmp_path, args, op, providers):
             continue
         assert r["status"] == "ok" and r["gate"].startswith("pass"), r
         assert float(r["median_ms"]) > 0 and float(r["peak_mem_mib"]) >= 0
-        if op in ("sinkhorn", "ema"):
+        if op in ("sinkhorn", "ema", "adamw_ema"):
             assert float(r["gbps"]) > 0 and float(r["pct_peak"]) > 0
         if op == "sinkhorn":
             assert float(r["max_err"]) < 1e-5
@@ -198,6 +203,62 @@ def test_cli_largest_batch(tmp_path):
     largest, over = int(row["largest"]), int(row["first_over"])
     assert 256 <= largest < over and float(row["mib_at_largest"]) <= 0.002 * 1024
     assert "Largest batch" in open(os.path.join(_device_dir(tmp_path), "largest.md")).read()
+
+
+CRASH_AT_64 = textwrap.dedent('''
+    import os
+    import ops
+    from ssl_fast import reference
+
+    def build(inputs, hp, device):
+        z1, z2 = inputs["z1"], inputs["z2"]
+        if z1.shape == (32, 16):  # the measured shape n2 = 64 (the gate's is (32, 32)): the child dies
+            os._exit(3)
+        return lambda: reference.ntxent_reference(z1, z2, hp["temperature"])
+
+    PROVIDERS = {"ntxent": [ops.Provider("crashes", build)]}
+''')
+
+
+def test_cli_one_child_per_provider_survives_a_crash(tmp_path):
+    """--child-per provider: one child runs a provider's shapes in a row; a child that dies on one spec costs
+    that row only (status error, the exit code in the note) and the next spec runs in a new child."""
+    extra = tmp_path / "crash.py"
+    extra.write_text(CRASH_AT_64)
+    proc = _bench(["ntxent", "--n2", "64", "128", "--dim", "16", "--providers", "torch", "crashes", "--providers-file",
+                   str(extra), "--modes", "fwd", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                   "--child-per", "provider", "--out", str(tmp_path / "out"), "--no-plot"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "in 2 child process(es)" in proc.stdout + proc.stderr
+    rows = {(r["provider"], r["n2"]): r for r in _rows(os.path.join(_device_dir(tmp_path / "out"), "ntxent.csv"))}
+    assert rows["crashes", "64"]["status"] == "error" and "child exit 3" in rows["crashes", "64"]["note"]
+    for key in (("crashes", "128"), ("torch", "64"), ("torch", "128")):
+        assert rows[key]["status"] == "ok" and float(rows[key]["median_ms"]) > 0, rows[key]
+    assert float(rows["crashes", "128"]["speedup"]) > 0  # against the torch row of the same run
+
+
+def test_threads_default_is_one_and_the_machine_default_on_cpu():
+    default = torch.get_num_threads()
+    assert runner.parse_threads(None, "cpu") == ([1, default] if default != 1 else [1])
+    assert runner.parse_threads(None, "cuda") == [default]
+    assert runner.parse_threads(["1,default", "3", "1"], "cpu") == [1] + ([default] if default != 1 else []) + (
+        [3] if default != 3 else [])
+
+
+def test_headline_gives_a_line_per_thread_count(tmp_path):
+    """The index's headline: one line per thread count measured at the chosen shape, the count in its column."""
+    op = ops.OPS["sinkhorn"]
+    rows = []
+    for threads, scale in ((1, 1.0), (4, 0.5)):
+        for prov, ms in (("swav", 10.0), ("ssl_fast_cpp", 2.0)):
+            rows.append(dict(device="cpu", device_name="Test CPU (4 cpus)", threads=threads, op="sinkhorn",
+                             provider=prov, mode="fwd", dtype="fp32", b=4096, k=3000, median_ms=ms * scale,
+                             peak_mem_mib=8.0, status="ok"))
+    report.append_csv(str(tmp_path / "test-cpu" / "sinkhorn.csv"), rows, report.columns(op))
+    lines = [ln for ln in report.headline(str(tmp_path)).splitlines() if "[sinkhorn]" in ln]
+    assert len(lines) == 2
+    assert lines[0].startswith("| Test CPU (4 cpus) | 1 |") and lines[1].startswith("| Test CPU (4 cpus) | 4 |")
+    assert all("swav 5x" in ln for ln in lines)
 
 
 def test_cli_errors():

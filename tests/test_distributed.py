@@ -25,7 +25,6 @@ import torch.multiprocessing as mp
 
 import ssl_fast
 from ssl_fast import reference as R
-from ssl_fast.ops import infonce_rect as rect
 
 N, D = 3, 6
 
@@ -95,11 +94,11 @@ def _check_case(rank, world, backend, kind, kw, temp_learn=False, negatives=Fals
     a = pairs[rank][0].clone().requires_grad_()
     b = pairs[rank][1].clone().requires_grad_()
     t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True) if temp_learn else 0.3
-    if kind == "ntxent":
-        loss = rect.ntxent_global(a, b, t, process_group=True, backend=backend, local_loss=local_loss, **kw)
-    else:
-        loss = rect.info_nce_global(a, b, t, negatives=neg, process_group=True, backend=backend,
-                                    local_loss=local_loss, **kw)
+    with ssl_fast.set_backend(backend):  # the public functions (ssl_fast.functional)
+        if kind == "ntxent":
+            loss = ssl_fast.ntxent(a, b, t, process_group=True, local_loss=local_loss, **kw)
+        else:
+            loss = ssl_fast.info_nce(a, b, t, negatives=neg, process_group=True, local_loss=local_loss, **kw)
     wrt = [a, b] + ([t] if temp_learn else [])
     grads = torch.autograd.grad(loss, wrt)
     sl = slice(rank * N, (rank + 1) * N)
@@ -280,11 +279,12 @@ def _check_case_triton(rank, world, kind, kw, temp_learn, negatives):
     ga, gb = torch.autograd.grad(ref, [a_all, b_all])
     a = pairs[rank][0].float().requires_grad_()
     b = pairs[rank][1].float().requires_grad_()
-    if kind == "ntxent":
-        loss = rect.ntxent_global(a, b, 0.3, process_group=True, backend="triton", **kw)
-    else:
-        loss = rect.info_nce_global(a, b, 0.3, negatives=None if neg is None else neg.float(), process_group=True,
-                                    backend="triton", **kw)
+    with ssl_fast.set_backend("triton"):
+        if kind == "ntxent":
+            loss = ssl_fast.ntxent(a, b, 0.3, process_group=True, **kw)
+        else:
+            loss = ssl_fast.info_nce(a, b, 0.3, negatives=None if neg is None else neg.float(), process_group=True,
+                                     **kw)
     da, db = torch.autograd.grad(loss, [a, b])
     sl = slice(rank * N, (rank + 1) * N)
     _close(loss, ref, tol=1e-5, what="triton loss")

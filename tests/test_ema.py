@@ -30,6 +30,14 @@ if ssl_fast.HAS_EXT:
     BACKENDS.append("cpp")
 if _backend.triton_available() and _backend.interpreter_enabled() or torch.cuda.is_available():
     BACKENDS.append("triton")
+# triton runs on CUDA tensors where a GPU is present (the GPU run of this file), else in the interpreter on CPU
+# tensors at small sizes; cpp and torch run on CPU tensors
+TRITON_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = TRITON_DEV == "cpu"
+
+
+def _dev(backend):
+    return TRITON_DEV if backend == "triton" else "cpu"
 
 PAIRS = [(e, o) for e in DTYPES for o in DTYPES]
 PAIR_IDS = [f"{NAMES[e]}<-{NAMES[o]}" for e, o in PAIRS]
@@ -57,17 +65,17 @@ def _assert_rule(got, ema_before, online, m, edt):
         assert _err(g, r) <= bound, (i, tuple(r.shape), _err(g, r), _err(e, r))
 
 
-def _mixed_list(edt, odt, big, n_small=12, gen_seed=0):
+def _mixed_list(edt, odt, big, n_small=12, gen_seed=0, device="cpu"):
     """Odd sizes, a 0-dim and a 1-element tensor, strided views, channels-last, many small and one large."""
     g = torch.Generator().manual_seed(gen_seed)
 
-    def rnd(*shape):
-        return torch.randn(shape, generator=g, dtype=torch.float64)
+    def rnd(*shape):  # the same values on every device; the views below are taken on the device
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
 
     ema_base = rnd(16, 40)
     ema = [rnd(), rnd(1), rnd(7), rnd(33, 17), rnd(3, 5, 7, 2), ema_base[:, ::2],       # a view with gaps
            rnd(9, 6).t(), rnd(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), rnd(big)]
-    ema += [rnd(int(n)) for n in torch.randint(1, 50, (n_small,), generator=g)]
+    ema += [rnd(int(n)) for n in torch.randint(1, 50, (n_small,), generator=g).tolist()]
     online = [rnd(*e.shape) for e in ema]
     online[6] = online[6].t().contiguous().t()                 # same (transposed) strides as its ema
     ema = [e.to(edt) for e in ema]
@@ -78,7 +86,7 @@ def _mixed_list(edt, odt, big, n_small=12, gen_seed=0):
 
 def _big(backend):
     # the interpreter runs one Python call per 1024-element chunk; cpp: > 32K elements so threads split it
-    return 2500 if backend == "triton" else 70_001
+    return 2500 if backend == "triton" and INTERPRETED else 70_001
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,7 +96,7 @@ def _big(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("edt,odt", PAIRS, ids=PAIR_IDS)
 def test_mixed_list_matches_reference(backend, edt, odt):
-    ema, online = _mixed_list(edt, odt, _big(backend))
+    ema, online = _mixed_list(edt, odt, _big(backend), device=_dev(backend))
     before = [e.clone() for e in ema]
     ops.ema_update_(ema, online, 0.9, backend=backend)
     _assert_rule(ema, before, online, 0.9, edt)
@@ -100,18 +108,18 @@ def test_mixed_list_matches_reference(backend, edt, odt):
                                      (torch.float32, torch.bfloat16), (torch.float64, torch.float64)],
                          ids=["fp32", "bf16", "fp32<-bf16", "fp64"])
 def test_tensor_momentum(backend, mdt, edt, odt):
-    ema, online = _mixed_list(edt, odt, 3000, n_small=3)
+    ema, online = _mixed_list(edt, odt, 3000, n_small=3, device=_dev(backend))
     before = [e.clone() for e in ema]
-    m = torch.tensor(0.75, dtype=mdt)
+    m = torch.tensor(0.75, dtype=mdt, device=_dev(backend))
     ops.ema_update_(ema, online, m, backend=backend)
     _assert_rule(ema, before, online, 0.75, edt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_view_with_gaps_leaves_other_elements(backend):
-    base = torch.randn(8, 10)
+    base = torch.randn(8, 10, device=_dev(backend))
     keep = base[:, 1::2].clone()
-    ema, online = [base[:, ::2]], [torch.randn(8, 5)]
+    ema, online = [base[:, ::2]], [torch.randn(8, 5, device=_dev(backend))]
     expect = reference.ema_update_reference(ema, online, 0.5)[0].float()
     ops.ema_update_(ema, online, 0.5, backend=backend)
     assert torch.equal(base[:, 1::2], keep)
@@ -121,8 +129,9 @@ def test_view_with_gaps_leaves_other_elements(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_edge_momenta_exact(backend, dtype):
-    e = [torch.randn(1500).to(dtype), torch.randn(3, 3).to(dtype)]
-    o = [torch.randn(1500).to(dtype), torch.randn(3, 3).to(dtype)]
+    dev = _dev(backend)
+    e = [torch.randn(1500).to(dev, dtype), torch.randn(3, 3).to(dev, dtype)]
+    o = [torch.randn(1500).to(dev, dtype), torch.randn(3, 3).to(dev, dtype)]
     keep = [x.clone() for x in e]
     ops.ema_update_(e, o, 1.0, backend=backend)            # m = 1: unchanged
     assert all(torch.equal(a, b) for a, b in zip(e, keep))
@@ -138,18 +147,19 @@ def test_edge_momenta_exact(backend, dtype):
                          ids=["fp32", "bf16", "fp32<-bf16", "fp16"])
 def test_many_steps_stay_within_tolerance(backend, edt, odt):
     """200 updates toward a drifting online model: the accumulated error stays within 2x the eager loop's."""
-    n = 1100 if backend == "triton" else 5000
-    steps = 60 if backend == "triton" else 200
+    slow = backend == "triton" and INTERPRETED
+    n = 1100 if slow else 5000
+    steps = 60 if slow else 200
     g = torch.Generator().manual_seed(1)
     shapes = [(n,), (7, 3), ()]
-    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    start = [torch.randn(s, generator=g, dtype=torch.float64).to(_dev(backend)) for s in shapes]
     ours = [x.to(edt) for x in start]
     eager = [x.to(edt) for x in start]
     ref = [x.to(edt).double() for x in start]
     online64 = [x.clone() for x in start]
     m = 0.99
     for _ in range(steps):
-        online64 = [x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in online64]
+        online64 = [x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device) for x in online64]
         online = [x.to(odt) for x in online64]
         ops.ema_update_(ours, online, m, backend=backend)
         for e, o in zip(eager, online):
@@ -165,9 +175,9 @@ def test_backends_agree_bitwise_fp32():
     ema, online = _mixed_list(torch.float32, torch.float32, 3000, n_small=4)
     results = {}
     for b in BACKENDS:
-        e = [x.clone() for x in ema]
-        ops.ema_update_(e, online, 0.996, backend=b)
-        results[b] = e
+        e = [x.to(_dev(b), copy=True) for x in ema]
+        ops.ema_update_(e, [x.to(_dev(b)) for x in online], 0.996, backend=b)
+        results[b] = [x.cpu() for x in e]
     for b in BACKENDS:
         for x, y in zip(results[b], results["torch"]):
             torch.testing.assert_close(x, y, rtol=2e-7, atol=2e-7)
@@ -176,9 +186,11 @@ def test_backends_agree_bitwise_fp32():
 def test_empty_list_and_empty_tensors():
     ops.ema_update_([], [], 0.5)
     for b in BACKENDS:
-        e, o = [torch.empty(0), torch.ones(3)], [torch.empty(0), torch.zeros(3)]
+        dev = _dev(b)
+        e, o = [torch.empty(0, device=dev), torch.ones(3, device=dev)], [torch.empty(0, device=dev),
+                                                                         torch.zeros(3, device=dev)]
         ops.ema_update_(e, o, 0.5, backend=b)
-        assert torch.equal(e[1], torch.full((3,), 0.5))
+        assert torch.equal(e[1].cpu(), torch.full((3,), 0.5))
 
 
 def test_public_exports():
@@ -192,7 +204,7 @@ def test_public_exports():
 def test_auto_backend_on_cpu_is_cpp():
     if not ssl_fast.HAS_EXT:
         pytest.skip("no C++ extension")
-    assert ops._resolve(torch.device("cpu"), None) == "cpp"
+    assert ops.TABLE.resolve(torch.device("cpu")) == "cpp"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +237,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if _dev(b) == "cpu"])  # argument checks precede dispatch
 @pytest.mark.parametrize("case,make,exc,match", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_raises_and_modifies_nothing(backend, case, make, exc, match):
     e, o = _valid()
@@ -250,8 +262,8 @@ def _ops_to_check():
     if ops._CPP_OP is not None:
         out.append(("cpp", ops._CPP_OP))
     if "triton" in BACKENDS:
-        out.append(("triton", ops._triton_op()))
-    return out
+        out.append(("triton", torch.ops.ssl_fast.ema_update_triton_.default))
+    return out  # (backend, op): the op runs on _dev(backend) tensors
 
 
 @pytest.mark.parametrize("with_tensor", [False, True], ids=["float_m", "tensor_m"])
@@ -259,10 +271,13 @@ def test_opcheck(with_tensor):
     checked = _ops_to_check()
     if not checked:
         pytest.skip("no fused op here")
-    for _, op in checked:
-        ema = [torch.randn(5, 3), torch.randn(()), torch.randn(7).to(torch.bfloat16), torch.randn(4, 6)[:, ::2]]
-        online = [torch.randn(5, 3), torch.randn(()), torch.randn(7), torch.randn(4, 3)]
-        mt = torch.tensor(0.8) if with_tensor else None
+    for backend, op in checked:
+        dev = _dev(backend)
+        ema = [torch.randn(5, 3, device=dev), torch.randn((), device=dev), torch.randn(7, device=dev).to(torch.bfloat16),
+               torch.randn(4, 6, device=dev)[:, ::2]]
+        online = [torch.randn(5, 3, device=dev), torch.randn((), device=dev), torch.randn(7, device=dev),
+                  torch.randn(4, 3, device=dev)]
+        mt = torch.tensor(0.8, device=dev) if with_tensor else None
         torch.library.opcheck(op, (ema, online, 0.9, mt))
 
 

@@ -16,7 +16,7 @@ from infonce_helpers import loss_and_grads as _loss_and_grads
 from infonce_helpers import ours_fn as _ours
 from infonce_helpers import ref_fn as _ref
 from ssl_fast import _ext, reference
-from ssl_fast.ops import _backend
+from ssl_fast.ops import _backend, _library
 from ssl_fast.ops import infonce as ops
 
 CPU_BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not _ext.HAS_EXT, reason="ssl_fast._C not built")),
@@ -104,7 +104,7 @@ def test_column_slice_is_not_copied():
 @pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
 def test_cpp_tile_schedules(monkeypatch, block, n, loss_name, kw):
     """Many tiles, an odd number of row blocks (the tournament's bye), a partial last block."""
-    monkeypatch.setattr(ops, "CPU_BLOCK", block)
+    monkeypatch.setattr(_library, "CPU_BLOCK", block)
     z1, z2 = _inputs(n, 24)
     go = torch.randn((), dtype=torch.float64)
     ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), z1, z2, 0.1, go, **kw)
@@ -118,7 +118,7 @@ def test_cpp_tile_schedules(monkeypatch, block, n, loss_name, kw):
 @pytest.mark.parametrize("loss_name,kw", LOSSES, ids=LOSS_IDS)
 def test_cpp_independent_of_thread_count(monkeypatch, loss_name, kw):
     """The round schedule has no atomics and no per-thread partial sums: bitwise equal across threads."""
-    monkeypatch.setattr(ops, "CPU_BLOCK", 32)
+    monkeypatch.setattr(_library, "CPU_BLOCK", 32)
     z1, z2 = _inputs(600, 256, torch.float32)  # rounds big enough to run on the thread pool
     go = torch.tensor(1.0)
     prev = torch.get_num_threads()
@@ -466,7 +466,7 @@ def test_torch_compile_fullgraph():
 def test_cpp_portable_gemm_path(monkeypatch, loss_name, kw):
     """The at::addmm tile GEMM (used where torch's BLAS symbols are not found) gives the same answers."""
     assert _ext._C.cpu_gemm() in ("blas", "aten")
-    monkeypatch.setattr(ops, "CPU_BLOCK", 48)
+    monkeypatch.setattr(_library, "CPU_BLOCK", 48)
     z1, z2 = _inputs(130, 24)
     go = torch.randn((), dtype=torch.float64)
     ref_loss, ref_grads = _loss_and_grads(_ref(loss_name), z1, z2, 0.1, go, **kw)

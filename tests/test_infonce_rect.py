@@ -12,6 +12,7 @@ import torch
 
 import ssl_fast
 from ssl_fast import reference as R
+from ssl_fast.ops import _library
 from ssl_fast.ops import infonce_rect as rect
 
 from infonce_helpers import FLOORS, err
@@ -45,6 +46,22 @@ def _run(fn, rows, cands, pos, excl, t, w, **kw):
     return out.detach(), [x.detach() for x in g]
 
 
+def _definition(rows, cands, pos, excl, temperature, *, normalize=True):
+    """The per-row terms from their definition, independent of ``reference.infonce_rect_reference`` (which IS
+    the torch backend, so the torch backend is checked against this instead of against itself): the whole
+    logit matrix, ``log_softmax`` at the positive, an explicit max-shifted log-sum-exp where there is none."""
+    if normalize:
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cands = cands / cands.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    s = (rows @ cands.t()) / temperature
+    cols = torch.arange(s.shape[1], device=s.device)
+    s = torch.where(cols[None, :] == excl[:, None], torch.full_like(s, float("-inf")), s)
+    m = s.max(dim=1, keepdim=True).values
+    lse = m.squeeze(1) + torch.log(torch.exp(s - m).sum(dim=1))
+    at_pos = -torch.nn.functional.log_softmax(s, dim=1).gather(1, pos.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(pos >= 0, at_pos, lse)
+
+
 SHAPES = [(1, 1, 1), (5, 9, 3), (37, 70, 20), (66, 33, 130)]
 
 
@@ -54,11 +71,14 @@ SHAPES = [(1, 1, 1), (5, 9, 3), (37, 70, 20), (66, 33, 130)]
                          ids=["fp32", "bf16", "fp16", "fp64"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
 def test_rect_vs_float64(backend, shape, dtype, normalize, monkeypatch):
-    if backend == "triton" and (dtype == torch.float64 or (shape[2] > 64 and dtype != torch.float32)):
-        pytest.skip("triton: fp32/bf16/fp16; one wide-d case is enough under the interpreter")
-    if backend == "triton" and dtype == torch.float16 and not normalize:
+    interpreted = backend == "triton" and DEVICE == "cpu"  # on a GPU every triton case runs, on CUDA tensors
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton: fp32/bf16/fp16")
+    if interpreted and shape[2] > 64 and dtype != torch.float32:
+        pytest.skip("one wide-d case is enough under the interpreter")
+    if interpreted and dtype == torch.float16 and not normalize:
         pytest.skip("covered by bf16")
-    monkeypatch.setattr(rect, "CPU_BLOCK", 8)  # several tiles per row / column block, ragged last tiles
+    monkeypatch.setattr(_library, "CPU_BLOCK", 8)  # several tiles per row / column block, ragged last tiles
     r, cn, d = shape
     gen = torch.Generator().manual_seed(r * 1000 + cn)
     dev = _dev(backend)
@@ -76,15 +96,16 @@ def test_rect_vs_float64(backend, shape, dtype, normalize, monkeypatch):
         x = (x[:, 2:2 + d] if strided else x[:, 2:2 + d].contiguous()).detach().requires_grad_()
         return x, cands_q.to(dev, dt).detach().requires_grad_()
 
+    expected = _definition if backend == "torch" else R.infonce_rect_reference
     r64, c64 = leaves(torch.float64, False)
     t64 = torch.tensor(temp, dtype=torch.float64, device=dev, requires_grad=True)
-    ref, gref = _run(lambda *a: R.infonce_rect_reference(*a, normalize=normalize), r64, c64, pos, excl, t64, w)
+    ref, gref = _run(lambda *a: expected(*a, normalize=normalize), r64, c64, pos, excl, t64, w)
     if dtype == torch.float64:
         eager, geager = ref, [torch.zeros_like(g) for g in gref]
     else:
         re_, ce_ = leaves(dtype, False)
         te = torch.tensor(temp, dtype=dtype, device=dev, requires_grad=True)
-        eager, geager = _run(lambda *a: R.infonce_rect_reference(*a, normalize=normalize), re_, ce_, pos, excl, te, w)
+        eager, geager = _run(lambda *a: expected(*a, normalize=normalize), re_, ce_, pos, excl, te, w)
     # ours: strided rows (a column slice), learnable fp32 temperature
     ro, co = leaves(dtype, True)
     to = torch.tensor(temp, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=dev,
@@ -152,24 +173,25 @@ def test_process_group_single_process_falls_back():
 
 @pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C")
 def test_opcheck_cpp():
+    fwd, bwd = torch.ops.ssl_fast.infonce_rect_fwd_cpp.default, torch.ops.ssl_fast.infonce_rect_bwd_cpp.default
     rows, cands = torch.randn(5, 4), torch.randn(9, 4)
     pos, excl = torch.tensor([0, 1, -1, 3, 8]), torch.tensor([2, -1, 4, 0, 1])
     it = torch.tensor(2.0)
-    torch.library.opcheck(rect._CPP_FWD, (rows, cands, pos, excl, it, True, 0))
-    terms, lse, an, cn, anorm, cnorm = rect._CPP_FWD(rows, cands, pos, excl, it, True, 0)
-    torch.library.opcheck(rect._CPP_BWD, (torch.randn(5), an, cn, anorm, cnorm, lse, pos, excl, it, True, 7, 0))
+    torch.library.opcheck(fwd, (rows, cands, pos, excl, it, True, 0))
+    terms, lse, an, cn, anorm, cnorm = fwd(rows, cands, pos, excl, it, True, 0)
+    torch.library.opcheck(bwd, (torch.randn(5), an, cn, anorm, cnorm, lse, pos, excl, it, True, 7, 0))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (CUDA or the interpreter)")
 def test_opcheck_triton():
+    fwd, bwd = torch.ops.ssl_fast.infonce_rect_fwd_triton.default, torch.ops.ssl_fast.infonce_rect_bwd_triton.default
     rows, cands = torch.randn(5, 4, device=DEVICE), torch.randn(9, 4, device=DEVICE)
     pos = torch.tensor([0, 1, -1, 3, 8], device=DEVICE)
     excl = torch.tensor([2, -1, 4, 0, 1], device=DEVICE)
     it = torch.tensor(2.0, device=DEVICE)
-    torch.library.opcheck(rect._TRITON_FWD, (rows, cands, pos, excl, it, True))
-    terms, lse, xn, yn = rect._TRITON_FWD(rows, cands, pos, excl, it, True)
-    torch.library.opcheck(rect._TRITON_BWD, (torch.randn(5, device=DEVICE), rows, cands, xn, yn, lse, pos, excl, it,
-                                             True, 7))
+    torch.library.opcheck(fwd, (rows, cands, pos, excl, it, True))
+    terms, lse, xn, yn = fwd(rows, cands, pos, excl, it, True)
+    torch.library.opcheck(bwd, (torch.randn(5, device=DEVICE), rows, cands, xn, yn, lse, pos, excl, it, True, 7))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
@@ -204,15 +226,9 @@ def test_first_call_negatives_is_cheap():
     assert child != tfc.CHILD
     env = dict(os.environ, OMP_NUM_THREADS="2")
     env.pop("TRITON_INTERPRET", None)
-    runs = []
-    for _ in range(3):
-        proc = subprocess.run([sys.executable, "-c", child, "x"], cwd=tfc.ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert r["heavy"] == [] and r["grad_ok"], r
-        runs.append(r)
-        if r["ms"] < 50.0 and r["mib"] < 20.0:
-            break
-    assert min(r["mib"] for r in runs) < 20.0, runs
-    assert min(r["ms"] for r in runs) < 50.0, runs
+    proc = subprocess.run([sys.executable, "-c", child, "x"], cwd=tfc.ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["heavy"] == [] and r["grad_ok"], r
+    assert r["mib"] < 20.0, r

@@ -589,7 +589,7 @@ def test_trainer_flag_on_and_off_give_the_same_weights(method, extra, optimizer,
         tr = Trainer(make_config(_tiny(method, tmp_path / str(fused), optimizer=optimizer, fused_ema_step=fused,
                                        **extra)))
         tr.fit()
-        assert isinstance(tr.optimizer, fopt._FusedEMAOptimizer) == fused
+        assert (getattr(tr.optimizer, "ema", None) is not None) == fused  # the teacher rides in the step
         out[fused] = ({k: v for k, v in tr.method.state_dict().items() if torch.is_tensor(v)}, tr.losses())
     (a, la), (b, lb) = out[True], out[False]
     assert a.keys() == b.keys()

@@ -272,9 +272,10 @@ def test_opcheck_triton():
 def test_passes_match_torch_passes():
     """Each cpp pass on its own against the torch pass (the contract of ops/sinkhorn.py)."""
     x, u = _opcheck_args(torch.float32, "cpu")
-    for a, b in zip(ops._passes("cpp"), ops._passes("torch")):
-        ra = a(x, 20.0) if a is ops._CPP_COL_LSE else a(x, 20.0, u)
-        rb = b(x, 20.0) if b is ops._torch_col_lse else b(x, 20.0, u)
+    cpp, ref = ops.TABLE["cpp"], ops.TABLE["torch"]
+    for step in ("col_lse", "row_pass", "apply"):
+        args = (x, 20.0) if step == "col_lse" else (x, 20.0, u)
+        ra, rb = cpp[step](*args), ref[step](*args)
         for p, q in zip(ra if isinstance(ra, tuple) else (ra,), rb if isinstance(rb, tuple) else (rb,)):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

@@ -104,3 +104,19 @@ def test_ema_bitwise_independent_of_threads(ema_dtype, online_dtype):
         return ema
 
     _assert_bitwise_equal(_per_thread_count(run))
+
+
+def test_swav_bitwise_independent_of_threads():
+    """The fused swapped prediction: 2 + 4 crops of 300 x 200 (6 x 200 elements per row, > the 32K-element grain
+    for 28 rows per task)."""
+    g = torch.Generator().manual_seed(5)
+    crops = [torch.randn(300, 200, generator=g) for _ in range(6)]
+
+    def run():
+        xs = [c.clone().requires_grad_() for c in crops]
+        with ssl_fast.set_backend("cpp"):
+            loss = ssl_fast.functional.swav_loss(xs[:2], xs[2:])
+        loss.backward()
+        return [loss.detach()] + [x.grad for x in xs]
+
+    _assert_bitwise_equal(_per_thread_count(run))

@@ -22,6 +22,7 @@ from ssl_fast.train import (CheckpointError, LARS, Trainer, WarmupCosine, latest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+
 def tiny(method, run_dir, **kw):
     """Overrides for a few-second run: 16 px digits, width-4 CNN, batch 32."""
     base = dict(method=method, data="digits", image_size=16, width=4, batch_size=32, proj_hidden_dim=32,
@@ -97,9 +98,7 @@ def test_byol_target_changes_only_by_ema():
     cfg = make_config(tiny("byol", "x", ema_momentum=0.9, ema_final_momentum=1.0))
     backbone, dim = build_backbone("small_cnn", 1, width=4)
     m = build_method(cfg, backbone, dim)
-    from ssl_fast.methods.base import teacher_of
-
-    teacher = teacher_of(m.teacher)
+    teacher = m.teacher.teacher
     t_params = list(teacher.parameters())
     assert all(not p.requires_grad for p in t_params)
     opt_ids = {id(p) for g in param_groups(m, 0.0) for p in g["params"]}

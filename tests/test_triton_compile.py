@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of the Triton kernels (scripts/check_triton_compile.py) for sm_80 / sm_90.
 
-The interpreter tests prove the math; this proves every kernel of kernels/infonce.py compiles for the GPU
-with the launch configurations the launchers use, without a GPU. The script runs in a subprocess (as
+The interpreter tests prove the math; this proves every kernel of kernels/infonce.py and kernels/infonce_rect.py
+compiles for the GPU with the launch configurations the launchers use, without a GPU. The script runs in a subprocess (as
 developers run it), in its --quick subset (~20-25 s per arch cold on 2 cores; the triton cache makes
 reruns faster). Spills are warnings there, so only compile errors and unlaunched kernels fail this test.
 Skipped when triton is missing or the installed triton's ahead-of-time API is not the one the script
@@ -19,17 +19,19 @@ pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "check_triton_compile.py")
-KERNELS = os.path.join(ROOT, "kernels", "infonce.py")
+KERNELS = [os.path.join(ROOT, "kernels", f) for f in ("infonce.py", "infonce_rect.py")]
 UNSUPPORTED = "unsupported triton version for ahead-of-time compile check"
 ARCHS = ("80", "90")
 
 
 def _kernel_names():
-    """The @triton.jit kernels of the file (helpers such as _mma / _rinv are not named *_kernel)."""
-    with open(KERNELS) as f:
-        src = f.read()
-    names = re.findall(r"@triton\.jit\s*\ndef\s+(\w+_kernel)\s*\(", src)
-    assert names, "no @triton.jit *_kernel found in kernels/infonce.py"
+    """The @triton.jit kernels of the files (helpers such as _mma / _rinv are not named *_kernel)."""
+    names = []
+    for path in KERNELS:
+        with open(path) as f:
+            found = re.findall(r"@triton\.jit\s*\ndef\s+(\w+_kernel)\s*\(", f.read())
+        assert found, f"no @triton.jit *_kernel found in {path}"
+        names += found
     return names
 
 

@@ -1,8 +1,8 @@
-"""``ssl-fast diagnose``: collapse diagnostics of trained embeddings, with plots and a markdown report.
+"""Collapse diagnostics of embeddings, with plots and a markdown report (the work behind ``ssl-fast diagnose``).
 
-:func:`diagnose_embeddings` works on any tensors (held-out embeddings, optionally a second view and labels);
-:func:`diagnose_checkpoint` loads a run directory or checkpoint of ``ssl-fast train``, rebuilds the model from the
-saved config, embeds the held-out split, and calls it.
+:func:`diagnose_embeddings` works on any tensors (held-out embeddings, optionally a second view and labels).
+``ssl-fast diagnose RUN`` rebuilds the model of a training run and embeds the data first: that is
+``ssl_fast.train.restore.diagnose_checkpoint``, which calls this.
 """
 
 from __future__ import annotations
@@ -12,23 +12,14 @@ import os
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import metrics, plots
+from .knn import knn_accuracy
 from .report import MarkdownReport, fmt
 
 HEALTHY_STD = 0.5     # std x sqrt(d) above: healthy
 COLLAPSED_STD = 0.15  # below: collapsed
 RANK_FRACTION = 0.1   # rank at 1e-3 below this fraction of d: dimensional collapse
-
-
-def _knn(train_f, train_y, test_f, test_y, k=20, t=0.07) -> float:
-    a, b = F.normalize(train_f.double(), dim=1), F.normalize(test_f.double(), dim=1)
-    sim = b @ a.T
-    w, idx = sim.topk(min(k, a.shape[0]), dim=1)
-    votes = torch.zeros(b.shape[0], int(max(train_y.max(), test_y.max())) + 1, dtype=torch.float64)
-    votes.scatter_add_(1, train_y[idx].cpu(), (w / t).exp().cpu())
-    return float((votes.argmax(1) == test_y.cpu()).double().mean())
 
 
 def summarize(z: torch.Tensor, z2: Optional[torch.Tensor] = None) -> Dict[str, float]:
@@ -98,7 +89,8 @@ def diagnose_embeddings(embeddings: Mapping[str, torch.Tensor], out_dir: str, *,
             a, b = (v.detach().flatten(1).cpu() for v in pair)
             s["alignment"] = float(metrics.alignment(a, b))
         if labels is not None and train_embeddings is not None and name in train_embeddings:
-            s["knn_accuracy"] = _knn(train_embeddings[name].detach().flatten(1).cpu(), labels[0], z, labels[1])
+            bank = train_embeddings[name].detach().flatten(1).cpu().double()
+            s["knn_accuracy"] = knn_accuracy(bank, labels[0].cpu(), z.double(), labels[1].cpu())
         s["state"] = state_of(s)
         summaries[name] = s
         spectra[name] = metrics.covariance_spectrum(z)
@@ -122,81 +114,4 @@ def diagnose_embeddings(embeddings: Mapping[str, torch.Tensor], out_dir: str, *,
     return rep.write(), summaries
 
 
-def _load_state(run_or_checkpoint: str):
-    from ssl_fast.train.checkpoint import latest_good_checkpoint, load_checkpoint
-
-    if os.path.isdir(run_or_checkpoint):
-        state = latest_good_checkpoint(run_or_checkpoint)
-        if state is None:
-            raise FileNotFoundError(f"no readable checkpoint (ckpt_*.pt) in run directory {run_or_checkpoint!r}")
-        return state, state.get("_path", run_or_checkpoint)
-    return load_checkpoint(run_or_checkpoint), run_or_checkpoint
-
-
-@torch.no_grad()
-def diagnose_checkpoint(run_or_checkpoint: str, out_dir: Optional[str] = None, *, device: str = "cpu",
-                        max_samples: int = 4096, seed: int = 0) -> Tuple[str, Dict[str, Dict[str, float]]]:
-    """Diagnose an ``ssl-fast train`` run directory (its newest good checkpoint) or checkpoint file.
-
-    Rebuilds data source, backbone and method from the checkpoint's config, embeds the held-out split (the
-    representation, and the projector output where the method has a ``projector``), two augmented views of it
-    (alignment; with the run's own augmentation pipeline) and the training split (kNN bank), then calls
-    :func:`diagnose_embeddings`.
-
-    Args:
-        run_or_checkpoint: a run directory or a ``ckpt_*.pt`` file.
-        out_dir: output folder (default ``<run dir>/diagnose``).
-        device: where to run the encoder.
-        max_samples: held-out images used at most.
-        seed: seed of the augmented views.
-
-    Returns:
-        (report path, summaries).
-    """
-    from ssl_fast.data.datasets import build_source
-    from ssl_fast.methods import build_backbone, build_method
-    from ssl_fast.train.config import make_config
-    from ssl_fast.train.evaluate import extract_features
-
-    state, path = _load_state(run_or_checkpoint)
-    cfg = make_config(overrides=dict(state["config"]))
-    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(path)), "diagnose")
-    dev = torch.device(device)
-    source = build_source(cfg.data, cfg.dataset, image_size=cfg.image_size)
-    backbone, dim = build_backbone(cfg.backbone, source.channels, cfg.small_stem, cfg.width)
-    method = build_method(cfg, backbone, dim, max(source.steps_per_epoch(cfg.batch_size), 1))
-    method.load_state_dict(state["model"])
-    method.to(dev).eval()
-    towers = {"representation": method.encoder}
-    projector = getattr(method, "projector", None)
-    if isinstance(projector, torch.nn.Module):
-        towers["projection"] = torch.nn.Sequential(method.encoder, projector).eval()
-    emb, bank, views = {}, {}, {}
-    test_y = train_y = None
-    for name, tower in towers.items():
-        te, test_y = extract_features(tower, source, "test", dev, cfg.image_size)
-        tr, train_y = extract_features(tower, source, "train", dev, cfg.image_size)
-        emb[name], bank[name] = te[:max_samples].cpu(), tr.cpu()
-    test_y = test_y[:max_samples].cpu()
-    try:  # two augmented views of the held-out images, with the run's own pipeline
-        from ssl_fast.train.trainer import build_pipeline
-
-        pipeline = build_pipeline(cfg, source, 0)
-        xs = torch.cat([x for x, _ in source.eval_batches("test", 512)])[:max_samples].to(dev)
-        g = torch.Generator().manual_seed(seed)
-        v = pipeline(xs, g)
-        for name, tower in towers.items():
-            views[name] = (tower(v[0]).float().cpu(), tower(v[1]).float().cpu())
-    except Exception as exc:  # noqa: BLE001 - alignment is optional; say why it is missing
-        views = {}
-        notes_views = f" (alignment not computed: {type(exc).__name__}: {str(exc)[:120]})"
-    else:
-        notes_views = ""
-    notes = (f"Checkpoint `{os.path.basename(path)}`: method {cfg.method}, backbone {cfg.backbone}, step "
-             f"{state.get('step')}; held-out split of {cfg.data} ({emb['representation'].shape[0]} images)"
-             f"{notes_views}.")
-    return diagnose_embeddings(emb, out_dir, title=f"Collapse diagnostics: {cfg.method}", views=views,
-                               labels=(train_y.cpu(), test_y), train_embeddings=bank, notes=notes)
-
-
-__all__ = ["diagnose_checkpoint", "diagnose_embeddings", "state_of", "summarize"]
+__all__ = ["diagnose_embeddings", "state_of", "summarize"]

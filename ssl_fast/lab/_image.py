@@ -1,6 +1,6 @@
 """The product pieces the lab's image experiments train: ``ssl_fast.data`` digits + batched views,
 ``ssl_fast.methods`` (the methods' heads, losses and teacher updates) on ``ssl_fast.methods.SmallCNN``, and
-``ssl_fast.train.evaluate`` (kNN, linear probe).
+``ssl_fast.train``'s evaluation (kNN, linear probe).
 
 Size: 16 x 16 digits (``ssl_fast.data.load_digits(size=16)``, the held-out 20%), views from
 ``ssl_fast.data.digits_view(16)`` (crop + rotation + brightness/contrast + blur), ``SmallCNN(width=8)`` (a
@@ -21,10 +21,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ssl_fast.data import Pipeline, digits_view, epoch_order, load_digits
-from ssl_fast.data.augment import eval_view
+from ssl_fast.data import Pipeline, digits_view, epoch_order, eval_view, load_digits
 from ssl_fast.methods import SmallCNN
-from ssl_fast.train.evaluate import extract_features, knn_accuracy, linear_probe
+from ssl_fast.train import extract_features, knn_accuracy, linear_probe
 
 SIZE, WIDTH = 16, 8
 DIM = 8 * WIDTH  # the representation's dimension

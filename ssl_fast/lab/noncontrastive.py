@@ -4,7 +4,9 @@ Findings under test (Chen & He 2021; Grill et al. 2020; Tian, Yu, Chen, Ganguli 
 
 1. SimSiam without the stop-gradient collapses completely (the loss goes to its minimum -1 and the
    per-dimension std of the l2-normalized output goes to 0); with it, the std stays near 1/sqrt(d).
-2. BYOL without the predictor collapses.
+2. BYOL without the predictor collapses. Here its std drops far below BYOL's (asserted), to about 0.1:
+   whether that is below the collapse threshold 0.15 is within the noise at both budgets (reported, not
+   asserted).
 3. BYOL's predictor normalization, with no BatchNorm in the projector (the encoder keeps its own, as the
    ResNet of Tian et al.'s STL-10 runs): BatchNorm and zero-mean centering ``x - x.mean(0)`` (gradient
    through the mean) work; centering whose mean is detached (``x - x.mean(0).detach()``) fails: what BN
@@ -36,13 +38,11 @@ import torch
 from torch import nn
 
 from ssl_fast import diagnostics as dg
-from ssl_fast.diagnostics import plots
-from ssl_fast.diagnostics.report import MarkdownReport
+from ssl_fast.diagnostics import MarkdownReport, plots
 from ssl_fast.methods import BYOL, SimSiam
-from ssl_fast.methods.base import std_of_normalized
 
 from . import _image as I
-from ._common import LabResult, f, out_dir
+from ._common import REPRODUCED, ClaimSpec, LabResult, f, finish, out_dir
 
 NAME = "noncontrastive"
 FINDING = ("SimSiam without stop-gradient and BYOL without predictor collapse; predictor BN or centering with "
@@ -61,7 +61,7 @@ class SimSiamNoStopGrad(SimSiam):
         z0, z1 = z.chunk(2)
         p0, p1 = p.chunk(2)
         loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
-        return loss, {"std": std_of_normalized(z0)}
+        return loss, {"std": dg.normalized_std(z0.detach()).mean()}
 
 
 class Center(nn.Module):
@@ -145,6 +145,56 @@ def cases(quick: bool):
     return out
 
 
+_HEALTHY_TEXT = "{} stays healthy (effect: std x sqrt(d) minus the healthy threshold {})"
+_COLLAPSED_TEXT = "{} collapses (effect: the collapse threshold {} minus std x sqrt(d))"
+# claim key -> (case in the numbers, healthy?, what)
+_CASES = {
+    "simsiam-stop-grad-healthy": ("SimSiam / stop-gradient", True, "SimSiam with the stop-gradient"),
+    "simsiam-no-stop-grad-collapsed": ("SimSiam / no stop-gradient", False, "SimSiam without the stop-gradient"),
+    "byol-healthy": ("BYOL / predictor (BN)", True, "BYOL"),
+    "byol-no-predictor-collapsed": ("BYOL / no predictor", False, "BYOL without the predictor"),
+    "predictor-bn-healthy": (f"{NB} / predictor norm: BN", True, "BYOL (no BN in the projector) with BN in the "
+                                                                "predictor"),
+    "predictor-centering-healthy": (f"{NB} / predictor norm: centering", True,
+                                    "BYOL (no BN in the projector) with centering x - mean(x) in the predictor"),
+    "predictor-detached-centering-collapsed": (f"{NB} / predictor norm: centering, detached mean", False,
+                                               "BYOL (no BN in the projector) with centering x - mean(x).detach() "
+                                               "in the predictor"),
+}
+# Each claim's noise per budget: the standard deviation of its effect over seeds x 1 and 2 threads, rounded up
+# to one significant digit; measured by `python -m ssl_fast.lab.margins` (docs/lab/margins.md). The full budget
+# is measured only by the committed run (seeds 0-2, one thread): its noise is the larger of the quick one and
+# that run's spread, and a claim is asserted there where it is asserted at the quick budget.
+NOISE = {"simsiam-stop-grad-healthy": 0.04, "simsiam-no-stop-grad-collapsed": 0.003, "byol-healthy": 0.05,
+         "byol-no-predictor-collapsed": 0.03, "predictor-bn-healthy": 0.07, "predictor-centering-healthy": 0.06,
+         "predictor-detached-centering-collapsed": 0.009, "byol-no-predictor-drop": 0.05}
+FULL_NOISE = {"byol-no-predictor-collapsed": 0.04}
+# not asserted: the absolute collapse of BYOL without its predictor is within the noise of the threshold at
+# both budgets (std x sqrt(d) about 0.1 against 0.15; docs/lab/margins.md); its drop from BYOL's is not
+NOT_ASSERTED = {"byol-no-predictor-collapsed"}
+CLAIMS = {k: ClaimSpec(k, (_HEALTHY_TEXT if ok else _COLLAPSED_TEXT).format(what, HEALTHY if ok else COLLAPSED),
+                       "std x sqrt(d)", {"quick": NOISE[k], "full": FULL_NOISE.get(k, NOISE[k])},
+                       asserted=() if k in NOT_ASSERTED else ("quick", "full"))
+          for k, (_, ok, what) in _CASES.items()}
+CLAIMS["byol-no-predictor-drop"] = ClaimSpec(
+    "byol-no-predictor-drop", "removing BYOL's predictor drops the output's spread (effect: std x sqrt(d) of BYOL "
+                              "minus that of BYOL without the predictor, same seed)", "std x sqrt(d)",
+    {"quick": NOISE["byol-no-predictor-drop"], "full": FULL_NOISE.get("byol-no-predictor-drop",
+                                                                      NOISE["byol-no-predictor-drop"])})
+
+
+def claims(numbers: dict, quick: bool) -> list:
+    """The experiment's claims from its numbers (std x sqrt(d) of each case on each seed)."""
+    out = []
+    for key, (case, ok, _) in _CASES.items():
+        v = numbers[case]["std_sqrt_d"]
+        out.append(CLAIMS[key].measure([x - HEALTHY if ok else COLLAPSED - x for x in v], numbers["seeds"], quick))
+    drop = [a - b for a, b in zip(numbers["BYOL / predictor (BN)"]["std_sqrt_d"],
+                                  numbers["BYOL / no predictor"]["std_sqrt_d"])]
+    out.insert(4, CLAIMS["byol-no-predictor-drop"].measure(drop, numbers["seeds"], quick))
+    return out
+
+
 def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     d = out_dir(out, NAME)
     steps = 300 if quick else 400
@@ -191,24 +241,10 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
                               f"{d}/std.png", title="normalized-output std x sqrt(d), mean over seeds "
                                                     "(1 healthy, 0 collapsed)"),
               "std per variant")
+    numbers = {f"{g} / {lab}": m for (g, lab), m in res.items()}
+    numbers.update({"seeds": seeds, "steps": steps, "random_init": init})
+    cl = claims(numbers, quick)
     s = {k: v["std_sqrt_d"] for k, v in res.items()}
-
-    def healthy(key):
-        return all(v > HEALTHY for v in s[key])
-
-    def collapsed(key):
-        return all(v < COLLAPSED for v in s[key])
-
-    checks = {
-        "SimSiam with stop-grad healthy": healthy(("SimSiam", "stop-gradient")),
-        "SimSiam without stop-grad collapsed": collapsed(("SimSiam", "no stop-gradient")),
-        "BYOL with predictor healthy": healthy(("BYOL", "predictor (BN)")),
-        "BYOL without predictor collapsed": collapsed(("BYOL", "no predictor")),
-        "predictor BN healthy": healthy((NB, "predictor norm: BN")),
-        "predictor centering healthy": healthy((NB, "predictor norm: centering")),
-        "predictor detached centering collapsed": collapsed((NB, "predictor norm: centering, detached mean")),
-    }
-    passed = all(checks.values())
     none_key = (NB, "predictor norm: none")
     none_txt = (f", none {f(I.stats(s[none_key])['mean'])} ({'/'.join(sorted({_state(v) for v in s[none_key]}))})"
                 if none_key in s else "")
@@ -216,13 +252,11 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     def mean(key):
         return f(I.stats(s[key])["mean"])
 
-    verdict = (f"std x sqrt(d), mean over {len(seeds)} seed(s): SimSiam {mean(('SimSiam', 'stop-gradient'))} vs no "
-               f"stop-grad {mean(('SimSiam', 'no stop-gradient'))}; BYOL {mean(('BYOL', 'predictor (BN)'))} vs no "
-               f"predictor {mean(('BYOL', 'no predictor'))}; predictor BN {mean((NB, 'predictor norm: BN'))}, "
-               f"centering {mean((NB, 'predictor norm: centering'))}, detached mean "
-               f"{mean((NB, 'predictor norm: centering, detached mean'))}{none_txt}: "
-               + ("all as published on every seed" if passed else "NOT as published: "
-                  + ", ".join(k for k, ok in checks.items() if not ok)))
+    line = (f"std x sqrt(d), mean over {len(seeds)} seed(s): SimSiam {mean(('SimSiam', 'stop-gradient'))} vs no "
+            f"stop-grad {mean(('SimSiam', 'no stop-gradient'))}; BYOL {mean(('BYOL', 'predictor (BN)'))} vs no "
+            f"predictor {mean(('BYOL', 'no predictor'))}; predictor BN {mean((NB, 'predictor norm: BN'))}, "
+            f"centering {mean((NB, 'predictor norm: centering'))}, detached mean "
+            f"{mean((NB, 'predictor norm: centering, detached mean'))}{none_txt}")
     if not quick:
         ema = {t: res[(EMA_GROUP, f"m = {t}")] for t in EMA_SWEEP}
         rep.heading("EMA momentum")
@@ -232,12 +266,9 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
         rep.paragraph("Reported, not part of the verdict. m = 0: the target is the online network itself "
                       "(without its gradient), SimSiam with BYOL's heads; the main BYOL runs use 0.99 -> 1 "
                       "(cosine).")
-        verdict += "; EMA m " + ", ".join(f"{t}: std {f(I.stats(v['std_sqrt_d'])['mean'])} kNN "
+        line += "; EMA m " + ", ".join(f"{t}: std {f(I.stats(v['std_sqrt_d'])['mean'])} kNN "
                                           f"{I.stats(v['knn'])['mean']:.3f}" for t, v in ema.items())
-    rep.heading("Verdict")
-    rep.paragraph(f"Each check must hold on every seed (collapsed: std x sqrt(d) < {COLLAPSED}; healthy: > "
-                  f"{HEALTHY}): " + "; ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in checks.items()))
-    rep.verdict(verdict, passed)
-    numbers = {f"{g} / {lab}": m for (g, lab), m in res.items()}
-    numbers.update({"checks": checks, "seeds": seeds, "steps": steps, "random_init": init})
-    return LabResult(NAME, FINDING, verdict, passed, numbers, rep.write())
+    verdict, status = finish(rep, cl, line, quick)
+    numbers["summary"] = line
+    numbers["claims"] = [c.as_dict() for c in cl]
+    return LabResult(NAME, FINDING, verdict, status == REPRODUCED, numbers, rep.write(), claims=cl, status=status)

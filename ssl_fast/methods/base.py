@@ -1,19 +1,19 @@
-"""What the six methods share: the Method interface, MLP heads, and optional-keyword plumbing.
+"""What the six methods share: the Method interface, MLP heads and the collapse log.
 
 A method is an ``nn.Module`` holding the backbone, its heads, its loss module and any teacher/queue state
 (as submodules and buffers, so that ``state_dict`` holds everything a resume needs). ``forward(views, step,
 total_steps)`` returns ``(loss, logs)``; ``on_step_end(step, total_steps)`` runs after the optimizer step
-(the momentum-teacher update). Methods call only the public ssl_fast losses and ops.
+(the momentum-teacher update). Methods call only ``ssl_fast.nn`` modules and ``ssl_fast.functional``.
 """
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ..diagnostics.metrics import normalized_std
 
 
 def mlp(dims: Sequence[int], bn_last: bool = False, bn_last_affine: bool = True, bias_last: bool = True,
@@ -38,48 +38,6 @@ def mlp(dims: Sequence[int], bn_last: bool = False, bn_last_affine: bool = True,
     if bn_last:
         layers.append(nn.BatchNorm1d(dims[-1], affine=bn_last_affine))
     return nn.Sequential(*layers)
-
-
-def accepts(fn, name: str) -> bool:
-    """Whether callable ``fn`` takes a keyword argument ``name``."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def loss_kwargs(cls, gather: bool) -> Dict[str, bool]:
-    """``{"gather_distributed": True}`` when asked and supported by ``cls``; warns once when unsupported."""
-    if not gather:
-        return {}
-    if accepts(cls, "gather_distributed"):
-        return {"gather_distributed": True}
-    warnings.warn(f"{cls.__name__} has no gather_distributed option in this build: each rank's loss uses its "
-                  f"local batch only", stacklevel=3)
-    return {}
-
-
-def require(*names: str, owner: str = "ssl_fast.nn"):
-    """The first of ``owner.<name>`` that exists (alternative spellings, e.g. SwAVLoss / SwaVLoss), or a clear
-    ImportError naming the missing op."""
-    import importlib
-
-    mod = importlib.import_module(owner)
-    for name in names:
-        obj = getattr(mod, name, None)
-        if obj is not None:
-            return obj
-    raise ImportError(f"{owner}.{' / '.join(names)} is not available in this build of ssl_fast (the method needs it)")
-
-
-def teacher_of(ema: nn.Module) -> nn.Module:
-    """The teacher network held by an ``ssl_fast.nn.EMA`` (``.module`` or ``.teacher``, whichever it has)."""
-    for name in ("module", "teacher"):
-        m = getattr(ema, name, None)
-        if isinstance(m, nn.Module):
-            return m
-    return ema
 
 
 class Tower(nn.Sequential):
@@ -138,5 +96,9 @@ class Method(nn.Module):
 
 
 def std_of_normalized(z: torch.Tensor) -> torch.Tensor:
-    """Mean per-dimension std of the l2-normalized output: about 1/sqrt(d) when healthy, 0 when collapsed."""
-    return nn.functional.normalize(z.detach().float(), dim=1).std(0).mean()
+    """The methods' collapse log: the mean over dimensions of ``ssl_fast.diagnostics.normalized_std`` (the
+    per-dimension std of the l2-normalized rows: about 1/sqrt(d) when healthy, 0 when collapsed), NaN for a
+    single row."""
+    if z.shape[0] < 2:
+        return z.new_full((), float("nan"), dtype=torch.float64)
+    return normalized_std(z.detach()).mean()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, Tower, teacher_of, mlp, require, std_of_normalized
+from ..nn import EMA, BYOLLoss
+from .base import Method, Tower, mlp, std_of_normalized
 
 # ResNet-50, ImageNet, 300 epochs: batch 4096, LARS lr 0.2 x B/256, wd 1.5e-6, 10 warmup epochs,
 # projector / predictor 4096-256, tau_base 0.996; asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2).
@@ -39,16 +40,15 @@ class BYOL(Method):
         super().__init__(backbone, feature_dim)
         self.online = Tower(backbone, mlp((feature_dim, proj_hidden_dim, proj_dim)))
         self.predictor = mlp((proj_dim, pred_hidden_dim, proj_dim))
-        self.teacher = require("EMA")(self.online, momentum=ema_momentum, schedule="cosine",
-                                      final_momentum=ema_final_momentum)
-        self.criterion = require("BYOLLoss")()
+        self.teacher = EMA(self.online, momentum=ema_momentum, schedule="cosine", final_momentum=ema_final_momentum)
+        self.criterion = BYOLLoss()
 
     def forward(self, views, step: int = 0, total_steps: int = 1):
         x = torch.cat(views[:2])
         z = self.online(x)
         p0, p1 = self.predictor(z).chunk(2)
         with torch.no_grad():
-            t0, t1 = teacher_of(self.teacher)(x).chunk(2)
+            t0, t1 = self.teacher(x).chunk(2)
         return self.criterion(p0, p1, t0, t1), {"std": std_of_normalized(z[: z.shape[0] // 2])}
 
     @torch.no_grad()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import ssl_fast
-
-from .base import Method, loss_kwargs, std_of_normalized
+from ..nn import DirectCLRLoss
+from .base import Method, std_of_normalized
 
 # ResNet-50 on ImageNet (the official code): d0 = 360 of 2048, symmetric cross-view InfoNCE, T = 0.1,
 # batch 4096, LARS, 100 epochs -> ~62.7% linear probe.
@@ -25,7 +24,7 @@ class DirectCLR(Method):
         d0: the sub-vector the loss sees; must satisfy 1 <= d0 <= D.
         temperature: InfoNCE temperature.
         variant: ``"official"`` (symmetric cross-view InfoNCE) or ``"ntxent"``.
-        gather_distributed: negatives from every rank (when the loss supports it).
+        gather_distributed: negatives from every rank.
 
     Raises:
         ValueError: d0 larger than the representation (or < 1).
@@ -39,9 +38,8 @@ class DirectCLR(Method):
         super().__init__(backbone, feature_dim)
         if not 1 <= int(d0) <= feature_dim:
             raise ValueError(f"DirectCLR d0={d0} must be between 1 and the representation dimension {feature_dim}")
-        cls = ssl_fast.nn.DirectCLRLoss
-        self.criterion = cls(feature_dim=int(d0), temperature=temperature, variant=variant,
-                             **loss_kwargs(cls, gather_distributed))
+        self.criterion = DirectCLRLoss(feature_dim=int(d0), temperature=temperature, variant=variant,
+                                       gather_distributed=gather_distributed)
 
     def embed(self, x):
         return self.backbone(x)

@@ -21,10 +21,10 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 
-import ssl_fast
-from ssl_fast import distributed as _dist
-
-from .base import Method, Tower, teacher_of, loss_kwargs, mlp, require, std_of_normalized
+from .. import distributed as _dist
+from .. import functional as sf
+from ..nn import EMA, InfoNCELoss, MemoryBank
+from .base import Method, Tower, mlp, std_of_normalized
 
 # MoCo v2, ResNet-50, 200 epochs: batch 256, SGD lr 0.03 (x B/256), wd 1e-4, cosine, T 0.2, queue 65536, m 0.999.
 IMAGENET_V2 = dict(backbone="resnet50", image_size=224, batch_size=256, epochs=200, optimizer="sgd", lr=0.03,
@@ -90,7 +90,7 @@ class MoCo(Method):
         queue_size: v2 queue length (0 = in-batch negatives only).
         ema_momentum, ema_final_momentum: teacher momentum, cosine-scheduled between the two
             (equal values = constant, MoCo v2).
-        gather_distributed: keys from every rank (when the loss supports it); the v2 queue then enqueues
+        gather_distributed: keys from every rank; the v2 queue then enqueues
             every rank's keys (as the official ``concat_all_gather``), so all ranks hold the same queue.
         shuffle_bn: shuffle-BN of the key encoder (see the module docstring).
         shuffle_bn_groups: BatchNorm groups of the key encoder per rank under shuffle-BN.
@@ -119,12 +119,10 @@ class MoCo(Method):
                             bn_last_affine=False)
             self.predictor = mlp((proj_dim, pred_hidden_dim, proj_dim), bn_last=True, bn_last_affine=False)
         self.online = Tower(backbone, projector)
-        EMA = require("EMA")
         self.teacher = EMA(self.online, momentum=ema_momentum, schedule="cosine", final_momentum=ema_final_momentum)
-        self.queue = (require("MemoryBank")(queue_size, proj_dim, process_group=True if gather_distributed else None)
+        self.queue = (MemoryBank(queue_size, proj_dim, process_group=True if gather_distributed else None)
                       if version == "v2" and queue_size > 0 else None)
-        cls = ssl_fast.nn.InfoNCELoss
-        self.criterion = cls(temperature, symmetric=False, **loss_kwargs(cls, gather_distributed))
+        self.criterion = InfoNCELoss(temperature, symmetric=False, gather_distributed=gather_distributed)
 
     def forward(self, views, step: int = 0, total_steps: int = 1):
         x = torch.cat(views[:2])
@@ -139,8 +137,8 @@ class MoCo(Method):
             loss = (self.criterion(q0, k1) + self.criterion(q1, k0)) * (2 * self.temperature)
         elif self.queue is not None:
             negatives = self.queue(torch.cat([k1, k0]), update=True).to(q0.dtype)
-            loss = 0.5 * (ssl_fast.info_nce(q0, k1, self.temperature, negatives=negatives)
-                          + ssl_fast.info_nce(q1, k0, self.temperature, negatives=negatives))
+            loss = 0.5 * (sf.info_nce(q0, k1, self.temperature, negatives=negatives)
+                          + sf.info_nce(q1, k0, self.temperature, negatives=negatives))
         else:
             loss = 0.5 * (self.criterion(q0, k1) + self.criterion(q1, k0))
         return loss, {"std": std_of_normalized(z[: z.shape[0] // 2])}
@@ -148,7 +146,7 @@ class MoCo(Method):
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """The key encoder's outputs of ``x`` (no gradient), with shuffle-BN when enabled."""
-        teacher = teacher_of(self.teacher)
+        teacher = self.teacher.teacher
         group = _world_group()
         if not self.shuffle_bn or (group is None and self.shuffle_bn_groups == 1):
             return teacher(x)  # one BatchNorm group: a permutation would change nothing

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import ssl_fast
-
-from .base import Method, loss_kwargs, mlp, std_of_normalized
+from ..nn import NTXentLoss
+from .base import Method, mlp, std_of_normalized
 
 # ResNet-50 on ImageNet, batch 4096: LARS, lr 0.3 x B/256, wd 1e-6, 10 warmup epochs + cosine, T = 0.1,
 # projector 2048-2048-128, color distortion strength 1.0 with blur; 100 epochs -> ~64.4% linear probe.
@@ -26,7 +25,7 @@ class SimCLR(Method):
         feature_dim: representation size.
         proj_hidden_dim, proj_dim: projector widths.
         temperature: NT-Xent temperature.
-        gather_distributed: negatives from every rank (when the loss supports it).
+        gather_distributed: negatives from every rank.
 
     Shape:
         views: two (B, C, H, W) tensors -> (loss scalar, logs).
@@ -39,8 +38,7 @@ class SimCLR(Method):
                  temperature: float = 0.5, gather_distributed: bool = False):
         super().__init__(backbone, feature_dim)
         self.projector = mlp((feature_dim, proj_hidden_dim, proj_dim))
-        cls = ssl_fast.nn.NTXentLoss
-        self.criterion = cls(temperature, **loss_kwargs(cls, gather_distributed))
+        self.criterion = NTXentLoss(temperature, gather_distributed=gather_distributed)
 
     def embed(self, x):
         return self.projector(self.backbone(x))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, mlp, require, std_of_normalized
+from ..nn import NegativeCosineSimilarity
+from .base import Method, mlp, std_of_normalized
 
 # ResNet-50, ImageNet, 100 epochs: batch 512, SGD lr 0.05 x B/256, momentum 0.9, wd 1e-4, cosine, no warmup;
 # projector 3 x 2048 with BN on the output, predictor 2048-512-2048 whose lr stays fixed at the initial lr
@@ -32,7 +33,7 @@ class SimSiam(Method):
         super().__init__(backbone, feature_dim)
         self.projector = mlp((feature_dim, proj_hidden_dim, proj_hidden_dim, proj_dim), bn_last=True)
         self.predictor = mlp((proj_dim, pred_hidden_dim, proj_dim))
-        self.criterion = require("NegativeCosineSimilarity")()
+        self.criterion = NegativeCosineSimilarity()
 
     def forward(self, views, step: int = 0, total_steps: int = 1):
         z = self.projector(self.backbone(torch.cat(views[:2])))

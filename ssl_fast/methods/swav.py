@@ -1,7 +1,7 @@
 """SwAV (Caron et al. 2020): prototypes, codes by Sinkhorn-Knopp on the high-resolution crops, swapped
 prediction over multi-crop views, an optional queue of past projections (``ssl_fast.nn.MemoryBank``).
 
-Loss: ``ssl_fast.nn.SwAVLoss`` (fused Sinkhorn). Prototypes: ``ssl_fast.nn.SwAVPrototypes`` (frozen for
+Loss: ``ssl_fast.nn.SwaVLoss`` (fused Sinkhorn). Prototypes: ``ssl_fast.nn.SwaVPrototypes`` (frozen for
 the first steps), l2-normalized before every step.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method, mlp, require
+from ..nn import MemoryBank, SwaVLoss, SwaVPrototypes
+from .base import Method, mlp
 
 # ResNet-50, ImageNet, 100-800 epochs: batch 4096, LARS lr 4.8 (0.3 x B/256) -> 0.0048, wd 1e-6, T 0.1,
 # eps 0.05, 3 Sinkhorn sweeps, 3000 prototypes frozen for the first epoch, multi-crop 2 x 224 + 6 x 96
@@ -40,7 +41,7 @@ class SwAV(Method):
         freeze_prototypes_steps: prototypes get no update for this many steps.
         n_local_crops: low-resolution views expected after the 2 global ones.
         queue_size: per-global-view queue of past projections (0 = none); used from ``queue_start_step``.
-        gather_distributed: Sinkhorn over every rank's batch (when supported).
+        gather_distributed: Sinkhorn over every rank's batch.
     """
 
     name = "swav"
@@ -53,25 +54,17 @@ class SwAV(Method):
         self.n_local_views = int(n_local_crops)
         self.needs_unused_parameters = freeze_prototypes_steps > 0
         self.projector = mlp((feature_dim, proj_hidden_dim, proj_dim))
-        self.prototypes = require("SwAVPrototypes", "SwaVPrototypes")(proj_dim, n_prototypes,
-                                                    n_steps_frozen_prototypes=int(freeze_prototypes_steps))
-        self.criterion = require("SwAVLoss", "SwaVLoss")(temperature=temperature, sinkhorn_iterations=sinkhorn_iterations,
-                                             sinkhorn_epsilon=sinkhorn_epsilon,
-                                             sinkhorn_gather_distributed=gather_distributed)
-        MemoryBank = require("MemoryBank") if queue_size > 0 else None
+        self.prototypes = SwaVPrototypes(proj_dim, n_prototypes, n_steps_frozen_prototypes=int(freeze_prototypes_steps))
+        self.criterion = SwaVLoss(temperature=temperature, sinkhorn_iterations=sinkhorn_iterations,
+                                  sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_gather_distributed=gather_distributed)
         self.queues = torch.nn.ModuleList([MemoryBank(queue_size, proj_dim) for _ in range(2)]) if queue_size else None
         self.queue_start_step = int(queue_start_step)
-
-    def _normalize_prototypes(self) -> None:
-        norm = getattr(self.prototypes, "normalize", None)
-        if callable(norm):
-            norm()
 
     def _project(self, x):
         return F.normalize(self.projector(self.backbone(x)), dim=1)
 
     def forward(self, views, step: int = 0, total_steps: int = 1):
-        self._normalize_prototypes()
+        self.prototypes.normalize()
         z_high = self._project(torch.cat(views[:2]))
         high = list(self.prototypes(z_high, step).chunk(2))
         low = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional as sf
 
 
 class NegativeCosineSimilarity(nn.Module):
@@ -34,7 +34,7 @@ class NegativeCosineSimilarity(nn.Module):
         self.eps = eps
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-        return F.negative_cosine_similarity(x0, x1, dim=self.dim, eps=self.eps)
+        return sf.negative_cosine_similarity(x0, x1, dim=self.dim, eps=self.eps)
 
 
 class BYOLLoss(nn.Module):
@@ -58,4 +58,4 @@ class BYOLLoss(nn.Module):
     """
 
     def forward(self, p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
-        return F.byol_loss(p0, p1, z0, z1)
+        return sf.byol_loss(p0, p1, z0, z1)

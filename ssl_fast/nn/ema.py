@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional as sf
 
 SCHEDULES = ("cosine", "constant")
 BUFFER_MODES = ("copy", "average")
@@ -153,13 +153,13 @@ class EMA(nn.Module):
         if len(tb) != len(sb):
             raise ValueError(f"the teacher has {len(tb)} buffers and the student {len(sb)}")
         if parameters:
-            F.ema_update_(tp, sp, m)
+            sf.ema_update_(tp, sp, m)
         if tb:
             if self.buffers_mode == "average":
                 fl = [(t, s) for t, s in zip(tb, sb) if t.is_floating_point()]
                 other = [(t, s) for t, s in zip(tb, sb) if not t.is_floating_point()]
                 if fl:
-                    F.ema_update_([t for t, _ in fl], [s for _, s in fl], m)
+                    sf.ema_update_([t for t, _ in fl], [s for _, s in fl], m)
             else:
                 other = list(zip(tb, sb))
             if other:

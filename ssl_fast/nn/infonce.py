@@ -7,9 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .. import distributed as _dist
-from .. import functional as F
-from ..ops import infonce_rect as _rect
+from .. import functional as sf
 
 Temperature = Union[float, torch.Tensor]
 
@@ -49,10 +47,8 @@ class NTXentLoss(nn.Module):
         self.local_loss = local_loss
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
-        if self.gather_distributed and _dist.resolve_group(True) is not None:
-            return _rect.ntxent_global(out0, out1, self.temperature, normalize=self.normalize, process_group=True,
-                                       local_loss=self.local_loss)
-        return F.ntxent(out0, out1, self.temperature, normalize=self.normalize)
+        return sf.ntxent(out0, out1, self.temperature, normalize=self.normalize,
+                         process_group=True if self.gather_distributed else None, local_loss=self.local_loss)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, normalize={self.normalize}"
@@ -92,12 +88,9 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, negatives: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
-        if negatives is not None or (self.gather_distributed and _dist.resolve_group(True) is not None):
-            return _rect.info_nce_global(query, key, self.temperature, normalize=self.normalize,
-                                         symmetric=self.symmetric, negatives=negatives,
-                                         process_group=True if self.gather_distributed else None,
-                                         local_loss=self.local_loss)
-        return F.info_nce(query, key, self.temperature, normalize=self.normalize, symmetric=self.symmetric)
+        return sf.info_nce(query, key, self.temperature, normalize=self.normalize, symmetric=self.symmetric,
+                           negatives=negatives, process_group=True if self.gather_distributed else None,
+                           local_loss=self.local_loss)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}"
@@ -142,15 +135,12 @@ class DirectCLRLoss(nn.Module):
         self.variant = variant
 
     def forward(self, r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
-        if self.gather_distributed and _dist.resolve_group(True) is not None:
-            if self.variant == "official":
-                return _rect.info_nce_global(r0, r1, self.temperature, symmetric=True, feature_dim=self.feature_dim,
-                                             process_group=True, local_loss=self.local_loss)
-            return _rect.ntxent_global(r0, r1, self.temperature, feature_dim=self.feature_dim, process_group=True,
-                                       local_loss=self.local_loss)
+        group = True if self.gather_distributed else None
         if self.variant == "official":
-            return F.info_nce(r0, r1, self.temperature, symmetric=True, feature_dim=self.feature_dim)
-        return F.ntxent(r0, r1, self.temperature, feature_dim=self.feature_dim)
+            return sf.info_nce(r0, r1, self.temperature, symmetric=True, feature_dim=self.feature_dim,
+                               process_group=group, local_loss=self.local_loss)
+        return sf.ntxent(r0, r1, self.temperature, feature_dim=self.feature_dim, process_group=group,
+                         local_loss=self.local_loss)
 
     def extra_repr(self) -> str:
         return f"feature_dim={self.feature_dim}, temperature={self.temperature}, variant={self.variant!r}"

@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from torch import distributed as torch_dist
 from torch import nn
 
-from .. import distributed as _dist
-from .. import functional as _functional
-from ..ops import infonce_rect as _rect
+from .. import functional as sf
 from .memory_bank import MemoryBank
 
 
@@ -103,16 +101,16 @@ class NTXentLoss(nn.Module):
             # the bank's logsumexp per row, fused; the positive joins it in log space:
             # CE_i = logaddexp(s_i+, lse_i(bank)) - s_i+
             neg = queue.negatives().to(device=out0.device, dtype=out0n.dtype)
-            lse_bank = _rect.infonce_rect(out0n, neg, none, none, self.temperature, normalize=False,
-                                          grad_candidates=False)
+            lse_bank = sf.infonce_rect(out0n, neg, none, none, self.temperature, normalize=False,
+                                       grad_candidates=False)
             sim_pos = (out0n * out1n).sum(1).to(lse_bank.dtype) / self.temperature
             loss = (torch.logaddexp(sim_pos, lse_bank) - sim_pos).mean()
             if out0.requires_grad:  # after the loss consumed the bank: the bank before the update is used
                 queue.enqueue(out1n)
             return loss
-        if self.gather_distributed and _dist.resolve_group(True) is not None:
-            return _rect.ntxent_global(out0, out1, self.temperature, process_group=True, local_loss=True)
-        return _functional.ntxent(out0, out1, self.temperature)
+        # gather_distributed: every rank's anchors against all candidates, the value of this rank's anchors
+        return sf.ntxent(out0, out1, self.temperature, process_group=True if self.gather_distributed else None,
+                         local_loss=True)
 
 
 class DirectCLRLoss(NTXentLoss):
@@ -139,7 +137,7 @@ class DirectCLRLoss(NTXentLoss):
 
 # The other lightly drop-ins, backed by the fused ops. lightly 1.6's SwaVLoss returns shape (1,) (ssl_fast's own
 # returns a 0-dim tensor): the class here keeps lightly's shape so nothing downstream changes.
-from ..ops.ema import update_momentum  # noqa: E402  (lightly.models.utils.update_momentum)
+from ..functional import update_momentum  # noqa: E402  (lightly.models.utils.update_momentum)
 from .byol import NegativeCosineSimilarity  # noqa: E402  (lightly.loss.NegativeCosineSimilarity)
 from .swav import SwaVLoss as _SwaVLoss  # noqa: E402
 

@@ -1,20 +1,19 @@
 """SwAV: the swapped-prediction loss on fused Sinkhorn-Knopp codes, and the prototype layer.
 
 Drop-ins for lightly's ``lightly.loss.SwaVLoss`` and ``lightly.models.modules.SwaVPrototypes`` (same
-arguments, same values); the codes come from :func:`ssl_fast.functional.sinkhorn_knopp`.
+arguments, same values); the loss is :func:`ssl_fast.functional.swav_loss`.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import functional
+from .. import _checks
+from .. import functional as sf
 
 
 class SwaVLoss(nn.Module):
@@ -48,28 +47,12 @@ class SwaVLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
                  sinkhorn_gather_distributed: bool = False):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
-                not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
-        if isinstance(sinkhorn_iterations, bool) or not isinstance(sinkhorn_iterations, numbers.Integral) or \
-                sinkhorn_iterations < 1:
-            raise ValueError(f"sinkhorn_iterations must be an int >= 1, got {sinkhorn_iterations!r}")
-        if isinstance(sinkhorn_epsilon, bool) or not isinstance(sinkhorn_epsilon, numbers.Real) or \
-                not (math.isfinite(sinkhorn_epsilon) and sinkhorn_epsilon > 0):
-            raise ValueError(f"sinkhorn_epsilon must be finite and > 0, got {sinkhorn_epsilon!r}")
         if sinkhorn_gather_distributed and not torch.distributed.is_available():
             raise ValueError("sinkhorn_gather_distributed is True but torch.distributed is not available")
-        self.temperature = float(temperature)
-        self.sinkhorn_iterations = int(sinkhorn_iterations)
-        self.sinkhorn_epsilon = float(sinkhorn_epsilon)
+        self.temperature = _checks.positive_float(temperature, "temperature")
+        self.sinkhorn_iterations = _checks.int_at_least(sinkhorn_iterations, "sinkhorn_iterations", 1)
+        self.sinkhorn_epsilon = _checks.positive_float(sinkhorn_epsilon, "sinkhorn_epsilon")
         self.sinkhorn_gather_distributed = bool(sinkhorn_gather_distributed)
-
-    def _group(self):
-        if self.sinkhorn_gather_distributed:
-            dist = torch.distributed
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                return dist.group.WORLD
-        return None
 
     def subloss(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Soft cross entropy -mean_b sum_k q_bk log_softmax(z_b / T)_k (lightly's ``subloss``)."""
@@ -77,43 +60,10 @@ class SwaVLoss(nn.Module):
 
     def forward(self, high_resolution_outputs: List[torch.Tensor], low_resolution_outputs: List[torch.Tensor],
                 queue_outputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-        high: Sequence[torch.Tensor] = list(high_resolution_outputs)
-        low: Sequence[torch.Tensor] = list(low_resolution_outputs)
-        if len(high) == 0:
-            raise ValueError("high_resolution_outputs must hold at least one tensor")
-        n_crops = len(high) + len(low)
-        if n_crops < 2:
-            raise ValueError("SwaVLoss needs at least two crops (high_resolution_outputs + low_resolution_outputs)")
-        if queue_outputs is not None and len(queue_outputs) < len(high):
-            raise ValueError(f"queue_outputs must hold one tensor per high-resolution crop ({len(high)}), got "
-                             f"{len(queue_outputs)}")
-        b = high[0].shape[0]
-        for name, crops in (("high_resolution_outputs", high), ("low_resolution_outputs", low)):
-            for c in crops:
-                if c.dim() != 2 or c.shape[0] != b or c.shape[1] != high[0].shape[1]:
-                    raise ValueError(f"{name}: every crop must have shape (B, K) = {tuple(high[0].shape)}, got "
-                                     f"{tuple(c.shape)}")
-        group = self._group()
-
-        # codes of every high-resolution crop (no gradient), and their sum
-        codes = []
-        for i, h in enumerate(high):
-            scores = h.detach()
-            if queue_outputs is not None:
-                scores = torch.cat((scores, queue_outputs[i].detach().to(scores.dtype)))
-            q = functional.sinkhorn_knopp(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations,
-                                          process_group=group)
-            codes.append(q[:b] if queue_outputs is not None else q)
-        total = codes[0] if len(codes) == 1 else torch.stack(codes).sum(dim=0)
-
-        # sum_i sum_{v != i} CE(q_i, p_v) = sum_v CE(sum_{i != v} q_i, p_v): one log_softmax per crop
-        loss = None
-        for v, z in enumerate(list(high) + list(low)):
-            target = total - codes[v] if v < len(high) else total
-            logp = F.log_softmax(z / self.temperature, dim=1)
-            term = -torch.sum(target * logp) / b
-            loss = term if loss is None else loss + term
-        return loss / ((n_crops - 1) * len(high))
+        return sf.swav_loss(high_resolution_outputs, low_resolution_outputs, queue_outputs,
+                            temperature=self.temperature, sinkhorn_iterations=self.sinkhorn_iterations,
+                            sinkhorn_epsilon=self.sinkhorn_epsilon,
+                            process_group=True if self.sinkhorn_gather_distributed else None)
 
 
 class SwaVPrototypes(nn.Module):

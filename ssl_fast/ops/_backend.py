@@ -5,6 +5,11 @@ the environment variable ``SSL_FAST_BACKEND`` (default ``auto``). ``auto`` picks
 tensors (falling back to ``torch`` with one warning when Triton is missing) and ``cpp`` for CPU
 tensors (falling back to ``torch`` with one warning when the C++ extension is missing). An explicit
 backend that cannot serve the inputs raises ``RuntimeError``; it never switches silently.
+
+Every op declares its fused backends once, as a :class:`BackendTable` (``ssl_fast/ops/<op>.py``), and asks
+it which backend runs (:meth:`BackendTable.resolve`): the one path for resolution, fallback and the one-time
+warning. The table's entries obey one contract per op, so the op's autograd code does not depend on the
+backend.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import importlib.util
 import os
 import threading
 import warnings
-from typing import Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
+
+from .. import _ext
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 ENV_VAR = "SSL_FAST_BACKEND"
@@ -96,8 +103,6 @@ def resolve(device: torch.device, *, has_triton_impl: bool = True, requested: Op
 
     The Triton kernels take fp32 / bf16 / fp16; ``auto`` sends float64 CUDA tensors to the torch backend.
     """
-    from .. import _ext
-
     name = requested or get_backend()
     if name == "auto":
         if device.type == "cuda":
@@ -133,3 +138,70 @@ def resolve(device: torch.device, *, has_triton_impl: bool = True, requested: Op
             raise RuntimeError(f"backend 'triton' does not serve tensors on {device}")
         return "triton"
     return "torch"
+
+
+class BackendTable:
+    """The fused backends of one op: for ``cpp`` and ``triton``, a mapping of step name -> callable (the
+    op's dispatcher ops, :func:`ssl_fast.ops._library.cpp_op` / :func:`~ssl_fast.ops._library.triton_op`), and
+    optionally the same steps in plain ``torch``. Every backend's steps obey the op's one contract.
+
+    Args:
+        name: the op (for messages).
+        cpp: the C++ steps; a None entry (``ssl_fast._C`` missing, or built before the op existed) makes the
+            cpp backend unavailable: ``auto`` then falls back to torch with one warning, ``"cpp"`` raises.
+        triton: the Triton steps (their kernels are imported on first use).
+        torch: the steps in plain torch, or None when the op's torch path is the reference's autograd (the
+            entry point calls it itself).
+        cpp_on_cuda: the C++ op also has a CUDA kernel (``csrc/cuda``): True when built (``auto`` and ``"cpp"``
+            then send CUDA tensors to it), False when the op has CUDA sources that were not built (``"cpp"`` on
+            CUDA tensors says so), None when the op has none.
+        triton_fp64: the Triton kernels take float64 (otherwise ``auto`` sends float64 CUDA tensors to torch).
+
+    Example (an op's declaration, see ``ssl_fast/ops/infonce.py``)::
+
+        TABLE = BackendTable("ntxent",
+                             cpp=dict(fwd=cpp_op("ntxent_fwd_cpp", fake_fwd, block=True), ...),
+                             triton=dict(fwd=triton_op("ntxent_fwd_triton(...) -> Tensor[]", fake_fwd,
+                                                       "infonce.ntxent_forward"), ...))
+        backend = TABLE.resolve(z1.device, backend, z1.dtype)     # "cpp" | "triton" | "torch"
+        loss, *saved = TABLE[backend]["fwd"](z1, z2, inv_temp, normalize, d)
+    """
+
+    def __init__(self, name: str, *, cpp: Optional[Mapping[str, Optional[Callable]]] = None,
+                 triton: Optional[Mapping[str, Callable]] = None, torch: Optional[Mapping[str, Callable]] = None,
+                 cpp_on_cuda: Optional[bool] = None, triton_fp64: bool = False):
+        self.name = name
+        self.steps: Dict[str, Mapping[str, Callable]] = {}
+        self.cpp_ok = bool(cpp) and all(fn is not None for fn in cpp.values())
+        if self.cpp_ok:
+            self.steps["cpp"] = dict(cpp)
+        if triton:
+            self.steps["triton"] = dict(triton)
+        if torch:
+            self.steps["torch"] = dict(torch)
+        self.cpp_on_cuda = cpp_on_cuda if self.cpp_ok else (None if cpp_on_cuda is None else False)
+        self.triton_fp64 = triton_fp64
+
+    def __getitem__(self, backend: str) -> Mapping[str, Callable]:
+        return self.steps[backend]
+
+    def resolve(self, device: torch.device, requested: Optional[str] = None,
+                dtype: Optional[torch.dtype] = None) -> str:
+        """The backend that runs this op for tensors on ``device`` of ``dtype``: ``requested`` (a call's
+        ``backend=``) or the one in force (:func:`get_backend`), resolved as the module docstring says."""
+        name = _check_name(requested) if requested else get_backend()
+        if name in ("auto", "cpp") and self.cpp_ok and _ext.HAS_EXT:  # the common case first
+            if device.type == "cpu" or (device.type == "cuda" and self.cpp_on_cuda):
+                return "cpp"
+        if name == "cpp" and device.type == "cuda" and self.cpp_on_cuda is False:
+            raise RuntimeError("backend 'cpp' on CUDA tensors needs ssl_fast._C built with its CUDA sources "
+                               "(a GPU at build time, or SSL_FAST_FORCE_CUDA=1)")
+        chosen = resolve(device, has_triton_impl="triton" in self.steps, requested=name,
+                         dtype=None if self.triton_fp64 else dtype)
+        if chosen == "cpp" and not self.cpp_ok:  # the extension is loaded but predates this op
+            if name == "cpp":
+                raise RuntimeError(f"backend 'cpp': ssl_fast._C has no {self.name} op (rebuild the extension)")
+            _warn_once(f"auto-cpu-{self.name}", f"ssl_fast: ssl_fast._C has no {self.name} op (built before it "
+                                                f"existed: rebuild the extension); CPU tensors use the torch backend.")
+            return "torch"
+        return chosen

@@ -1,11 +1,12 @@
-"""The ``ssl_fast`` operator namespace (``torch.ops.ssl_fast.*``), shared by every op module.
+"""The ``ssl_fast`` operator namespace (``torch.ops.ssl_fast.*``): how every op registers its fused backends.
 
 Each fused backend call is one dispatcher op with a fake (meta) implementation, so ``torch.compile``
 traces through it without a graph break and ``torch.library.opcheck`` can test it. Two kinds:
 
-* ops defined in C++ (``TORCH_LIBRARY_FRAGMENT(ssl_fast, m)`` with a ``CPU`` impl, in ``csrc/cpu/<op>.cpp``):
-  they exist once ``ssl_fast._C`` is loaded; :func:`fake_for` adds their fake implementation.
-* ops defined here in Python (the Triton launchers): :func:`define` gives schema, impls and fake.
+* :func:`cpp_op`: ops defined in C++ (``TORCH_LIBRARY_FRAGMENT(ssl_fast, m)`` with a ``CPU`` impl, in
+  ``csrc/cpu/<op>.cpp``); they exist once ``ssl_fast._C`` is loaded, and this adds their fake implementation.
+* :func:`triton_op`: ops defined here in Python around a Triton launcher of ``kernels/<op>.py``, which is
+  imported on the op's first call (importing triton costs ~0.5 s; ``import ssl_fast`` does not pay it).
 
 Why not ``torch.library.custom_op``: its first call imports sympy and torch._dynamo (measured: ~1 s and
 155 MiB of resident memory in a fresh process, then ~0.09 ms per call); a plain ``Library`` definition
@@ -15,6 +16,9 @@ checks a fresh process.
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -23,6 +27,9 @@ from .. import _ext
 
 NAMESPACE = "ssl_fast"
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+#: Rows per tile of the C++ InfoNCE kernels (the ops' trailing ``block`` argument); 0: the kernel picks by shape.
+CPU_BLOCK = int(os.environ.get("SSL_FAST_CPU_BLOCK", "0"))
 
 
 def define(schema: str, fake: Callable, *, cpu: Optional[Callable] = None, cuda: Optional[Callable] = None):
@@ -38,10 +45,35 @@ def define(schema: str, fake: Callable, *, cpu: Optional[Callable] = None, cuda:
     return getattr(torch.ops.ssl_fast, name).default
 
 
-def fake_for(name: str, fake: Callable):
-    """Register the fake impl of the C++ op ``ssl_fast::<name>``; returns its overload, or None when the
-    extension is not loaded (the op does not exist then)."""
-    if not _ext.HAS_EXT:
+def cpp_op(name: str, fake: Callable, *, block: bool = False):
+    """The C++ op ``ssl_fast::<name>`` with ``fake`` registered as its fake impl; None when ``ssl_fast._C`` is not
+    loaded or predates the op (the op's :class:`~ssl_fast.ops._backend.BackendTable` then falls back to torch).
+
+    ``block=True``: the op takes the tile size last; the returned callable appends :data:`CPU_BLOCK` (read at
+    call time) and takes the other arguments. Otherwise the overload itself is returned.
+    """
+    if not _ext.HAS_EXT or not hasattr(torch.ops.ssl_fast, name):
         return None
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIB)
-    return getattr(torch.ops.ssl_fast, name).default
+    op = getattr(torch.ops.ssl_fast, name).default
+    if not block:
+        return op
+
+    def with_block(*args):
+        return op(*args, CPU_BLOCK)
+
+    return with_block
+
+
+def triton_op(schema: str, fake: Callable, launcher: str):
+    """Define ``ssl_fast::<name>`` from ``schema``, implemented on CUDA (and on CPU, the Triton interpreter) by
+    ``launcher`` = ``"<module>.<function>"`` of ``ssl_fast.kernels``, imported on the first call; returns the
+    overload."""
+    module, fn = launcher.rsplit(".", 1)
+    qualified = f"ssl_fast.kernels.{module}"
+
+    def impl(*args):
+        module_ = sys.modules.get(qualified) or importlib.import_module(qualified)
+        return getattr(module_, fn)(*args)
+
+    return define(schema, fake, cpu=impl, cuda=impl)

@@ -26,42 +26,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _ext
 from . import _backend, _library
 
 Momentum = Union[float, torch.Tensor]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = "float32, bfloat16, float16 or float64"
-
-# ----------------------------------------------------------------------------------------------------
-# ops
-
-
-def _fake_ema_update(ema, online, momentum, momentum_tensor):
-    return None
-
-
-# ssl_fast::ema_update_ (C++; None when ssl_fast._C is not loaded)
-_CPP_OP = _library.fake_for("ema_update_", _fake_ema_update)
-# The C++ op has a CUDA kernel only when the extension was built with csrc/cuda/ema.cu.
-HAS_CUDA_KERNEL = _CPP_OP is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "ssl_fast::ema_update_", "CUDA")
-
-_TRITON_OP = None
-
-
-def _triton_op():
-    """ssl_fast::ema_update_triton_, defined on first use (imports triton)."""
-    global _TRITON_OP
-    if _TRITON_OP is None:
-        from ssl_fast.kernels import ema as kernels
-
-        _TRITON_OP = _library.define(
-            "ema_update_triton_(Tensor(a!)[] ema, Tensor[] online, float momentum, Tensor? momentum_tensor) -> ()",
-            _fake_ema_update, cpu=kernels.ema_update_, cuda=kernels.ema_update_)
-    return _TRITON_OP
-
 
 # ----------------------------------------------------------------------------------------------------
 # argument checks
@@ -120,21 +90,8 @@ def check_pairs(ema: Sequence, online: Sequence) -> None:
                              f"{e.device} and {o.device}")
 
 
-def _resolve(device: torch.device, requested: Optional[str]) -> str:
-    name = _backend._check_name(requested) if requested else _backend.get_backend()
-    if device.type == "cpu" and name in ("auto", "cpp") and _CPP_OP is not None:
-        return "cpp"  # the common case, without the generic resolution's per-call imports
-    if device.type == "cuda" and name in ("auto", "cpp"):
-        if HAS_CUDA_KERNEL:
-            return "cpp"
-        if name == "cpp":
-            raise RuntimeError("backend 'cpp' on CUDA tensors needs ssl_fast._C built with its CUDA sources "
-                               "(a GPU at build time, or SSL_FAST_FORCE_CUDA=1)")
-    return _backend.resolve(device, requested=name)
-
-
 # ----------------------------------------------------------------------------------------------------
-# backends
+# momentum per backend, the torch update
 
 
 def _momentum_for(device: torch.device, value: float, mt: Optional[torch.Tensor], backend: str):
@@ -168,18 +125,37 @@ def _torch_update(ema: List[torch.Tensor], online: List[torch.Tensor], value: fl
             torch._foreach_lerp_(es, os_, [w] * len(es))
 
 
+def _fake_ema_update(ema, online, momentum, momentum_tensor):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# backends: the C++ op ssl_fast::ema_update_ (schema in csrc/cpu/ema.cpp; its CUDA kernel, csrc/cuda/ema.cu, when
+# the extension was built with it), the Triton op around kernels/ema.py, and torch's _foreach_lerp_
+
+_CPP_OP = _library.cpp_op("ema_update_", _fake_ema_update)
+#: The C++ op has a CUDA kernel only when the extension was built with csrc/cuda/ema.cu.
+HAS_CUDA_KERNEL = _CPP_OP is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "ssl_fast::ema_update_", "CUDA")
+
+TABLE = _backend.BackendTable(
+    "ema_update_",
+    cpp=dict(update=_CPP_OP),
+    triton=dict(update=_library.triton_op(
+        "ema_update_triton_(Tensor(a!)[] ema, Tensor[] online, float momentum, Tensor? momentum_tensor) -> ()",
+        _fake_ema_update, "ema.ema_update_")),
+    torch=dict(update=_torch_update),
+    cpp_on_cuda=HAS_CUDA_KERNEL, triton_fp64=True,
+)
+
+
 def _run(ema, online, value, mt, device, backend_name: str) -> None:
     if mt is not None:
         value, mt = _momentum_for(device, value, mt, backend_name)
     if torch.is_grad_enabled():  # an in-place update of tensors that may require grad (model parameters)
         with torch.no_grad():
             return _run(ema, online, value, mt, device, backend_name)
-    if backend_name == "cpp":
-        _CPP_OP(ema, online, value, mt)
-    elif backend_name == "triton":
-        _triton_op()(ema, online, value, mt)
-    else:
-        _torch_update(ema, online, value, mt)
+    TABLE[backend_name]["update"](ema, online, value, mt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,7 +181,7 @@ def ema_update_(ema_tensors, online_tensors, momentum: Momentum, *, backend: Opt
         raise
     if len(devices) == 1:
         device = next(iter(devices))
-        name = _resolve(device, backend)
+        name = TABLE.resolve(device, backend)
         if name != "cpp":  # the C++ op checks its arguments itself
             check_pairs(ema, online)
         _run(ema, online, value, mt, device, name)
@@ -217,7 +193,7 @@ def ema_update_(ema_tensors, online_tensors, momentum: Momentum, *, backend: Opt
         g = by_device.setdefault(e.device, ([], []))
         g[0].append(e)
         g[1].append(o)
-    plan = [(dev, _resolve(dev, backend), es, os_) for dev, (es, os_) in by_device.items()]
+    plan = [(dev, TABLE.resolve(dev, backend), es, os_) for dev, (es, os_) in by_device.items()]
     for dev, name, es, os_ in plan:
         _run(es, os_, value, mt, dev, name)
     return None

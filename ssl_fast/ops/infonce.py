@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Optional, Union
 
 import torch
@@ -111,28 +110,14 @@ def _fix_last_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# fused backends
-
-
-# Each backend call is one dispatcher op (torch.ops.ssl_fast.*) with a fake implementation, so torch.compile
-# sees one opaque node (no graph break). The cpp ops are defined in csrc/cpu/infonce.cpp (TORCH_LIBRARY),
-# the triton ones here (their impls import the kernels on first use). Autograd stays in the Functions below.
-# Forward ops return [loss, *saved]; the backward op takes (grad, a, b, *saved, ...) -> [da, db, gz].
-
-CPU_BLOCK = int(os.environ.get("SSL_FAST_CPU_BLOCK", "0"))  # cpp rows per tile; 0: the kernel chooses
-
-
-def _triton():
-    from ssl_fast.kernels import infonce as kernels
-
-    return kernels
+# fake implementations (shapes and dtypes of each dispatcher op's outputs)
 
 
 def _fake_loss(a):
     return a.new_empty((), dtype=_acc_dtype(a))
 
 
-def _fake_grads(a, b):
+def _fake_grads(g, a, b, *rest):
     return [a.new_empty(a.shape), b.new_empty(b.shape), a.new_empty((), dtype=_acc_dtype(a))]
 
 
@@ -155,49 +140,53 @@ def _fake_info_nce_fwd_cpp(q, k, inv_temp, normalize, symmetric, d, block):  # (
             q.new_empty(n, dtype=acc)]
 
 
-_OPS = {
-    "cpp": dict(
-        ntxent_fwd=_library.fake_for("ntxent_fwd_cpp", _fake_ntxent_fwd_cpp),
-        ntxent_bwd=_library.fake_for("ntxent_bwd_cpp", lambda g, a, b, *rest: _fake_grads(a, b)),
-        info_nce_fwd=_library.fake_for("info_nce_fwd_cpp", _fake_info_nce_fwd_cpp),
-        info_nce_bwd=_library.fake_for("info_nce_bwd_cpp", lambda g, a, b, *rest: _fake_grads(a, b)),
+def _fake_ntxent_fwd_triton(z1, z2, inv_temp, normalize, d):
+    return [_fake_loss(z1), *_fake_triton_saved(z1)]
+
+
+def _fake_info_nce_fwd_triton(q, k, inv_temp, normalize, symmetric, d):
+    return [_fake_loss(q), *_fake_triton_saved(q)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# backends: the dispatcher ops of csrc/cpu/infonce.cpp (cpp; they take the tile size last, appended by
+# cpp_op) and kernels/infonce.py (triton); the torch path is the reference's autograd (see the entry points)
+
+TABLE = _backend.BackendTable(
+    "infonce",
+    cpp=dict(
+        ntxent_fwd=_library.cpp_op("ntxent_fwd_cpp", _fake_ntxent_fwd_cpp, block=True),
+        ntxent_bwd=_library.cpp_op("ntxent_bwd_cpp", _fake_grads, block=True),
+        info_nce_fwd=_library.cpp_op("info_nce_fwd_cpp", _fake_info_nce_fwd_cpp, block=True),
+        info_nce_bwd=_library.cpp_op("info_nce_bwd_cpp", _fake_grads, block=True),
     ),
-    "triton": dict(
-        ntxent_fwd=_library.define(
+    triton=dict(
+        ntxent_fwd=_library.triton_op(
             "ntxent_fwd_triton(Tensor z1, Tensor z2, Tensor inv_temp, bool normalize, int d) -> Tensor[]",
-            lambda z1, z2, inv_temp, normalize, d: [_fake_loss(z1), *_fake_triton_saved(z1)],
-            cpu=lambda *a: _triton().ntxent_forward(*a), cuda=lambda *a: _triton().ntxent_forward(*a)),
-        ntxent_bwd=_library.define(
+            _fake_ntxent_fwd_triton, "infonce.ntxent_forward"),
+        ntxent_bwd=_library.triton_op(
             "ntxent_bwd_triton(Tensor grad, Tensor z1, Tensor z2, Tensor lse, Tensor norms, Tensor cos, "
-            "Tensor inv_temp, bool normalize, int d) -> Tensor[]",
-            lambda g, a, b, *rest: _fake_grads(a, b),
-            cpu=lambda *a: _triton().ntxent_backward(*a), cuda=lambda *a: _triton().ntxent_backward(*a)),
-        info_nce_fwd=_library.define(
+            "Tensor inv_temp, bool normalize, int d) -> Tensor[]", _fake_grads, "infonce.ntxent_backward"),
+        info_nce_fwd=_library.triton_op(
             "info_nce_fwd_triton(Tensor q, Tensor k, Tensor inv_temp, bool normalize, bool symmetric, int d) "
-            "-> Tensor[]",
-            lambda q, k, inv_temp, normalize, symmetric, d: [_fake_loss(q), *_fake_triton_saved(q)],
-            cpu=lambda *a: _triton().info_nce_forward(*a), cuda=lambda *a: _triton().info_nce_forward(*a)),
-        info_nce_bwd=_library.define(
+            "-> Tensor[]", _fake_info_nce_fwd_triton, "infonce.info_nce_forward"),
+        info_nce_bwd=_library.triton_op(
             "info_nce_bwd_triton(Tensor grad, Tensor q, Tensor k, Tensor lse, Tensor norms, Tensor cos, "
-            "Tensor inv_temp, bool normalize, bool symmetric, int d) -> Tensor[]",
-            lambda g, a, b, *rest: _fake_grads(a, b),
-            cpu=lambda *a: _triton().info_nce_backward(*a), cuda=lambda *a: _triton().info_nce_backward(*a)),
+            "Tensor inv_temp, bool normalize, bool symmetric, int d) -> Tensor[]", _fake_grads,
+            "infonce.info_nce_backward"),
     ),
-}
+)
 
 
-def _call(backend: str, op: str, *args):
-    """One fused op of ``backend``; the cpp ops take the tile size last."""
-    if backend == "cpp":
-        return _OPS["cpp"][op](*args, CPU_BLOCK)
-    return _OPS["triton"][op](*args)
+# ----------------------------------------------------------------------------------------------------
+# autograd (every fused backend: TABLE[backend] holds the steps)
 
 
 class _NTXentFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1, z2, temperature, normalize: bool, d: int, backend: str):
         inv_temp = (1.0 / temperature.detach().to(_acc_dtype(z1))).reshape(())
-        loss, *saved = _call(backend, "ntxent_fwd", z1, z2, inv_temp, normalize, d)
+        loss, *saved = TABLE[backend]["ntxent_fwd"](z1, z2, inv_temp, normalize, d)
         ctx.save_for_backward(z1, z2, inv_temp, *saved)
         ctx.cfg = (normalize, d, backend)
         ctx.temp_dtype = temperature.dtype
@@ -207,8 +196,8 @@ class _NTXentFn(torch.autograd.Function):
     def backward(ctx, grad):
         z1, z2, inv_temp, *saved = ctx.saved_tensors
         normalize, d, backend = ctx.cfg
-        dz1, dz2, gz = _call(backend, "ntxent_bwd", grad.to(inv_temp.dtype).reshape(()), z1, z2, *saved, inv_temp,
-                             normalize, d)
+        dz1, dz2, gz = TABLE[backend]["ntxent_bwd"](grad.to(inv_temp.dtype).reshape(()), z1, z2, *saved,
+                                                       inv_temp, normalize, d)
         dtemp = None
         if ctx.needs_input_grad[2]:
             dtemp = (-0.5 * gz * inv_temp).to(ctx.temp_dtype)
@@ -220,7 +209,7 @@ class _InfoNCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, temperature, normalize: bool, symmetric: bool, d: int, backend: str):
         inv_temp = (1.0 / temperature.detach().to(_acc_dtype(q))).reshape(())
-        loss, *saved = _call(backend, "info_nce_fwd", q, k, inv_temp, normalize, symmetric, d)
+        loss, *saved = TABLE[backend]["info_nce_fwd"](q, k, inv_temp, normalize, symmetric, d)
         ctx.save_for_backward(q, k, inv_temp, *saved)
         ctx.cfg = (normalize, symmetric, d, backend)
         ctx.temp_dtype = temperature.dtype
@@ -230,8 +219,8 @@ class _InfoNCEFn(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, inv_temp, *saved = ctx.saved_tensors
         normalize, symmetric, d, backend = ctx.cfg
-        dq, dk, gz = _call(backend, "info_nce_bwd", grad.to(inv_temp.dtype).reshape(()), q, k, *saved, inv_temp,
-                           normalize, symmetric, d)
+        dq, dk, gz = TABLE[backend]["info_nce_bwd"](grad.to(inv_temp.dtype).reshape(()), q, k, *saved,
+                                                       inv_temp, normalize, symmetric, d)
         dtemp = None
         if ctx.needs_input_grad[2]:
             dtemp = (-gz * inv_temp).to(ctx.temp_dtype)
@@ -256,7 +245,7 @@ def ntxent(
     _check_pair(z1, z2, "z1", "z2")
     d = _check_feature_dim(feature_dim, z1.shape[1])
     temp = _check_temperature(temperature, z1)
-    name = _backend.resolve(z1.device, requested=backend and _backend._check_name(backend), dtype=z1.dtype)
+    name = TABLE.resolve(z1.device, backend, z1.dtype)
     if name == "torch":
         return reference.ntxent_reference(z1, z2, temp, normalize=normalize, feature_dim=feature_dim).to(_acc_dtype(z1))
     return _NTXentFn.apply(_fix_last_stride(z1), _fix_last_stride(z2), temp, bool(normalize), d, name)
@@ -276,8 +265,7 @@ def info_nce(
     _check_pair(query, key, "query", "key")
     d = _check_feature_dim(feature_dim, query.shape[1])
     temp = _check_temperature(temperature, query)
-    name = _backend.resolve(query.device, requested=backend and _backend._check_name(backend),
-                            dtype=query.dtype)
+    name = TABLE.resolve(query.device, backend, query.dtype)
     if name == "torch":
         return reference.info_nce_reference(query, key, temp, normalize=normalize, symmetric=symmetric,
                                             feature_dim=feature_dim).to(_acc_dtype(query))

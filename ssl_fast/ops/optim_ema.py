@@ -6,7 +6,9 @@ of the updated value, in the same pass over memory. The math, op by op with its 
 ``csrc/cpu/optim_ema.cpp``: in fp32 it is torch.optim's foreach math (SGD, AdamW) and
 ``ssl_fast.train.optim.LARS``'s, followed by ``torch._foreach_lerp_``, to the last bit for SGD and AdamW.
 
-Backends (``ssl_fast.set_backend`` / ``backend=``):
+Backends (``ssl_fast.set_backend`` / ``backend=``), declared once in ``TABLE`` (a ``BackendTable`` with the
+steps ``sgd``, ``adamw``, ``lars``, each backend's with the C++ op's signature), resolved, with the fallback and
+its one-time warning, as every op's:
 
 * ``cpp``: ``ssl_fast._C``'s ops ``ssl_fast::{sgd,adamw,lars}_ema_step_``: the CPU kernel
   (``csrc/cpu/optim_ema.cpp``: one ``at::parallel_for`` per dtype group) and, when built with CUDA, the CUDA
@@ -17,10 +19,10 @@ Backends (``ssl_fast.set_backend`` / ``backend=``):
   backend (``torch._foreach_lerp_``): the reference the tests compare with, and the fallback for other
   dtypes (fp16, fp64) and devices.
 
-The caller (``ssl_fast.optim``) owns the optimizer state: momentum buffers are allocated before the first
-step (``fresh`` marks them: SGD's first step stores the gradient there, as torch's ``clone``), AdamW's
-``steps`` are the per-parameter step counts after this step's increment (floats, as torch's foreach path
-reads them with ``.item()``).
+The caller (``ssl_fast.optim``, through ``ssl_fast.functional``) owns the optimizer state: momentum buffers
+are allocated before the first step (``fresh`` marks them: SGD's first step stores the gradient there, as
+torch's ``clone``), AdamW's ``steps`` are the per-parameter step counts after this step's increment (floats,
+as torch's foreach path reads them with ``.item()``).
 """
 
 from __future__ import annotations
@@ -33,46 +35,6 @@ import torch
 
 from . import _backend, _library
 from . import ema as _ema
-
-# ----------------------------------------------------------------------------------------------------
-# ops
-
-
-def _fake(*args, **kwargs):
-    return None
-
-
-_SGD_OP = _library.fake_for("sgd_ema_step_", _fake)
-_ADAMW_OP = _library.fake_for("adamw_ema_step_", _fake)
-_LARS_OP = _library.fake_for("lars_ema_step_", _fake)
-HAS_CUDA_KERNEL = _SGD_OP is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "ssl_fast::sgd_ema_step_", "CUDA")
-
-_TRITON_OPS = {}
-
-
-def _triton_op(kind: str):
-    """ssl_fast::<kind>_ema_step_triton_, defined on first use (imports triton)."""
-    op = _TRITON_OPS.get(kind)
-    if op is None:
-        from ssl_fast.kernels import optim_ema as kernels
-
-        schema = {
-            "sgd": "sgd_ema_step_triton_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-                   "Tensor(c!)[] ema, int[] fresh, float lr, float momentum, float dampening, float weight_decay, "
-                   "bool nesterov, float ema_momentum, Tensor? ema_momentum_tensor) -> ()",
-            "adamw": "adamw_ema_step_triton_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-                     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] ema, float[] steps, float lr, float beta1, "
-                     "float beta2, float eps, float weight_decay, bool ieee_sqrt, float ema_momentum, "
-                     "Tensor? ema_momentum_tensor) -> ()",
-            "lars": "lars_ema_step_triton_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-                    "Tensor(c!)[] ema, float lr, float momentum, float weight_decay, float eta, bool adapt, "
-                    "float ema_momentum, Tensor? ema_momentum_tensor) -> ()",
-        }[kind]
-        fn = getattr(kernels, f"{kind}_ema_step_")
-        op = _TRITON_OPS[kind] = _library.define(schema, _fake, cpu=fn, cuda=fn)
-    return op
-
 
 # ----------------------------------------------------------------------------------------------------
 # checks (the C++ ops check the same; these run for every backend, before anything is written)
@@ -144,23 +106,11 @@ def _kernel_dtypes(params, ema) -> bool:
 
 
 def _resolve(device: torch.device, requested: Optional[str], kernel_ok: bool) -> str:
-    name = _backend._check_name(requested) if requested else _backend.get_backend()
-    if name == "auto" and not kernel_ok:
+    """The table's resolution; ``auto`` sends what the kernels do not take (fp16 / fp64 parameters, an EMA of
+    another dtype) to the torch backend, an explicit backend gets it (and its op raises)."""
+    if not kernel_ok and (_backend._check_name(requested) if requested else _backend.get_backend()) == "auto":
         return "torch"
-    if device.type == "cpu" and name in ("auto", "cpp") and _SGD_OP is not None:
-        return "cpp"
-    if device.type == "cuda" and name in ("auto", "cpp"):
-        if HAS_CUDA_KERNEL:
-            return "cpp"
-        if name == "cpp":
-            raise RuntimeError("backend 'cpp' on CUDA tensors needs ssl_fast._C built with its CUDA sources "
-                               "(a GPU at build time, or SSL_FAST_FORCE_CUDA=1)")
-    return _backend.resolve(device, requested=name)
-
-
-def _momentum(ema_momentum):
-    value, mt = _ema.check_momentum(ema_momentum)
-    return value, mt
+    return TABLE.resolve(device, requested)
 
 
 def _prepare(params, grads, states, ema, ema_momentum, backend):
@@ -168,7 +118,7 @@ def _prepare(params, grads, states, ema, ema_momentum, backend):
     grads = _as_list(grads, "grads")
     states = [(name, _as_list(lst, name)) for name, lst in states]
     ema = _as_list(ema, "ema")
-    value, mt = _momentum(ema_momentum)
+    value, mt = _ema.check_momentum(ema_momentum)
     _check_lists(params, grads, states, ema)
     if not params:
         return None
@@ -240,6 +190,58 @@ def lars_foreach_(params, grads, bufs, lr, momentum, weight_decay, eta, adapt) -
 
 
 # ----------------------------------------------------------------------------------------------------
+# the torch steps with the ops' signatures, and the backends: the C++ ops ssl_fast::{sgd,adamw,lars}_ema_step_
+# (schemas in csrc/cpu/optim_ema.cpp; their CUDA kernels, csrc/cuda/optim_ema.cu, when the extension was built
+# with them), the Triton ops around kernels/optim_ema.py, and torch.optim's foreach sequences + the lerp
+
+
+def _torch_sgd(params, grads, bufs, ema, fresh, lr, momentum, dampening, weight_decay, nesterov, value, mt) -> None:
+    _foreach_sgd(params, grads, bufs, [bool(f) for f in fresh], lr, momentum, dampening, weight_decay, nesterov)
+    _ema_after(params, ema, value, mt)
+
+
+def _torch_adamw(params, grads, m, v, ema, steps, lr, beta1, beta2, eps, weight_decay, ieee_sqrt, value, mt) -> None:
+    _foreach_adamw(params, grads, m, v, steps, lr, beta1, beta2, eps, weight_decay, ieee_sqrt)
+    _ema_after(params, ema, value, mt)
+
+
+def _torch_lars(params, grads, bufs, ema, lr, momentum, weight_decay, eta, adapt, value, mt) -> None:
+    lars_foreach_(params, grads, bufs, lr, momentum, weight_decay, eta, adapt)
+    _ema_after(params, ema, value, mt)
+
+
+def _fake(*args, **kwargs):
+    return None
+
+
+_SCHEMA_SGD = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] ema, int[] fresh, "
+               "float lr, float momentum, float dampening, float weight_decay, bool nesterov, float ema_momentum, "
+               "Tensor? ema_momentum_tensor) -> ()")
+_SCHEMA_ADAMW = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+                 "Tensor(d!)[] ema, float[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
+                 "bool ieee_sqrt, float ema_momentum, Tensor? ema_momentum_tensor) -> ()")
+_SCHEMA_LARS = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] ema, float lr, "
+                "float momentum, float weight_decay, float eta, bool adapt, float ema_momentum, "
+                "Tensor? ema_momentum_tensor) -> ()")
+
+_CPP_SGD = _library.cpp_op("sgd_ema_step_", _fake)
+#: The C++ ops have CUDA kernels only when the extension was built with csrc/cuda/optim_ema.cu.
+HAS_CUDA_KERNEL = _CPP_SGD is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "ssl_fast::sgd_ema_step_", "CUDA")
+
+TABLE = _backend.BackendTable(
+    "optim_ema_step_",
+    cpp=dict(sgd=_CPP_SGD, adamw=_library.cpp_op("adamw_ema_step_", _fake),
+             lars=_library.cpp_op("lars_ema_step_", _fake)),
+    triton=dict(sgd=_library.triton_op("sgd_ema_step_triton_" + _SCHEMA_SGD, _fake, "optim_ema.sgd_ema_step_"),
+                adamw=_library.triton_op("adamw_ema_step_triton_" + _SCHEMA_ADAMW, _fake, "optim_ema.adamw_ema_step_"),
+                lars=_library.triton_op("lars_ema_step_triton_" + _SCHEMA_LARS, _fake, "optim_ema.lars_ema_step_")),
+    torch=dict(sgd=_torch_sgd, adamw=_torch_adamw, lars=_torch_lars),
+    cpp_on_cuda=HAS_CUDA_KERNEL,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
 # public entry points (used by ssl_fast.optim)
 
 
@@ -267,15 +269,8 @@ def sgd_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     if len(fresh) != len(params):
         raise ValueError(f"fresh must have one flag per parameter: got {len(fresh)} for {len(params)} params")
     with torch.no_grad():
-        if name == "cpp":
-            _SGD_OP(params, grads, bufs, ema, [int(f) for f in fresh], lr, momentum, dampening, weight_decay,
-                    bool(nesterov), value, mt)
-        elif name == "triton":
-            _triton_op("sgd")(params, grads, bufs, ema, [int(f) for f in fresh], lr, momentum, dampening,
-                              weight_decay, bool(nesterov), value, mt)
-        else:
-            _foreach_sgd(params, grads, bufs, fresh, lr, momentum, dampening, weight_decay, bool(nesterov))
-            _ema_after(params, ema, value, mt)
+        TABLE[name]["sgd"](params, grads, bufs, ema, [int(f) for f in fresh], lr, momentum, dampening, weight_decay,
+                           bool(nesterov), value, mt)
 
 
 def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
@@ -306,15 +301,8 @@ def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     if any(not s >= 1 for s in steps):
         raise ValueError(f"steps must be >= 1 (the step count after this step), got {min(steps)}")
     with torch.no_grad():
-        if name == "cpp":
-            _ADAMW_OP(params, grads, m, v, ema, steps, lr, beta1, beta2, eps, weight_decay, bool(ieee_sqrt), value,
-                      mt)
-        elif name == "triton":
-            _triton_op("adamw")(params, grads, m, v, ema, steps, lr, beta1, beta2, eps, weight_decay, bool(ieee_sqrt),
-                                value, mt)
-        else:
-            _foreach_adamw(params, grads, m, v, steps, lr, beta1, beta2, eps, weight_decay, bool(ieee_sqrt))
-            _ema_after(params, ema, value, mt)
+        TABLE[name]["adamw"](params, grads, m, v, ema, steps, lr, beta1, beta2, eps, weight_decay, bool(ieee_sqrt),
+                             value, mt)
 
 
 def lars_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -335,10 +323,4 @@ def lars_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
         raise ValueError(f"momentum_buffers must have one tensor per parameter: got {len(bufs)} for "
                          f"{len(params)} params")
     with torch.no_grad():
-        if name == "cpp":
-            _LARS_OP(params, grads, bufs, ema, lr, momentum, weight_decay, eta, bool(adapt), value, mt)
-        elif name == "triton":
-            _triton_op("lars")(params, grads, bufs, ema, lr, momentum, weight_decay, eta, bool(adapt), value, mt)
-        else:
-            lars_foreach_(params, grads, bufs, lr, momentum, weight_decay, eta, bool(adapt))
-            _ema_after(params, ema, value, mt)
+        TABLE[name]["lars"](params, grads, bufs, ema, lr, momentum, weight_decay, eta, bool(adapt), value, mt)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -70,7 +70,7 @@ def _fix_last_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the three passes, per backend
+# fake implementations and the torch passes
 
 
 def _fake_col_lse(scores, inv_eps):
@@ -85,36 +85,6 @@ def _fake_row_pass(scores, inv_eps, u):
 
 def _fake_apply(scores, inv_eps, u):
     return scores.new_empty(scores.shape, dtype=_acc_dtype(scores))
-
-
-# cpp: defined and implemented in csrc/cpu/sinkhorn.cpp (None without the extension)
-_CPP_COL_LSE = _library.fake_for("sinkhorn_col_lse_cpp", _fake_col_lse)
-_CPP_ROW_PASS = _library.fake_for("sinkhorn_row_pass_cpp", _fake_row_pass)
-_CPP_APPLY = _library.fake_for("sinkhorn_apply_cpp", _fake_apply)
-
-
-# triton: launchers in kernels/sinkhorn.py, imported on first use (the CPU impl is the interpreter path)
-def _triton_col_lse(scores, inv_eps):
-    from ssl_fast.kernels import sinkhorn as k
-    return k.col_lse(scores, inv_eps)
-
-
-def _triton_row_pass(scores, inv_eps, u):
-    from ssl_fast.kernels import sinkhorn as k
-    return k.row_pass(scores, inv_eps, u)
-
-
-def _triton_apply(scores, inv_eps, u):
-    from ssl_fast.kernels import sinkhorn as k
-    return k.apply(scores, inv_eps, u)
-
-
-_TRITON_COL_LSE = _library.define("sinkhorn_col_lse_triton(Tensor scores, float inv_eps) -> (Tensor, Tensor)",
-                                  _fake_col_lse, cpu=_triton_col_lse, cuda=_triton_col_lse)
-_TRITON_ROW_PASS = _library.define("sinkhorn_row_pass_triton(Tensor scores, float inv_eps, Tensor u) -> Tensor",
-                                   _fake_row_pass, cpu=_triton_row_pass, cuda=_triton_row_pass)
-_TRITON_APPLY = _library.define("sinkhorn_apply_triton(Tensor scores, float inv_eps, Tensor u) -> Tensor",
-                                _fake_apply, cpu=_triton_apply, cuda=_triton_apply)
 
 
 # torch: the same three passes materializing s = scores / eps (the ``torch`` backend)
@@ -132,16 +102,28 @@ def _torch_apply(scores, inv_eps, u):
     return torch.softmax(scores.to(_acc_dtype(scores)) * inv_eps + u, dim=1)
 
 
-def _passes(name: str) -> Tuple[Callable, Callable, Callable]:
-    if name == "cpp":
-        return _CPP_COL_LSE, _CPP_ROW_PASS, _CPP_APPLY
-    if name == "triton":
-        return _TRITON_COL_LSE, _TRITON_ROW_PASS, _TRITON_APPLY
-    return _torch_col_lse, _torch_row_pass, _torch_apply
+# ----------------------------------------------------------------------------------------------------
+# backends: the dispatcher ops of csrc/cpu/sinkhorn.cpp (cpp) and kernels/sinkhorn.py (triton), and the torch
+# passes above; every backend provides col_lse, row_pass and apply
+
+TABLE = _backend.BackendTable(
+    "sinkhorn_knopp",
+    cpp=dict(col_lse=_library.cpp_op("sinkhorn_col_lse_cpp", _fake_col_lse),
+             row_pass=_library.cpp_op("sinkhorn_row_pass_cpp", _fake_row_pass),
+             apply=_library.cpp_op("sinkhorn_apply_cpp", _fake_apply)),
+    triton=dict(col_lse=_library.triton_op("sinkhorn_col_lse_triton(Tensor scores, float inv_eps) -> (Tensor, Tensor)",
+                                           _fake_col_lse, "sinkhorn.col_lse"),
+                row_pass=_library.triton_op("sinkhorn_row_pass_triton(Tensor scores, float inv_eps, Tensor u) -> Tensor",
+                                            _fake_row_pass, "sinkhorn.row_pass"),
+                apply=_library.triton_op("sinkhorn_apply_triton(Tensor scores, float inv_eps, Tensor u) -> Tensor",
+                                         _fake_apply, "sinkhorn.apply")),
+    torch=dict(col_lse=_torch_col_lse, row_pass=_torch_row_pass, apply=_torch_apply),
+)
 
 
 def _solve(passes, x: torch.Tensor, inv_eps: float, iterations: int, group) -> torch.Tensor:
-    col_lse, row_pass, apply = passes
+    """The loop over sweeps with ``passes`` (one backend's steps) and, with ``group``, the collectives."""
+    col_lse, row_pass, apply = passes["col_lse"], passes["row_pass"], passes["apply"]
     m, z = col_lse(x, inv_eps)
     if group is not None:
         import torch.distributed as dist
@@ -177,6 +159,6 @@ def sinkhorn_knopp(
     inv_eps, iterations = _check(scores, epsilon, iterations)
     if check_finite and not bool(torch.isfinite(scores).all()):  # a host sync, only when asked for
         raise ValueError("scores contains NaN or Inf")
-    name = _backend.resolve(scores.device, requested=backend and _backend._check_name(backend), dtype=scores.dtype)
+    name = TABLE.resolve(scores.device, backend, scores.dtype)
     with torch.no_grad():
-        return _solve(_passes(name), _fix_last_stride(scores.detach()), inv_eps, iterations, process_group)
+        return _solve(TABLE[name], _fix_last_stride(scores.detach()), inv_eps, iterations, process_group)

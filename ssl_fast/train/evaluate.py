@@ -1,8 +1,7 @@
 """Evaluation of a frozen encoder: weighted kNN (the training monitor) and a linear probe.
 
 Features are the backbone's representation of un-augmented, normalized images, computed in eval mode.
-Weighted kNN (Wu et al. 2018, as in DINO's monitor): cosine similarities to the training features, the k
-nearest vote for their class with weight exp(s / T); accuracy on the held-out split.
+Weighted kNN: ``ssl_fast.diagnostics.knn_accuracy`` of the held-out split against the training split.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import eval_view
+from ..diagnostics.knn import knn_accuracy
 
 
 @torch.no_grad()
@@ -35,25 +35,6 @@ def extract_features(encoder: nn.Module, source, split: str, device, image_size:
     if not feats:
         return torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, k: int = 20, t: float = 0.07, chunk: int = 1024) -> float:
-    """Weighted kNN top-1 accuracy (a fraction in [0, 1]) of ``test_f`` against ``train_f``."""
-    if test_f.numel() == 0 or train_f.numel() == 0:
-        return float("nan")
-    train_f = F.normalize(train_f, dim=1)
-    test_f = F.normalize(test_f, dim=1)
-    k = min(k, train_f.shape[0])
-    correct = torch.zeros((), device=test_f.device)
-    for i in range(0, test_f.shape[0], chunk):
-        sim = test_f[i:i + chunk] @ train_f.T
-        s, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (s / t).exp())
-        correct += (votes.argmax(1) == test_y[i:i + chunk]).sum()
-    return float(correct) / test_f.shape[0]
 
 
 def knn_eval(encoder: nn.Module, source, device, image_size=None, k: int = 20, t: float = 0.07,
@@ -92,3 +73,6 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
         acc_tr = (head(xtr).argmax(1) == train_y).float().mean().item()
         acc_te = (head(xte).argmax(1) == test_y).float().mean().item() if xte.numel() else float("nan")
     return acc_tr, acc_te
+
+
+__all__ = ["extract_features", "knn_accuracy", "knn_eval", "linear_probe"]

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, List
 import torch
 from torch import nn
 
-from ..ops.optim_ema import lars_foreach_
+from .. import optim as fused
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = True,
@@ -48,8 +48,10 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool 
     return groups
 
 
-class LARS(torch.optim.Optimizer):
-    """LARS with momentum; groups with ``lars=False`` (biases, norms) are plain SGD with momentum.
+class LARS(fused.LARS):
+    """LARS with momentum; groups with ``lars=False`` (biases, norms) are plain SGD with momentum. The unfused
+    optimizer: ``ssl_fast.optim.LARS`` (the math, the state) with the torch backend (torch's ``_foreach`` ops,
+    the trust ratio from ``_foreach_norm``) and no EMA attachment.
 
     Args:
         params: parameters or groups (a group may set ``lars``).
@@ -62,29 +64,7 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 0.001):
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            bufs = []
-            for p in params:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(st["momentum_buffer"])
-            lars_foreach_(params, [p.grad for p in params], bufs, group["lr"], group["momentum"],
-                          group["weight_decay"], group["eta"], group["lars"])
-        return loss
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, backend="torch")
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
@@ -98,8 +78,6 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
         raise ValueError(f"optimizer must be sgd | lars | adamw, got {name!r}")
     groups = param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)
     if ema is not None:
-        from .. import optim as fused
-
         if name == "lars":
             return fused.LARS(groups, lr=lr, momentum=momentum, eta=eta, ema=ema)
         for g in groups:

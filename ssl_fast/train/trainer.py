@@ -8,7 +8,10 @@ channels_last, optional ``torch.compile`` of the backbone, gradient accumulation
 Exact resume. Data order is a function of (seed, epoch) and the augmentation generator is re-seeded from
 (seed, step, rank) before each step, so a resumed run draws the same batches and views as an uninterrupted
 one; the checkpoint also holds model (incl. EMA teacher and queues, which are module state), optimizer,
-scheduler, gradient scaler, step, and every rank's torch / CUDA / numpy / Python RNG states.
+scheduler, gradient scaler, step, and every rank's torch / CUDA / numpy / Python RNG states. Bit for bit
+with 1 or 2 processes; with 3+, the first step after a (re)start differs in float rounding: DDP re-buckets the
+gradients after the first step of every process (without find_unused_parameters), and an all-reduce over 3+
+ranks sums each element in an order that depends on the bucket layout (4 ranks, 6 steps: 6e-8).
 
 Signals and faults. SIGINT / SIGTERM finish the current step, write a checkpoint and raise
 ``TrainingInterrupted`` (the CLI exits with 130 and prints how to resume). Test hook: with
@@ -37,8 +40,8 @@ from torch import nn
 
 from ..data import Pipeline, build_source, byol_views, digits_view, multicrop, simclr_views
 from ..methods import build_backbone, build_method
-from .checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoint, load_checkpoint,
-                         prune_checkpoints, save_checkpoint)
+from .checkpoint import (FORMAT, CheckpointError, check_compatible, checkpoint_path, latest_good_checkpoint,
+                         load_checkpoint, load_model_state, prune_checkpoints, save_checkpoint)
 from .config import TrainConfig
 from .evaluate import knn_eval
 from .log import RunLogger, peak_memory_mb
@@ -110,9 +113,14 @@ def init_process_group(backend: str) -> None:
     look them up: a worker that reads its peer's key before the peer rewrites it connects to a dead port
     ("connectFullMesh ... Connection refused") or waits on a stale barrier count. Every attempt therefore
     gets its own key space, ``PrefixStore("ssl_fast/attempt_<TORCHELASTIC_RESTART_COUNT>")``.
+
+    Only where the store is shared (``TORCHELASTIC_USE_AGENT_STORE=True``, torchrun's default): with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` rank 0 hosts a new store for every attempt, and the restart
+    counts of the nodes' agents may differ (a replaced node's agent counts from 0 again), so a prefix made
+    from them would split the job.
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend)
         return
     store, rank, world = next(dist.rendezvous("env://"))
@@ -271,10 +279,13 @@ class Trainer:
             dist.all_gather_object(all_rng, rng)
         else:
             all_rng = [rng]
-        return {"format": "ssl_fast.train/1", "step": self.step, "epoch": self.step // self.steps_per_epoch,
-                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": all_rng, "world_size": self.world, "config": self.cfg.to_dict(), "metrics": dict(self.metrics)}
+        from .. import __version__
+
+        return {"format": FORMAT, "ssl_fast_version": __version__, "step": self.step,
+                "epoch": self.step // self.steps_per_epoch, "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": all_rng, "world_size": self.world,
+                "config": self.cfg.to_dict(), "metrics": dict(self.metrics)}
 
     def save(self) -> Optional[str]:
         state = self.state_dict()  # collective: every rank takes part
@@ -286,12 +297,15 @@ class Trainer:
             dist.barrier()
         return path
 
-    def load(self, state: Dict[str, Any]) -> None:
-        saved = state.get("config", {})
-        if saved.get("method") not in (None, self.cfg.method):
-            raise CheckpointError(f"checkpoint was trained with --method {saved.get('method')}, not {self.cfg.method}")
-        self.method.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load(self, state: Dict[str, Any], path: str = "checkpoint") -> None:
+        config = self.cfg.to_dict()
+        check_compatible(state, config, path)
+        load_model_state(self.method, state["model"], path, state, config)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:  # parameter groups of another layout (e.g. --fix-pred-lr)
+            raise CheckpointError(f"checkpoint {path!r}: its optimizer state does not fit this run's optimizer "
+                                  f"({exc}); was it written with other --fix-pred-lr / --optimizer values?") from exc
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -313,7 +327,7 @@ class Trainer:
                 return False
         else:
             state = load_checkpoint(r)
-        self.load(state)
+        self.load(state, state.get("_path", r))
         self.resumed_from = state.get("_path", r)
         return True
 
@@ -517,6 +531,14 @@ class Trainer:
         return torch.stack(self.loss_history).tolist() if self.loss_history else []
 
     def _teardown(self) -> None:
+        """End of a distributed run: a last barrier, so that no rank leaves (and closes its connections) while
+        another still writes rank 0's files or waits in a collective, then ``destroy_process_group``.
+
+        The group's threads may outlive this: a process group that DDP wrapped is still referenced from C++
+        after ``destroy_process_group`` (torch 2.14: gloo's two ``pt_gloo_runloop`` threads and its
+        ``gloo_tcp_loop`` thread run until the process ends). The ``ssl-fast train`` program therefore ends a
+        distributed run with ``os._exit`` after flushing (``ssl_fast._train_cli.finish``)."""
         if getattr(self, "owns_pg", False) and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_pg = False

@@ -1,0 +1,150 @@
+"""SwAV's swapped-prediction loss on fused Sinkhorn-Knopp codes: argument checks, backend dispatch, autograd.
+
+For each high-resolution crop i, codes q_i = sinkhorn_knopp(scores_i [; queue_i]) (the queue rows are used for
+the codes and then dropped; no gradient: targets, as in SwAV); every other crop v predicts them:
+
+    L = 1/n_high sum_i 1/(n_crops - 1) sum_{v != i} CE(q_i, softmax(scores_v / T)),
+    CE(q, p) = -mean_b sum_k q_bk log p_bk,
+
+grouped by crop as sum_v CE(T_v, p_v) with the targets T_v = sum_{i != v} q_i. The codes come from
+:mod:`ssl_fast.ops.sinkhorn` (fused, log domain). The swapped prediction is one op with one contract
+(derivation in ``csrc/cpu/swav.cpp``):
+
+    swap(scores: V tensors (B, K), codes: S tensors (B, K), 1/T, compute_grad) -> [loss, dL/dscores_v ...]
+
+``cpp`` (``csrc/cpu/swav.cpp``) and ``triton`` (``kernels/swav.py``) read each crop's scores once and write its
+gradient once, in the forward (the loss is terminal: the backward only scales the gradients by the upstream
+gradient, and skips that when it is exactly 1 on the CPU); ``torch`` is the same math in eager ops under
+autograd (one log_softmax per crop).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks
+from .. import distributed as _dist
+from . import _backend, _library
+from .sinkhorn import SUPPORTED_DTYPES, sinkhorn_knopp
+
+
+def _check_crops(high, low, queue_outputs) -> None:
+    if len(high) == 0:
+        raise ValueError("high_resolution_outputs must hold at least one tensor")
+    for name, crops in (("high_resolution_outputs", high), ("low_resolution_outputs", low),
+                        ("queue_outputs", queue_outputs or [])):
+        for c in crops:
+            if not isinstance(c, torch.Tensor):
+                raise TypeError(f"{name}: every crop must be a torch.Tensor, got {type(c).__name__}")
+            if c.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"{name}: every crop must be float32, bfloat16, float16 or float64, got {c.dtype}")
+    if len(high) + len(low) < 2:
+        raise ValueError("the swapped prediction needs at least two crops (high_resolution_outputs + "
+                         "low_resolution_outputs)")
+    if queue_outputs is not None and len(queue_outputs) < len(high):
+        raise ValueError(f"queue_outputs must hold one tensor per high-resolution crop ({len(high)}), got "
+                         f"{len(queue_outputs)}")
+    shape = tuple(high[0].shape)
+    for name, crops in (("high_resolution_outputs", high), ("low_resolution_outputs", low)):
+        for c in crops:
+            if c.dim() != 2 or tuple(c.shape) != shape:
+                raise ValueError(f"{name}: every crop must have shape (B, K) = {shape}, got {tuple(c.shape)}")
+
+
+def swav_loss(high_resolution_outputs: Sequence[torch.Tensor], low_resolution_outputs: Sequence[torch.Tensor] = (),
+              queue_outputs: Optional[Sequence[torch.Tensor]] = None, *, temperature: float = 0.1,
+              sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05, process_group=None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """SwAV's swapped-prediction loss (see ``ssl_fast.functional.swav_loss``)."""
+    high: List[torch.Tensor] = list(high_resolution_outputs)
+    low: List[torch.Tensor] = list(low_resolution_outputs)
+    _check_crops(high, low, queue_outputs)
+    temperature = _checks.positive_float(temperature, "temperature")
+    iterations = _checks.int_at_least(sinkhorn_iterations, "sinkhorn_iterations", 1)
+    epsilon = _checks.positive_float(sinkhorn_epsilon, "sinkhorn_epsilon")
+    group = _dist.resolve_group(process_group)
+    b = high[0].shape[0]
+
+    # codes of every high-resolution crop (no gradient)
+    codes = []
+    for i, h in enumerate(high):
+        scores = h.detach()
+        if queue_outputs is not None:
+            scores = torch.cat((scores, queue_outputs[i].detach().to(scores.dtype)))
+        q = sinkhorn_knopp(scores, epsilon, iterations, process_group=group)
+        codes.append(q[:b] if queue_outputs is not None else q)
+    crops = high + low
+    dtypes = {c.dtype for c in crops}
+    if len(dtypes) > 1:
+        raise TypeError(f"every crop must have the same dtype, got {sorted(map(str, dtypes))}")
+    if len({c.device for c in crops}) > 1:
+        raise ValueError("every crop must be on the same device")
+    name = TABLE.resolve(crops[0].device, backend, crops[0].dtype)
+    if name == "torch":
+        return _torch_swap(crops, codes, temperature)
+    crops = [_fix_last_stride(c) for c in crops]
+    return _SwapFn.apply(name, 1.0 / temperature, len(codes), *crops, *codes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the swapped prediction: torch math, fakes, fused backends, autograd
+
+
+def _torch_swap(crops: List[torch.Tensor], codes: List[torch.Tensor], temperature: float) -> torch.Tensor:
+    """sum_v CE(T_v, p_v) in eager torch under autograd (the torch backend), in the accumulation dtype (fp32;
+    fp64 for fp64 scores) as the fused backends."""
+    b = crops[0].shape[0]
+    acc = torch.float64 if crops[0].dtype == torch.float64 else torch.float32
+    total = codes[0] if len(codes) == 1 else torch.stack(codes).sum(dim=0)
+    loss = None
+    for v, z in enumerate(crops):
+        target = total - codes[v] if v < len(codes) else total
+        logp = F.log_softmax(z.to(acc) / temperature, dim=1)
+        term = -torch.sum(target * logp) / b
+        loss = term if loss is None else loss + term
+    return loss / ((len(crops) - 1) * len(codes))
+
+
+def _fix_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # The kernels take a row stride; only a non-unit stride along K forces a copy.
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _fake_swap(scores, codes, inv_temp, compute_grad):
+    acc = torch.float64 if scores[0].dtype == torch.float64 else torch.float32
+    return [scores[0].new_empty((), dtype=acc)] + ([s.new_empty(s.shape) for s in scores] if compute_grad else [])
+
+
+TABLE = _backend.BackendTable(
+    "swav_loss",
+    cpp=dict(swap=_library.cpp_op("swav_loss_cpp", _fake_swap)),
+    triton=dict(swap=_library.triton_op(
+        "swav_loss_triton(Tensor[] scores, Tensor[] codes, float inv_temp, bool compute_grad) -> Tensor[]",
+        _fake_swap, "swav.swav_loss")),
+)
+
+
+class _SwapFn(torch.autograd.Function):
+    """The fused swapped prediction: the gradients come out of the forward; the backward scales them."""
+
+    @staticmethod
+    def forward(ctx, backend: str, inv_temp: float, n_codes: int, *tensors):
+        crops, codes = list(tensors[:len(tensors) - n_codes]), list(tensors[len(tensors) - n_codes:])
+        need = ctx.needs_input_grad[3:3 + len(crops)]
+        out = TABLE[backend]["swap"](crops, codes, inv_temp, any(need))
+        loss, grads = out[0], out[1:]
+        ctx.save_for_backward(*grads)
+        ctx.need = need
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = ctx.saved_tensors
+        if grads and not (grad.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad) == 1.0):
+            grads = [(g * grad).to(g.dtype) for g in grads]
+        out = [g if need else None for g, need in zip(grads, ctx.need)] if grads else [None] * len(ctx.need)
+        n_codes = len(ctx.needs_input_grad) - 3 - len(ctx.need)
+        return (None, None, None, *out, *([None] * n_codes))
