@@ -1000,6 +1000,13 @@ def _optim_ema_bytes(kind: str):
 
 def _optim_ema_op(kind: str) -> Op:
     cpu_models = ["resnet50", "vit_b_16"]
+    # the fastest torch combinations (foreach, fused=True, compiled) against the C++ kernel (ssl_fast_torch is
+    # foreach_lerp's sequence, ssl_fast_triton runs on CUDA only)
+    cpu_providers = ["foreach_lerp", "torch_compile", "ssl_fast_cpp"]
+    if kind != "lars":
+        cpu_providers.insert(1, "fused_lerp")
+    if kind == "adamw":
+        cpu_providers.append("ssl_fast_cpp_ieee")
     return Op(
         name=f"{kind}_ema", about=f"{kind} step of a model's parameter list + EMA of the teacher (m 0.996) toward "
                                   "it; dtype fp32-bf16 = bf16 params / grads / states, fp32 EMA",
@@ -1010,7 +1017,7 @@ def _optim_ema_op(kind: str) -> Op:
         estimate_gib=lambda p, s, dt: 0.0,
         presets={
             "quick": [dict(model=["resnet50"], dtype=["fp32"])],
-            "cpu": [dict(model=cpu_models, dtype=["fp32", "fp32-bf16"])],
+            "cpu": [dict(model=cpu_models, dtype=["fp32", "fp32-bf16"], providers=cpu_providers)],
             "gpu": [dict(model=["resnet50", "vit_b_16", "vit_l_16"], dtype=["fp32", "fp32-bf16"])],
         },
         default_shape=dict(model=["resnet50"]),
