@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     as_program = argv is None  # the ssl-fast / python -m ssl_fast.cli program, not a main([...]) call
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return _main(argv)
+        return _main(argv, as_program)
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
         if top not in OPTIONAL_MODULES:
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         return 2
 
 
-def _main(argv) -> int:
+def _main(argv, as_program: bool) -> int:
     if argv[:1] == ["bench"]:  # every flag goes to bench/suite.py (ssl-fast bench --help lists them)
         return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="ssl-fast", description=__doc__,

@@ -30,7 +30,7 @@ import torch
 
 from _multinode import Cluster, cli_args, read_logs, start_job, torchrun_cmd, wait_all, worker_env
 from ssl_fast.train import latest_good_checkpoint, load_checkpoint
-from test_train import skip_if_missing, tiny
+from test_train import tiny
 
 WHY = Cluster.unavailable()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"multi-node tests need network namespaces: {WHY}")
@@ -111,7 +111,6 @@ def test_two_nodes_two_processes_simclr_on_a_slow_link_equals_single_host(simclr
 
 
 def test_three_nodes_swav_distributed_sinkhorn_equals_single_host(tmp_path):
-    skip_if_missing("swav")
     over = _config("swav", tmp_path / "unused")
     ref = _standalone(tmp_path, "ref", over, nproc=3)
     got, _, seconds = _multinode(tmp_path, "mn", over, nnodes=3, nproc=1)
