@@ -863,7 +863,173 @@ E2E = Op(
 )
 
 
-OPS: Dict[str, Op] = {op.name: op for op in (NTXENT, INFO_NCE, INFO_NCE_QUEUE, SINKHORN, EMA, SWAV, DIRECTCLR, E2E)}
+# ----------------------------------------------------------------------------------------------------
+# The optimizer step + EMA teacher update over a model's parameter list (sgd_ema, adamw_ema, lars_ema)
+#
+# dtype "fp32": fp32 parameters, gradients, states and EMA; "fp32-bf16": bf16 parameters, gradients and
+# states (torch.optim keeps them in the parameters' dtype) with an fp32 EMA of them. One timed call = one
+# optimizer step of every parameter + the EMA of every one of them (fake gradients, fixed between steps).
+
+OPTIM_EMA_DTYPES = ("fp32", "fp32-bf16")
+OPTIM_HP = {"sgd": dict(lr=0.03, momentum=0.9, weight_decay=1e-4), "adamw": dict(lr=1e-3, weight_decay=0.05),
+            "lars": dict(lr=0.3, momentum=0.9, weight_decay=1e-6)}
+
+
+def _optim_ema_inputs(s, dt, dev, rg):
+    torch = _torch()
+    e_name, o_name = EMA_DTYPES[dt]
+    odt, edt = getattr(torch, TORCH_DTYPE[o_name]), getattr(torch, TORCH_DTYPE[e_name])
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shapes = param_shapes(s["model"])
+    params = [torch.randn(sh, generator=g).to(device=dev, dtype=odt) for sh in shapes]
+    grads = [(torch.randn(sh, generator=g) * 1e-2).to(device=dev, dtype=odt) for sh in shapes]
+    for p, gr in zip(params, grads):
+        p.grad = gr
+    ema = [p.detach().to(edt).clone() for p in params]
+    return {"params": params, "ema": ema}
+
+
+def _optim_groups(kind: str, params):
+    """Two groups as ssl_fast.train.param_groups builds them: weights (decayed, LARS-adapted) and the 0- / 1-d
+    tensors (no decay, no adaptation)."""
+    hp = OPTIM_HP[kind]
+    wd = [p for p in params if p.ndim > 1]
+    nd = [p for p in params if p.ndim <= 1]
+    groups = [{"params": wd, "weight_decay": hp["weight_decay"]}, {"params": nd, "weight_decay": 0.0}]
+    if kind == "lars":
+        groups[0]["lars"], groups[1]["lars"] = True, False
+    return [g for g in groups if g["params"]]
+
+
+def _torch_optimizer(kind: str, params, **kw):
+    torch = _torch()
+    hp = {k: v for k, v in OPTIM_HP[kind].items() if k != "weight_decay"}
+    groups = _optim_groups(kind, params)
+    if kind == "lars":
+        from ssl_fast.train import LARS
+        return LARS(groups, **hp)
+    return (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(groups, **hp, **kw)
+
+
+def _lerp_all(ema, params, m):
+    """torch._foreach_lerp_ of the EMA toward the parameters (cast to the EMA's dtype when they differ)."""
+    torch = _torch()
+    src = [p.detach() if p.dtype == e.dtype else p.detach().to(e.dtype) for e, p in zip(ema, params)]
+    torch._foreach_lerp_(ema, src, 1.0 - m)
+
+
+def _optim_ema_gate(kind: str):
+    def gate(provider: Provider, device, hp):
+        """One step + EMA on the tiny model's list in fp32 against torch.optim (or LARS) + lerp in float64."""
+        inputs = _optim_ema_inputs({"model": "tiny"}, "fp32", device, False)
+        p64 = [p.detach().double().clone() for p in inputs["params"]]
+        for p, q in zip(p64, inputs["params"]):
+            p.grad = q.grad.double()
+        e64 = [e.double().clone() for e in inputs["ema"]]
+        provider.build(inputs, hp, device)()
+        _torch_optimizer(kind, p64).step()
+        _lerp_all(e64, p64, hp["momentum"])
+        err = 0.0
+        for got, want in ((inputs["params"], p64), (inputs["ema"], e64)):
+            scale = max(float(w.abs().max()) for w in want)
+            err = max(err, max(float((a.double() - w).abs().max()) for a, w in zip(got, want)) / scale)
+        return err
+    return gate
+
+
+def _optim_ema_providers(kind: str) -> List[Provider]:
+    def torch_step(compiled: bool = False, **opt_kw):
+        """build(): torch's optimizer (``opt_kw``: foreach / fused) step, then the lerp; optionally compiled."""
+        def build(inputs, hp, device):
+            params, ema = inputs["params"], inputs["ema"]
+            opt = _torch_optimizer(kind, params, **({} if kind == "lars" else opt_kw))
+
+            def step():
+                opt.step()
+                _lerp_all(ema, params, hp["momentum"])
+            return _torch().compile(step) if compiled else step
+        return build
+
+    foreach_lerp, fused_lerp = torch_step(foreach=True), torch_step(fused=True)
+    torch_compile = torch_step(compiled=True, foreach=True)
+
+    def call(inputs, hp, ieee_sqrt=False):
+        import ssl_fast.optim as fopt
+
+        params, ema = inputs["params"], inputs["ema"]
+        cls = {"sgd": fopt.SGD, "adamw": fopt.AdamW, "lars": fopt.LARS}[kind]
+        hpk = {k: v for k, v in OPTIM_HP[kind].items() if k != "weight_decay"}
+        if ieee_sqrt:
+            hpk["ieee_sqrt"] = True
+        opt = cls(_optim_groups(kind, params), **hpk, ema=list(zip(params, ema)), ema_momentum=hp["momentum"])
+        return opt.step
+
+    unfused = "ssl_fast.train.LARS (torch._foreach ops)" if kind == "lars" else "torch.optim, foreach=True"
+    provs = [Provider("foreach_lerp", foreach_lerp, about=f"{unfused} + torch._foreach_lerp_ (the unfused default)"),
+             Provider("torch_compile", torch_compile, about="torch.compile of that step + lerp (inductor fuses it)")]
+    if kind != "lars":
+        provs.insert(1, Provider("fused_lerp", fused_lerp, about="torch.optim, fused=True + torch._foreach_lerp_"))
+    provs += _ssl_fast_providers(call)
+    if kind == "adamw":
+        def cpp_ieee(inputs, hp, device):
+            import ssl_fast
+            fn = call(inputs, hp, ieee_sqrt=True)
+
+            def run():
+                with ssl_fast.set_backend("cpp"):
+                    return fn()
+            return run
+        provs.append(Provider("ssl_fast_cpp_ieee", cpp_ieee, devices=("cpu",),
+                              about="ssl_fast C++ kernel, correctly rounded sqrt (not MKL's): fused=True's math"))
+    return provs
+
+
+def _optim_ema_bytes(kind: str):
+    def work(s, mode, dt):
+        """The fused pass's traffic: every tensor read once, every written one written once (+ LARS's norms)."""
+        e_name, o_name = EMA_DTYPES[dt]
+        n = sum(math.prod(sh) for sh in param_shapes(s["model"]))
+        o, e = ELEM[o_name], ELEM[e_name]
+        states = {"sgd": 1, "adamw": 2, "lars": 1}[kind]
+        per = (2 + states) * o + e + (1 + states) * o + e  # read p g states e, write p states e
+        if kind == "lars":
+            per += 2 * o  # the norm pass reads p and g
+        return 0.0, n * per
+    return work
+
+
+def _optim_ema_op(kind: str) -> Op:
+    cpu_models = ["resnet50", "vit_b_16"]
+    # the fastest torch combinations (foreach, fused=True, compiled) against the C++ kernel (ssl_fast_torch is
+    # foreach_lerp's sequence, ssl_fast_triton runs on CUDA only)
+    cpu_providers = ["foreach_lerp", "torch_compile", "ssl_fast_cpp"]
+    if kind != "lars":
+        cpu_providers.insert(1, "fused_lerp")
+    if kind == "adamw":
+        cpu_providers.append("ssl_fast_cpp_ieee")
+    return Op(
+        name=f"{kind}_ema", about=f"{kind} step of a model's parameter list + EMA of the teacher (m 0.996) toward "
+                                  "it; dtype fp32-bf16 = bf16 params / grads / states, fp32 EMA",
+        shape_keys=("model",), batch_key=None, hparams={"momentum": 0.996}, modes=("update",),
+        dtypes=OPTIM_EMA_DTYPES, providers=_optim_ema_providers(kind), baseline="foreach_lerp",
+        make_inputs=_optim_ema_inputs, grad_inputs=lambda inputs: [], reference=None, compare=None,
+        gate_shape={"model": "tiny"}, gate_tol=1e-5, work=_optim_ema_bytes(kind),
+        estimate_gib=lambda p, s, dt: 0.0,
+        presets={
+            "quick": [dict(model=["resnet50"], dtype=["fp32"])],
+            "cpu": [dict(model=cpu_models, dtype=["fp32", "fp32-bf16"], providers=cpu_providers)],
+            "gpu": [dict(model=["resnet50", "vit_b_16", "vit_l_16"], dtype=["fp32", "fp32-bf16"])],
+        },
+        default_shape=dict(model=["resnet50"]),
+        gate=_optim_ema_gate(kind),
+    )
+
+
+SGD_EMA, ADAMW_EMA, LARS_EMA = (_optim_ema_op(k) for k in ("sgd", "adamw", "lars"))
+
+
+OPS: Dict[str, Op] = {op.name: op for op in (NTXENT, INFO_NCE, INFO_NCE_QUEUE, SINKHORN, EMA, SWAV, DIRECTCLR, E2E,
+                                             SGD_EMA, ADAMW_EMA, LARS_EMA)}
 
 
 def load_providers_file(path: Optional[str]) -> None:

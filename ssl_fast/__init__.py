@@ -41,3 +41,8 @@ __all__ += ["sinkhorn_knopp"]
 from .functional import ema_update_, update_momentum  # noqa: E402
 
 __all__ += ["ema_update_", "update_momentum"]
+
+# Optimizers whose step also updates an EMA teacher in the same pass (issue 23)
+from . import optim  # noqa: E402
+
+__all__ += ["optim"]

@@ -15,8 +15,10 @@ from .ops import byol as _byol
 from .ops import ema as _ema
 from .ops import infonce as _infonce
 from .ops import infonce_rect as _rect
+from .ops import optim_ema as _optim_ema
 from .ops import sinkhorn as _sinkhorn
 from .ops import swav as _swav
+from .ops._backend import BACKENDS  # noqa: F401  (ssl_fast.optim checks backend names against it)
 
 Temperature = Union[float, torch.Tensor]
 
@@ -301,7 +303,8 @@ __all__ += ["sinkhorn_knopp", "swav_loss"]
 # EMA teacher update and the BYOL / SimSiam losses
 
 
-def ema_update_(ema_tensors, online_tensors, momentum: Union[float, torch.Tensor]) -> None:
+def ema_update_(ema_tensors, online_tensors, momentum: Union[float, torch.Tensor], *,
+                backend: Optional[str] = None) -> None:
     """In place ``ema = momentum * ema + (1 - momentum) * online`` for every pair of two lists of tensors.
 
     The teacher update of BYOL, MoCo and DINO, fused: the pairs are grouped by (device, ema dtype, online
@@ -319,6 +322,7 @@ def ema_update_(ema_tensors, online_tensors, momentum: Union[float, torch.Tensor
         momentum: m in [0, 1], a float or a 0-dim tensor. A tensor on the tensors' GPU is read by the
             kernel itself: no host sync, so a momentum schedule kept on the device can be captured in a
             CUDA graph (its value is then not range-checked). m = 1 leaves ``ema`` unchanged, m = 0 copies.
+        backend: this call's backend (one of ``ssl_fast.BACKENDS``) instead of the one in force.
 
     Returns:
         None (like ``torch._foreach_*_``); the tensors of ``ema_tensors`` hold the result.
@@ -334,7 +338,73 @@ def ema_update_(ema_tensors, online_tensors, momentum: Union[float, torch.Tensor
         >>> student = [p.detach() for p in student_model.parameters()]
         >>> ssl_fast.ema_update_(teacher, student, 0.996)
     """
-    return _ema.ema_update_(ema_tensors, online_tensors, momentum)
+    return _ema.ema_update_(ema_tensors, online_tensors, momentum, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the optimizer step fused with the EMA teacher update (ssl_fast.optim's optimizers call these)
+
+
+def sgd_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  momentum_buffers: Sequence[torch.Tensor], ema: Sequence[torch.Tensor], fresh: Sequence[bool] = (),
+                  *, lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                  nesterov: bool = False, ema_momentum: Union[float, torch.Tensor] = 1.0,
+                  backend: Optional[str] = None) -> None:
+    """One ``torch.optim.SGD`` step of ``params`` and, in the same pass over memory, the EMA
+    ``ema[i] <- lerp(ema[i], params[i], 1 - ema_momentum)`` of the first ``len(ema)`` of them (new values).
+
+    The fp32 result equals ``torch.optim.SGD`` (foreach) then ``torch._foreach_lerp_`` to the last bit
+    (``csrc/cpu/optim_ema.cpp`` derives the roundings). Parameters fp32 or bf16 (grads and buffers of their
+    dtype), the EMA fp32 or the parameters' dtype, for the fused kernels; other dtypes run torch's sequence.
+
+    Args:
+        params, grads: the parameters (updated in place) and their gradients.
+        momentum_buffers: one per parameter when ``momentum != 0``, else empty.
+        ema: the teachers of ``params[:len(ema)]`` (updated in place).
+        fresh: ``fresh[i]`` true when buffer i was just allocated (this step stores the gradient in it, as
+            torch's first step); empty: none is fresh.
+        lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
+        ema_momentum: m in [0, 1], a float or a 0-dim tensor.
+        backend: this call's backend instead of the one in force.
+
+    Raises:
+        ValueError / TypeError naming the argument (lists of other lengths, shapes, dtypes, devices, values out
+        of range); nothing is modified when a check fails.
+    """
+    return _optim_ema.sgd_ema_step_(params, grads, momentum_buffers, ema, fresh, lr=lr, momentum=momentum,
+                                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                                    ema_momentum=ema_momentum, backend=backend)
+
+
+def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                    exp_avg_sqs: Sequence[torch.Tensor], ema: Sequence[torch.Tensor], steps: Sequence[float], *,
+                    lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                    weight_decay: float = 1e-2, ieee_sqrt: bool = False,
+                    ema_momentum: Union[float, torch.Tensor] = 1.0, backend: Optional[str] = None) -> None:
+    """One ``torch.optim.AdamW`` step of ``params`` and the EMA of the first ``len(ema)`` of them, one pass.
+
+    ``steps[i]``: parameter i's step count after this step (1 on the first). ``ieee_sqrt``: the correctly
+    rounded sqrt of the second moment (torch's ``fused=True`` and CUDA math) instead of the one torch's CPU
+    foreach path takes (MKL's vector sqrt where torch has MKL). Otherwise as :func:`sgd_ema_step_`: fp32
+    results equal torch's (foreach, or fused=True with ``ieee_sqrt``) then ``_foreach_lerp_`` to the last bit.
+    """
+    return _optim_ema.adamw_ema_step_(params, grads, exp_avgs, exp_avg_sqs, ema, steps, lr=lr, beta1=beta1,
+                                      beta2=beta2, eps=eps, weight_decay=weight_decay, ieee_sqrt=ieee_sqrt,
+                                      ema_momentum=ema_momentum, backend=backend)
+
+
+def lars_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                   momentum_buffers: Sequence[torch.Tensor], ema: Sequence[torch.Tensor], *, lr: float,
+                   momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001, adapt: bool = True,
+                   ema_momentum: Union[float, torch.Tensor] = 1.0, backend: Optional[str] = None) -> None:
+    """One LARS step (``ssl_fast.train.LARS``'s math; ``adapt=False``: SGD with momentum, for biases and
+    norms) of ``params`` and the EMA of the first ``len(ema)`` of them, one pass (plus one reading of the
+    parameters and gradients for the norms). Buffers start at zero. The fused kernels sum the norms in fp64
+    in a fixed order, so the trust ratio agrees with torch's ``_foreach_norm`` to a few ulps, not bitwise;
+    ``backend="torch"`` is the unfused foreach sequence itself."""
+    return _optim_ema.lars_ema_step_(params, grads, momentum_buffers, ema, lr=lr, momentum=momentum,
+                                     weight_decay=weight_decay, eta=eta, adapt=adapt, ema_momentum=ema_momentum,
+                                     backend=backend)
 
 
 def update_momentum(model: torch.nn.Module, model_ema: torch.nn.Module, m: Union[float, torch.Tensor]) -> None:
@@ -394,4 +464,5 @@ def byol_loss(p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Te
     return _byol.byol_loss(p0, p1, z0, z1)
 
 
-__all__ += ["ema_update_", "update_momentum", "negative_cosine_similarity", "byol_loss"]
+__all__ += ["ema_update_", "update_momentum", "negative_cosine_similarity", "byol_loss", "sgd_ema_step_",
+            "adamw_ema_step_", "lars_ema_step_"]

@@ -169,6 +169,8 @@ def test_cli_report_index(ntxent_run):
      ["loop", "ssl_fast_cpp", "timm"]),
     (["info_nce_queue", "--n", "16", "--queue", "64", "--dim", "16", "--modes", "full"], "info_nce_queue", None),
     (["e2e", "--batch", "4", "--res", "16", "--providers", "torch", "ssl_fast_nn"], "e2e", ["torch", "ssl_fast_nn"]),
+    (["adamw_ema", "--model", "tiny", "--dtype", "fp32-bf16", "--providers", "foreach_lerp", "fused_lerp",
+      "ssl_fast_cpp"], "adamw_ema", ["foreach_lerp", "fused_lerp", "ssl_fast_cpp"]),
 ])
 def test_cli_other_ops(tmp_path, args, op, providers):
     proc = _bench(args + ["--repeats", "1", "--threads", "1", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
@@ -184,7 +186,7 @@ def test_cli_other_ops(tmp_path, args, op, providers):
             continue
         assert r["status"] == "ok" and r["gate"].startswith("pass"), r
         assert float(r["median_ms"]) > 0 and float(r["peak_mem_mib"]) >= 0
-        if op in ("sinkhorn", "ema"):
+        if op in ("sinkhorn", "ema", "adamw_ema"):
             assert float(r["gbps"]) > 0 and float(r["pct_peak"]) > 0
         if op == "sinkhorn":
             assert float(r["max_err"]) < 1e-5

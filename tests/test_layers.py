@@ -2,7 +2,7 @@
 on the source tree), plus what import-linter cannot see: bench/ (scripts, not a package), imports of the
 installed name ``ssl_fast.kernels`` and of the compiled ``ssl_fast._C``, and the C++ sources' includes.
 
-The intended direction: cli > lab > train > methods > nn | data | diagnostics > functional > ops > kernels / _C,
+The intended direction: cli > lab > train > methods | optim > nn | data | diagnostics > functional > ops > kernels / _C,
 with ``ssl_fast.reference`` importing nothing of the package. A broken contract fails this file (and with it
 ``bash scripts/test.sh``); :func:`test_a_violation_fails` shows that it can.
 """

@@ -32,6 +32,8 @@ class BYOL(Method):
     """
 
     name = "byol"
+    #: True when the trainer's optimizer (``ssl_fast.optim``, ``--fused-ema-step``) updates the teacher in its step
+    ema_in_optimizer = False
 
     def __init__(self, backbone, feature_dim: int, proj_hidden_dim: int = 4096, proj_dim: int = 256,
                  pred_hidden_dim: int = 4096, ema_momentum: float = 0.996, ema_final_momentum: float = 1.0):
@@ -51,4 +53,5 @@ class BYOL(Method):
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
-        self.teacher.update(step=step, total_steps=total_steps)
+        if not self.ema_in_optimizer:
+            self.teacher.update(step=step, total_steps=total_steps)

@@ -97,6 +97,8 @@ class MoCo(Method):
     """
 
     name = "moco"
+    #: True when the trainer's optimizer (``ssl_fast.optim``, ``--fused-ema-step``) updates the teacher in its step
+    ema_in_optimizer = False
 
     def __init__(self, backbone, feature_dim: int, version: str = "v2", proj_hidden_dim: int = 2048,
                  proj_dim: int = 128, pred_hidden_dim: int = 4096, temperature: float = 0.2,
@@ -154,4 +156,5 @@ class MoCo(Method):
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
-        self.teacher.update(step=step, total_steps=total_steps)
+        if not self.ema_in_optimizer:
+            self.teacher.update(step=step, total_steps=total_steps)

@@ -133,12 +133,15 @@ class EMA(nn.Module):
         return list(self.teacher.buffers()), list(self._student.buffers())
 
     @torch.no_grad()
-    def update(self, step: Optional[int] = None, total_steps: Optional[int] = None) -> float:
+    def update(self, step: Optional[int] = None, total_steps: Optional[int] = None, *,
+               parameters: bool = True) -> float:
         """One EMA step of the teacher toward the student; returns the momentum used.
 
         Args:
             step: k of the schedule (default: the internal counter, the number of updates done so far).
             total_steps: K of the cosine schedule (default: the constructor's).
+            parameters: False when the parameters' EMA was already done by an optimizer of
+                ``ssl_fast.optim`` (fused with its step): only the buffers and the step counter are updated.
         """
         k = self.step if step is None else _check_int(step, "step", 0)
         m = self.momentum_at(k, total_steps)
@@ -149,7 +152,8 @@ class EMA(nn.Module):
         tb, sb = self._pairs(params=False)
         if len(tb) != len(sb):
             raise ValueError(f"the teacher has {len(tb)} buffers and the student {len(sb)}")
-        sf.ema_update_(tp, sp, m)
+        if parameters:
+            sf.ema_update_(tp, sp, m)
         if tb:
             if self.buffers_mode == "average":
                 fl = [(t, s) for t, s in zip(tb, sb) if t.is_floating_point()]

@@ -76,6 +76,10 @@ class TrainConfig:
     queue_start_epoch: float = _f(15, "SwAV: epoch from which the queue is used")
     ema_momentum: float = _f(0.996, "teacher momentum (BYOL tau_base, MoCo m)")
     ema_final_momentum: float = _f(1.0, "teacher momentum at the end (cosine schedule; = ema_momentum: constant)")
+    fused_ema_step: bool = _f(True, "BYOL / MoCo: the teacher's EMA runs inside the optimizer step (ssl_fast.optim: "
+                              "one pass over the parameters, the same weights as the unfused path in fp32 with sgd "
+                              "/ adamw); a step the fp16 gradient scaler skips skips the EMA too. "
+                              "--no-fused-ema-step: optimizer step, then the EMA")
     n_prototypes: int = _f(3000, "SwAV prototypes")
     sinkhorn_iterations: int = _f(3, "SwAV Sinkhorn sweeps")
     sinkhorn_epsilon: float = _f(0.05, "SwAV Sinkhorn epsilon")

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, List
 import torch
 from torch import nn
 
+from .. import optim as fused
+
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool = True,
                  fixed_lr: Iterable[torch.Tensor] = ()) -> List[dict]:
@@ -46,8 +48,10 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool 
     return groups
 
 
-class LARS(torch.optim.Optimizer):
-    """LARS with momentum; groups with ``lars=False`` (biases, norms) are plain SGD with momentum.
+class LARS(fused.LARS):
+    """LARS with momentum; groups with ``lars=False`` (biases, norms) are plain SGD with momentum. The unfused
+    optimizer: ``ssl_fast.optim.LARS`` (the math, the state) with the torch backend (torch's ``_foreach`` ops,
+    the trust ratio from ``_foreach_norm``) and no EMA attachment.
 
     Args:
         params: parameters or groups (a group may set ``lars``).
@@ -60,56 +64,34 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 0.001):
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            wd = group["weight_decay"]
-            if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            if group["lars"]:
-                w_norm = torch.stack(torch._foreach_norm(params))
-                g_norm = torch.stack(torch._foreach_norm(grads))
-                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                    torch.ones_like(w_norm))
-                grads = torch._foreach_mul(grads, list(trust.unbind(0)))
-            bufs = []
-            for p, g in zip(params, grads):
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(st["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
-        return loss
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, backend="torch")
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
                     eta: float = 0.001, exclude_bias_norm: bool = True,
-                    fixed_lr: Iterable[torch.Tensor] = ()) -> torch.optim.Optimizer:
-    """``sgd`` | ``lars`` | ``adamw`` over ``param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)``."""
+                    fixed_lr: Iterable[torch.Tensor] = (), ema=None) -> torch.optim.Optimizer:
+    """``sgd`` | ``lars`` | ``adamw`` over ``param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)``.
+
+    ``ema``: an ``ssl_fast.nn.EMA`` teacher of (part of) ``model``: the optimizer is then ``ssl_fast.optim``'s
+    (the same math), whose step also updates the teacher in the same pass (``step(ema_step=k)``)."""
+    if name not in ("sgd", "lars", "adamw"):
+        raise ValueError(f"optimizer must be sgd | lars | adamw, got {name!r}")
     groups = param_groups(model, weight_decay, exclude_bias_norm, fixed_lr)
+    if ema is not None:
+        if name == "lars":
+            return fused.LARS(groups, lr=lr, momentum=momentum, eta=eta, ema=ema)
+        for g in groups:
+            g.pop("lars")
+        if name == "sgd":
+            return fused.SGD(groups, lr=lr, momentum=momentum, ema=ema)
+        return fused.AdamW(groups, lr=lr, ema=ema)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=eta)
     for g in groups:
         g.pop("lars")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, foreach=True)
-    raise ValueError(f"optimizer must be sgd | lars | adamw, got {name!r}")
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
 class WarmupCosine:

@@ -250,8 +250,13 @@ class Trainer:
                 raise ValueError(f"--fix-pred-lr needs a method with a predictor (simsiam, byol, moco v3); "
                                  f"--method {cfg.method} has none")
             fixed = list(pred.parameters())
+        # BYOL / MoCo: the teacher's EMA inside the optimizer's pass (the method then leaves it out of on_step_end)
+        teacher = getattr(self.method, "teacher", None) if hasattr(self.method, "ema_in_optimizer") else None
+        self.fused_ema = bool(cfg.fused_ema_step) and teacher is not None
+        if hasattr(self.method, "ema_in_optimizer"):
+            self.method.ema_in_optimizer = self.fused_ema
         self.optimizer = build_optimizer(cfg.optimizer, self.method, self.peak_lr, cfg.weight_decay, cfg.momentum,
-                                         cfg.lars_eta, fixed_lr=fixed)
+                                         cfg.lars_eta, fixed_lr=fixed, ema=teacher if self.fused_ema else None)
         warm = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         schedule = WarmupCosine(self.total_steps, min(warm, self.total_steps - 1), cfg.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambdas(self.optimizer, schedule))
@@ -380,7 +385,10 @@ class Trainer:
         return self._optimizer_step(total)
 
     def _optimizer_step(self, total: torch.Tensor) -> torch.Tensor:
-        self.scaler.step(self.optimizer)
+        if self.fused_ema:  # the teacher's schedule at the step count after this step, as on_step_end's
+            self.scaler.step(self.optimizer, ema_step=self.step + 1, ema_total_steps=self.total_steps)
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
