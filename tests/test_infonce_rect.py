@@ -79,6 +79,25 @@ def test_rect_vs_float64(backend, shape, dtype, normalize, monkeypatch):
     if interpreted and dtype == torch.float16 and not normalize:
         pytest.skip("covered by bf16")
     monkeypatch.setattr(_library, "CPU_BLOCK", 8)  # several tiles per row / column block, ragged last tiles
+    _check_vs_float64(backend, shape, dtype, normalize)
+
+
+# The cpp op's own tiling (block 0): row blocks of up to 256 rows, 128-column chunks, the chunks of a row block
+# split into ranges merged at the end. 1 row: one row block, 8 ranges of one chunk; 37 x 1000: 8 ranges, the last
+# chunk ragged (1000 = 7 x 128 + 104); 300 x 700: two row blocks of 150, 6 ranges, d = 33.
+CPP_SHAPES = [(1, 1000, 20), (37, 1000, 20), (300, 700, 33)]
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C (cpp backend)")
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+def test_rect_cpp_default_tiling_vs_float64(shape, dtype, monkeypatch):
+    monkeypatch.setattr(_library, "CPU_BLOCK", 0)
+    _check_vs_float64("cpp", shape, dtype, True)
+
+
+def _check_vs_float64(backend, shape, dtype, normalize):
     r, cn, d = shape
     gen = torch.Generator().manual_seed(r * 1000 + cn)
     dev = _dev(backend)
@@ -177,9 +196,89 @@ def test_opcheck_cpp():
     rows, cands = torch.randn(5, 4), torch.randn(9, 4)
     pos, excl = torch.tensor([0, 1, -1, 3, 8]), torch.tensor([2, -1, 4, 0, 1])
     it = torch.tensor(2.0)
-    torch.library.opcheck(fwd, (rows, cands, pos, excl, it, True, 0))
-    terms, lse, an, cn, anorm, cnorm = fwd(rows, cands, pos, excl, it, True, 0)
-    torch.library.opcheck(bwd, (torch.randn(5), an, cn, anorm, cnorm, lse, pos, excl, it, True, 7, 0))
+    for with_grad in (False, True):
+        torch.library.opcheck(fwd, (rows, cands, pos, excl, it, True, with_grad, 0))
+    terms, lse, an, cn, anorm, cnorm, u = fwd(rows, cands, pos, excl, it, True, True, 0)
+    assert u.shape == (5, 4)
+    torch.library.opcheck(bwd, (torch.randn(5), an, cn, anorm, cnorm, u, lse, pos, excl, it, True, 7, 0))
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C")
+@pytest.mark.parametrize("block", [0, 8])
+def test_cpp_forward_with_and_without_grad(block):
+    """The forward that saves U (with_grad) and the LSE-only forward give the same terms and LSE bit for bit;
+    U is the softmax-weighted mean of the candidates; the backward refuses a forward without U. Positive and
+    excluded columns in other chunks / ranges than each other, a row whose only candidate is excluded
+    (t = -inf, U = 0) and one without a positive."""
+    fwd, bwd = torch.ops.ssl_fast.infonce_rect_fwd_cpp.default, torch.ops.ssl_fast.infonce_rect_bwd_cpp.default
+    gen = torch.Generator().manual_seed(7)
+    r, cn, d = 6, 1000, 12
+    rows, cands = torch.randn(r, d, generator=gen, dtype=torch.float64), torch.randn(cn, d, generator=gen,
+                                                                                     dtype=torch.float64)
+    pos = torch.tensor([999, 0, -1, 500, 130, 3])
+    excl = torch.tensor([0, 999, 640, -1, 129, 4])
+    it = torch.tensor(5.0, dtype=torch.float64)
+    for dt in (torch.float32, torch.float64):
+        x, y = rows.to(dt), cands.to(dt)
+        terms0, lse0, *saved0 = fwd(x, y, pos, excl, it.to(dt), True, False, block)
+        terms1, lse1, *saved1 = fwd(x, y, pos, excl, it.to(dt), True, True, block)
+        assert saved0[-1].shape == (0, d) and saved1[-1].shape == (r, d)
+        assert torch.equal(terms0, terms1) and torch.equal(lse0, lse1)
+        with pytest.raises(RuntimeError, match="with_grad=False"):
+            bwd(torch.ones(r, dtype=dt), *saved0, lse0, pos, excl, it.to(dt), True, 5, block)
+        an, cn_ = saved1[0].double(), saved1[1].double()
+        s = (an @ cn_.t() * 5.0).masked_fill(torch.arange(cn)[None, :] == excl[:, None], float("-inf"))
+        u_ref = torch.softmax(s, dim=1) @ cn_
+        tol = 1e-12 if dt == torch.float64 else 1e-5
+        assert err(saved1[-1], u_ref) <= tol and err(lse1, torch.logsumexp(s, dim=1)) <= tol * 10
+    # one candidate, excluded: t = -inf and a zero U, no NaN
+    x, y = torch.randn(1, 3), torch.randn(1, 3)
+    terms, lse, *saved = fwd(x, y, torch.tensor([-1]), torch.tensor([0]), torch.tensor(1.0), True, True, block)
+    assert terms.item() == float("-inf") and lse.item() == float("-inf") and torch.equal(saved[-1], torch.zeros(1, 3))
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C")
+def test_cpp_grad_only_for_some_inputs(monkeypatch):
+    """The forward saves U whenever any input needs a gradient: the temperature alone (gz needs dA), the
+    candidates alone, the rows; and only then (no_grad, or no input requiring grad: the LSE-only forward); all
+    against the float64 reference."""
+    seen = []
+    fwd = rect.TABLE["cpp"]["fwd"]
+
+    def spy(*args):
+        seen.append(args[6])
+        return fwd(*args)
+
+    monkeypatch.setitem(rect.TABLE["cpp"], "fwd", spy)
+    gen = torch.Generator().manual_seed(8)
+    rows, cands = torch.randn(9, 16, generator=gen, dtype=torch.float64), torch.randn(300, 16, generator=gen,
+                                                                                     dtype=torch.float64)
+    pos, excl = _indices(9, 300, gen)
+    for need in ("temperature", "candidates", "rows"):
+        x, y = rows.clone().requires_grad_(need == "rows"), cands.clone().requires_grad_(need == "candidates")
+        t = torch.tensor(0.3, dtype=torch.float64, requires_grad=need == "temperature")
+        leaf = {"rows": x, "candidates": y, "temperature": t}[need]
+        out = rect.infonce_rect(x, y, pos, excl, t, backend="cpp")
+        (g,) = torch.autograd.grad(out.sum(), [leaf])
+        x2, y2 = rows.clone().requires_grad_(need == "rows"), cands.clone().requires_grad_(need == "candidates")
+        t2 = torch.tensor(0.3, dtype=torch.float64, requires_grad=need == "temperature")
+        ref = R.infonce_rect_reference(x2, y2, pos, excl, t2)
+        (gr,) = torch.autograd.grad(ref.sum(), [{"rows": x2, "candidates": y2, "temperature": t2}[need]])
+        assert err(out, ref) <= 1e-12 and err(g, gr) <= 1e-12 * max(1.0, gr.abs().max().item()), need
+    assert seen == [True, True, True]
+    with torch.no_grad():
+        out = rect.infonce_rect(rows.clone().requires_grad_(), cands, pos, excl, 0.3, backend="cpp")
+    assert err(out, R.infonce_rect_reference(rows, cands, pos, excl, 0.3)) <= 1e-12
+    out2 = rect.infonce_rect(rows, cands, pos, excl, 0.3, backend="cpp")
+    assert torch.equal(out, out2) and seen[3:] == [False, False]
+    # grad_candidates=False: the candidates ride as negatives (grad_cols = 0)
+    x = rows.clone().requires_grad_()
+    out = rect.infonce_rect(x, cands, pos, excl, 0.3, grad_candidates=False, backend="cpp")
+    (g,) = torch.autograd.grad(out.sum(), [x])
+    x2 = rows.clone().requires_grad_()
+    t64 = torch.tensor(0.3, dtype=torch.float64)
+    (gr,) = torch.autograd.grad(R.infonce_rect_reference(x2, cands, pos, excl, t64).sum(), [x2])
+    assert err(g, gr) <= 1e-12 * max(1.0, gr.abs().max().item())
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (CUDA or the interpreter)")

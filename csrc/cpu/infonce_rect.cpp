@@ -9,12 +9,30 @@
 //   dL/dA = W C / T (R x d),  dL/dC = W^T A / T (Cn x d; only the first grad_cols rows are returned:
 //   appended negatives such as a queue get none), then the normalization backward of every row.
 // Temperature: sum_i <dL/da_i, a_i> = sum_ij W_ij S_ij = -T dL/dT (returned as gz; c = 1).
-// Schedule (no atomics; results independent of the thread count): the forward and dA run one task per
-// row block, each sweeping every column block (online LSE / its own rows of dA); dC runs one task per
-// column block, each sweeping every row block with the stored row LSEs (flash-attention's dK/dV).
-// Cost (multiply-adds): forward R Cn d; backward 4 R Cn d (a logit recompute + a gradient GEMM per pass).
-// Extra memory: fp32 copies of the normalized rows and candidates (O((R + Cn) d)), one tile per thread.
-// The tile GEMM, online log-sum-exp, row loads, gradient store and scheduler are infonce_common.h's.
+//
+// The rows' gradient is a softmax-weighted mean of the candidates, computed in the forward:
+//   (dL/dA)_i = (w_i / T) (sum_j P_ij c_j - c_p(i)) = (w_i / T) (U_i - c_p(i)),  U_i = sum_j P_ij c_j (R x d),
+// and U is what flash attention's forward computes (softmax(Q K^T) V with V = K = C): over column chunks J,
+// with the running max m_i and sum l_i = sum_{j seen} exp(S_ij - m_i) and acc_i = sum_{j seen} exp(S_ij - m_i) c_j,
+//   m'_i = max(m_i, max_{j in J} S_ij),  l_i <- l_i e^{m_i - m'_i} + sum_{j in J} e^{S_ij - m'_i},
+//   acc_i <- acc_i e^{m_i - m'_i} + sum_{j in J} e^{S_ij - m'_i} c_j   (a GEMM of the chunk's P with C_J),
+// and at the end lse_i = m_i + log l_i, U_i = acc_i / l_i. Partial states over disjoint column ranges merge the
+// same way: m = max_s m_s, l = sum_s l_s e^{m_s - m}, acc = sum_s acc_s e^{m_s - m}. So a forward that will be
+// differentiated (with_grad) saves U (R x d, fp32) and the backward's dA costs O(R d) with no logit recompute;
+// only the dC part recomputes its tiles, and only over the first grad_cols columns (a queue needs none).
+// A forward without gradient (no_grad, eval) sweeps the LSE alone (the same tiles and the same exp values,
+// so the terms are bitwise those of the with_grad forward).
+// Schedule (no atomics; results independent of the thread count): the forward runs one task per (row block,
+// column range): row blocks of up to 256 rows (few re-reads of C) and the column chunks of each row block split
+// into ns ranges so that a round has ~16 tasks even for a few hundred rows (a MoCo batch); the partial
+// (m, l, acc) are merged in range order. dC runs one task per column block of the first grad_cols candidates,
+// each sweeping every row block with the stored row LSEs (flash-attention's dK/dV). All block sizes and ns
+// depend on the shapes (and the requested block) only.
+// Cost (multiply-adds): forward R Cn d (LSE only) or 2 R Cn d (with U); backward 2 R grad_cols d + O((R + Cn) d)
+// (was R Cn d forward + 2 R Cn d + 2 R grad_cols d backward: one whole recompute and one GEMM pass less for a queue).
+// Extra memory: fp32 copies of the normalized rows and candidates (O((R + Cn) d)), U (R x d), ns partial
+// (m, l, acc) when ns > 1 (ns R (d + 2)), one tile per thread.
+// The tile GEMM, row loads, gradient store and scheduler are infonce_common.h's.
 // Dispatcher ops: ssl_fast::infonce_rect_fwd_cpp / infonce_rect_bwd_cpp (fake impls in ssl_fast/ops/infonce_rect.py).
 
 #include <torch/extension.h>
@@ -31,9 +49,54 @@ namespace {
 
 int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Forward tiling, from the shapes and the requested block only. Rows per block: up to 256 (one block of a MoCo
+// batch reads C once per GEMM pass), balanced; columns per chunk: 128 (a 256 x 128 fp32 tile is 128 KiB and stays
+// in L2 with the chunk of C and the accumulator); the chunks of a row block split into ns ranges, ~16 tasks a round.
+struct FwdTiling {
+  int64_t Br, nbr, Bc, nbc, ns;
+};
+
+inline constexpr int64_t kFwdRows = 256, kFwdCols = 128, kFwdTasks = 16;
+
+FwdTiling fwd_tiling(int64_t R, int64_t Cn, int64_t block) {
+  FwdTiling t;
+  t.nbr = cdiv64(R, block > 0 ? block : kFwdRows);
+  t.Br = block > 0 ? block : cdiv64(R, t.nbr);
+  t.Bc = block > 0 ? block : kFwdCols;
+  t.nbc = cdiv64(Cn, t.Bc);
+  t.ns = std::min(t.nbc, std::max<int64_t>(1, cdiv64(kFwdTasks, t.nbr)));
+  return t;
+}
+
+// One row's online update with the chunk's logits v (n values, -inf where masked): v becomes
+// exp(v - m') (the chunk's unnormalized probabilities), l and m are updated; returns the factor e^{m - m'} by
+// which the row's earlier sums must be rescaled (0 when there were none).
+template <typename T>
+inline T online_row(T& m, T& l, T* v, int64_t n) {
+  T tmax = neg_inf<T>();
+#pragma omp simd reduction(max : tmax)
+  for (int64_t j = 0; j < n; ++j) tmax = v[j] > tmax ? v[j] : tmax;
+  const T newm = tmax > m ? tmax : m;
+  if (newm == neg_inf<T>()) {  // every logit so far masked: nothing to add
+    for (int64_t j = 0; j < n; ++j) v[j] = 0;
+    return T(1);
+  }
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    v[j] = vexp(v[j] - newm);
+    s += v[j];
+  }
+  const T scale = m == neg_inf<T>() ? T(0) : vexp(m - newm);
+  l = l * scale + s;
+  m = newm;
+  return scale;
+}
+
+// -> terms, lse, normalized rows / candidates, their norms, and U (R x d) when with_grad ((0, d) otherwise).
 template <typename scalar_t>
 std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, const int64_t* P, const int64_t* E,
-                                      double inv_temp, bool normalize, int64_t block) {
+                                      double inv_temp, bool normalize, bool with_grad, int64_t block) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t R = x.size(0), Cn = y.size(0), d = x.size(1);
   auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
@@ -44,32 +107,75 @@ std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, 
   load_rows<scalar_t, acc_t>(x, d, normalize, A, anorm.data_ptr<acc_t>());
   load_rows<scalar_t, acc_t>(y, d, normalize, C, cnorm.data_ptr<acc_t>());
   at::Tensor lse = at::empty({R}, opts), terms = at::empty({R}, opts);
+  at::Tensor u = at::empty({with_grad ? R : 0, d}, opts);
   acc_t* L = lse.data_ptr<acc_t>();
   acc_t* Tm = terms.data_ptr<acc_t>();
   const acc_t it = (acc_t)inv_temp;
-  const int64_t Br = pick_block(R, block), Bc = block > 0 ? block : 256;
-  const int64_t nbr = cdiv64(R, Br), nbc = cdiv64(Cn, Bc);
-  parallel_tasks<acc_t>(nbr, Br * Bc + 2 * Br, Br * Cn * d, [&](int64_t I, acc_t* tile) {
+  const FwdTiling tl = fwd_tiling(R, Cn, block);
+  const int64_t Br = tl.Br, Bc = tl.Bc, nbc = tl.nbc, ns = tl.ns;
+  // partial states of range s: pm / pl (ns x R), pacc (ns x R x d; U itself when ns == 1)
+  at::Tensor pml = at::empty({2 * ns * R}, opts);
+  at::Tensor pacc_t = with_grad && ns > 1 ? at::empty({ns * R * d}, opts) : u;
+  acc_t* pm = pml.data_ptr<acc_t>();
+  acc_t* pl = pm + ns * R;
+  acc_t* pacc = with_grad ? pacc_t.data_ptr<acc_t>() : nullptr;
+  const int64_t work = Br * cdiv64(Cn, ns) * d * (with_grad ? 2 : 1);
+  parallel_tasks<acc_t>(tl.nbr * ns, Br * Bc, work, [&](int64_t task, acc_t* S) {
+    const int64_t I = task / ns, s = task % ns;
     const int64_t i0 = I * Br, bi = std::min(Br, R - i0);
-    acc_t* S = tile;
-    acc_t* mx = tile + Br * Bc;
-    acc_t* sm = mx + Br;
+    acc_t* m = pm + s * R + i0;
+    acc_t* l = pl + s * R + i0;
+    acc_t* acc = with_grad ? pacc + (s * R + i0) * d : nullptr;
     for (int64_t a = 0; a < bi; ++a) {
-      mx[a] = neg_inf<acc_t>();
-      sm[a] = 0;
+      m[a] = neg_inf<acc_t>();
+      l[a] = 0;
     }
-    for (int64_t J = 0; J < nbc; ++J) {
+    if (with_grad) std::fill(acc, acc + bi * d, acc_t(0));
+    for (int64_t J = s * nbc / ns; J < (s + 1) * nbc / ns; ++J) {
       const int64_t j0 = J * Bc, bj = std::min(Bc, Cn - j0);
       gemm_rm<acc_t>(false, true, bi, bj, d, it, A + i0 * d, d, C + j0 * d, d, 0, S, bj);
       for (int64_t a = 0; a < bi; ++a) {
         const int64_t e = E[i0 + a];
         if (e >= j0 && e < j0 + bj) S[a * bj + (e - j0)] = neg_inf<acc_t>();
-        lse_update(mx[a], sm[a], S + a * bj, bj);
+        const acc_t scale = online_row(m[a], l[a], S + a * bj, bj);
+        if (with_grad && scale != acc_t(1)) {
+          acc_t* r = acc + a * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) r[c] *= scale;
+        }
       }
+      if (with_grad) gemm_rm<acc_t>(false, false, bi, d, bj, acc_t(1), S, bj, C + j0 * d, d, 1, acc, d);
     }
-    for (int64_t a = 0; a < bi; ++a) {
-      const int64_t i = i0 + a, p = P[i];
-      L[i] = sm[a] > 0 ? mx[a] + std::log(sm[a]) : neg_inf<acc_t>();
+  });
+  // merge the ranges in order (per row: independent of the thread count), then the terms
+  acc_t* U = with_grad ? u.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, R, row_grain(d), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      acc_t mx = neg_inf<acc_t>();
+      for (int64_t s = 0; s < ns; ++s) mx = std::max(mx, pm[s * R + i]);
+      acc_t sm = 0;
+      if (mx != neg_inf<acc_t>())
+        for (int64_t s = 0; s < ns; ++s)
+          if (pm[s * R + i] != neg_inf<acc_t>()) sm += pl[s * R + i] * vexp(pm[s * R + i] - mx);
+      L[i] = sm > 0 ? mx + std::log(sm) : neg_inf<acc_t>();
+      if (with_grad) {
+        acc_t* ui = U + i * d;
+        if (!(sm > 0)) {
+          std::fill(ui, ui + d, acc_t(0));
+        } else if (ns == 1) {  // pacc is U
+          const acc_t f = acc_t(1) / sm;
+          for (int64_t c = 0; c < d; ++c) ui[c] *= f;
+        } else {
+          std::fill(ui, ui + d, acc_t(0));
+          for (int64_t s = 0; s < ns; ++s) {
+            if (pm[s * R + i] == neg_inf<acc_t>()) continue;
+            const acc_t f = vexp(pm[s * R + i] - mx) / sm;
+            const acc_t* ps = pacc + (s * R + i) * d;
+            for (int64_t c = 0; c < d; ++c) ui[c] += f * ps[c];
+          }
+        }
+      }
+      const int64_t p = P[i];
       double spos = 0;
       if (p >= 0) {
         for (int64_t c = 0; c < d; ++c) spos += (double)A[i * d + c] * C[p * d + c];
@@ -78,48 +184,42 @@ std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, 
       Tm[i] = (acc_t)((double)L[i] - spos);
     }
   });
-  return {terms, lse, an, cn, anorm, cnorm};
+  return {terms, lse, an, cn, anorm, cnorm, u};
 }
 
 template <typename scalar_t>
 std::vector<at::Tensor> rect_bwd_impl(const at::Tensor& w, const at::Tensor& an, const at::Tensor& cn,
-                                      const at::Tensor& anorm, const at::Tensor& cnorm, const at::Tensor& lse,
-                                      const int64_t* P, const int64_t* E, double inv_temp, bool normalize,
-                                      int64_t grad_cols, int64_t block) {
+                                      const at::Tensor& anorm, const at::Tensor& cnorm, const at::Tensor& u,
+                                      const at::Tensor& lse, const int64_t* P, const int64_t* E, double inv_temp,
+                                      bool normalize, int64_t grad_cols, int64_t block) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t R = an.size(0), Cn = cn.size(0), d = an.size(1);
+  const int64_t R = an.size(0), d = an.size(1);
   const acc_t* A = an.data_ptr<acc_t>();
   const acc_t* C = cn.data_ptr<acc_t>();
+  const acc_t* U = u.data_ptr<acc_t>();
   const acc_t* L = lse.data_ptr<acc_t>();
   at::Tensor wc = w.to(an.scalar_type()).contiguous();
   const acc_t* Wt = wc.data_ptr<acc_t>();
-  at::Tensor ga = at::zeros({R, d}, an.options()), gc = at::zeros({grad_cols, d}, an.options());
+  at::Tensor ga = at::empty({R, d}, an.options()), gc = at::zeros({grad_cols, d}, an.options());
   acc_t* GA = ga.data_ptr<acc_t>();
   acc_t* GC = gc.data_ptr<acc_t>();
   const acc_t it = (acc_t)inv_temp;
 
-  // dA: one task per row block, sweeping all columns.
-  {
-    const int64_t Br = pick_block(R, block), Bc = block > 0 ? block : 256;
-    const int64_t nbr = cdiv64(R, Br), nbc = cdiv64(Cn, Bc);
-    parallel_tasks<acc_t>(nbr, Br * Bc, 2 * Br * Cn * d, [&](int64_t I, acc_t* S) {
-      const int64_t i0 = I * Br, bi = std::min(Br, R - i0);
-      for (int64_t J = 0; J < nbc; ++J) {
-        const int64_t j0 = J * Bc, bj = std::min(Bc, Cn - j0);
-        gemm_rm<acc_t>(false, true, bi, bj, d, it, A + i0 * d, d, C + j0 * d, d, 0, S, bj);
-        for (int64_t a = 0; a < bi; ++a) {
-          acc_t* row = S + a * bj;
-          const acc_t wi = Wt[i0 + a], li = L[i0 + a];
-#pragma omp simd
-          for (int64_t j = 0; j < bj; ++j) row[j] = wi * vexp(row[j] - li);
-          const int64_t e = E[i0 + a], p = P[i0 + a];
-          if (e >= j0 && e < j0 + bj) row[e - j0] = 0;
-          if (p >= j0 && p < j0 + bj) row[p - j0] -= wi;
-        }
-        gemm_rm<acc_t>(false, false, bi, d, bj, it, S, bj, C + j0 * d, d, 1, GA + i0 * d, d);
+  // dA_i = (w_i / T) (U_i - c_p(i)): no recompute.
+  at::parallel_for(0, R, row_grain(d), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const acc_t f = Wt[i] * it;
+      const int64_t p = P[i];
+      const acc_t* ui = U + i * d;
+      acc_t* g = GA + i * d;
+      if (p >= 0) {
+        const acc_t* cp = C + p * d;
+        for (int64_t c = 0; c < d; ++c) g[c] = f * (ui[c] - cp[c]);
+      } else {
+        for (int64_t c = 0; c < d; ++c) g[c] = f * ui[c];
       }
-    });
-  }
+    }
+  });
   // dC: one task per column block (of the first grad_cols), sweeping all rows; the tile is S^T = C_J A_I^T / T.
   if (grad_cols > 0) {
     const int64_t Bc = pick_block(grad_cols, block), Br = block > 0 ? block : 256;
@@ -167,10 +267,10 @@ double read_inv_temp(const at::Tensor& inv_temp) {
 }
 
 // rows (R, d), cands (Cn, d), pos / excl (R,) int64 in [-1, Cn) -> [terms (R), lse (R), rows_n, cands_n,
-// row norms, candidate norms] (accumulation dtype).
+// row norms, candidate norms, u (R, d) if with_grad else (0, d)] (accumulation dtype).
 std::vector<at::Tensor> infonce_rect_fwd_cpp(const at::Tensor& rows, const at::Tensor& cands, const at::Tensor& pos,
                                              const at::Tensor& excl, const at::Tensor& inv_temp, bool normalize,
-                                             int64_t block) {
+                                             bool with_grad, int64_t block) {
   check_view(rows, "rows");
   check_view(cands, "candidates");
   TORCH_CHECK(rows.size(1) == cands.size(1), "rows and candidates must have the same width, got ", rows.size(1),
@@ -183,7 +283,8 @@ std::vector<at::Tensor> infonce_rect_fwd_cpp(const at::Tensor& rows, const at::T
   const double it = read_inv_temp(inv_temp);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "infonce_rect_fwd", [&] {
-    out = rect_fwd_impl<scalar_t>(rows, cands, p.data_ptr<int64_t>(), e.data_ptr<int64_t>(), it, normalize, block);
+    out = rect_fwd_impl<scalar_t>(rows, cands, p.data_ptr<int64_t>(), e.data_ptr<int64_t>(), it, normalize, with_grad,
+                                block);
   });
   return out;
 }
@@ -191,7 +292,7 @@ std::vector<at::Tensor> infonce_rect_fwd_cpp(const at::Tensor& rows, const at::T
 // -> [d rows (R, d), d candidates (grad_cols, d), gz (0-dim)], accumulation dtype.
 std::vector<at::Tensor> infonce_rect_bwd_cpp(const at::Tensor& w, const at::Tensor& rows_n,
                                              const at::Tensor& cands_n, const at::Tensor& row_norms,
-                                             const at::Tensor& cand_norms, const at::Tensor& lse,
+                                             const at::Tensor& cand_norms, const at::Tensor& u, const at::Tensor& lse,
                                              const at::Tensor& pos, const at::Tensor& excl,
                                              const at::Tensor& inv_temp, bool normalize, int64_t grad_cols,
                                              int64_t block) {
@@ -201,6 +302,10 @@ std::vector<at::Tensor> infonce_rect_bwd_cpp(const at::Tensor& w, const at::Tens
   TORCH_CHECK(rows_n.scalar_type() == at::kFloat || rows_n.scalar_type() == at::kDouble, "rows_n: bad dtype");
   TORCH_CHECK(w.dim() == 1 && w.size(0) == R && w.device().is_cpu(), "w must be a CPU tensor of shape (R,)");
   TORCH_CHECK(lse.is_contiguous() && lse.size(0) == R, "lse: bad saved tensor");
+  TORCH_CHECK(u.is_contiguous() && u.dim() == 2 && u.size(1) == rows_n.size(1) &&
+                  u.scalar_type() == rows_n.scalar_type(),
+              "u: bad saved tensor");
+  TORCH_CHECK(u.size(0) == R, "u: the forward ran with with_grad=False, so it saved no U for the backward");
   TORCH_CHECK(grad_cols >= 0 && grad_cols <= Cn, "grad_cols must be in [0, Cn]");
   at::Tensor p = pos.contiguous(), e = excl.contiguous();
   check_index(p, "pos", R, Cn);
@@ -208,7 +313,7 @@ std::vector<at::Tensor> infonce_rect_bwd_cpp(const at::Tensor& w, const at::Tens
   const double it = read_inv_temp(inv_temp);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(rows_n.scalar_type(), "infonce_rect_bwd", [&] {
-    out = rect_bwd_impl<scalar_t>(w, rows_n, cands_n, row_norms, cand_norms, lse, p.data_ptr<int64_t>(),
+    out = rect_bwd_impl<scalar_t>(w, rows_n, cands_n, row_norms, cand_norms, u, lse, p.data_ptr<int64_t>(),
                                   e.data_ptr<int64_t>(), it, normalize, grad_cols, block);
   });
   return out;
@@ -219,9 +324,10 @@ std::vector<at::Tensor> infonce_rect_bwd_cpp(const at::Tensor& w, const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(ssl_fast, m) {
   m.def("infonce_rect_fwd_cpp(Tensor rows, Tensor cands, Tensor pos, Tensor excl, Tensor inv_temp, bool normalize, "
-        "int block) -> Tensor[]");
+        "bool with_grad, int block) -> Tensor[]");
   m.def("infonce_rect_bwd_cpp(Tensor w, Tensor rows_n, Tensor cands_n, Tensor row_norms, Tensor cand_norms, "
-        "Tensor lse, Tensor pos, Tensor excl, Tensor inv_temp, bool normalize, int grad_cols, int block) -> Tensor[]");
+        "Tensor u, Tensor lse, Tensor pos, Tensor excl, Tensor inv_temp, bool normalize, int grad_cols, "
+        "int block) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ssl_fast, CPU, m) {

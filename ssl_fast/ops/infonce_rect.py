@@ -9,12 +9,13 @@ dL/dA, dL/dC (the first ``grad_cols`` candidates; appended negatives get none) a
 gz = sum_ij dL/dS_ij S_ij = -T dL/dT (the temperature gradient; see ``ssl_fast.ops.infonce``).
 
 Backend contract (``TABLE`` below; the dispatcher ops ``torch.ops.ssl_fast.infonce_rect_{fwd,bwd}_{cpp,triton}``):
-    fwd(rows, cands, pos, excl, inv_temp, normalize) -> [terms (R), lse (R), *saved]
+    fwd(rows, cands, pos, excl, inv_temp, normalize[, with_grad]) -> [terms (R), lse (R), *saved]
     bwd(w, *state, lse, pos, excl, inv_temp, normalize, grad_cols) -> [dA (R, d), dC (grad_cols, d), gz]
-with state = saved for cpp (normalized copies of rows and candidates, and their norms: the inputs are not
-kept) and state = (rows, cands, *saved) for triton (the row and candidate scales +-1 / max(|x|, eps), negative
-when |x| <= eps; the kernels re-read the inputs). terms / lse /
-dA / dC / gz are in the accumulation dtype (float64 for float64 inputs, float32 otherwise). The ``torch``
+with state = saved for cpp (normalized copies of rows and candidates, their norms, and, when the forward ran
+with_grad, U = softmax(S) C (R x d) from which dA needs no recompute: the inputs are not kept) and
+state = (rows, cands, *saved) for triton (the row and candidate scales +-1 / max(|x|, eps), negative when
+|x| <= eps; the kernels re-read the inputs). terms / lse / dA / dC / gz are in the accumulation dtype
+(float64 for float64 inputs, float32 otherwise). The ``torch``
 backend is the reference's autograd (``ssl_fast.reference.infonce_rect_reference`` on the same candidates,
 gathered with ``ssl_fast.distributed.all_gather_with_grad``): no second hand-written backward.
 
@@ -117,14 +118,15 @@ def _check_negatives(negatives, like: torch.Tensor, d: int) -> Optional[torch.Te
 # fake implementations
 
 
-def _fake_fwd_cpp(rows, cands, pos, excl, inv_temp, normalize, block):  # terms, lse, rows_n, cands_n, norms
+def _fake_fwd_cpp(rows, cands, pos, excl, inv_temp, normalize, with_grad, block):  # terms, lse, *saved
     acc = _acc_dtype(rows)
     (r, d), cn = rows.shape, cands.shape[0]
     new = lambda *shape: rows.new_empty(shape, dtype=acc)  # noqa: E731
-    return [new(r), new(r), new(r, d), new(cn, d), new(r), new(cn)]
+    return [new(r), new(r), new(r, d), new(cn, d), new(r), new(cn), new(r if with_grad else 0, d)]
 
 
-def _fake_bwd_cpp(w, rows_n, cands_n, row_norms, cand_norms, lse, pos, excl, inv_temp, normalize, grad_cols, block):
+def _fake_bwd_cpp(w, rows_n, cands_n, row_norms, cand_norms, u, lse, pos, excl, inv_temp, normalize, grad_cols,
+                  block):
     return [rows_n.new_empty(rows_n.shape), rows_n.new_empty((grad_cols, rows_n.shape[1])), rows_n.new_empty(())]
 
 
@@ -192,7 +194,7 @@ class _RectFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, own, negatives, temperature, problems: Sequence[Problem], group, normalize: bool,
-                backend: str):
+                backend: str, with_grad: bool):
         acc = _acc_dtype(rows)
         inv_temp = (1.0 / temperature.detach().to(acc)).reshape(())
         world, _ = _dist.world_and_rank(group)
@@ -201,14 +203,16 @@ class _RectFn(torch.autograd.Function):
         g = _dist.all_gather(own, group) if group is not None else own
         block = own.shape[0]
         fwd = TABLE[backend]["fwd"]
+        # cpp: a forward that will be differentiated also saves U = softmax(S) C (the rows' gradient, no recompute)
+        extra = (with_grad,) if backend == "cpp" else ()
         terms, flat, layout = [], [], []
         for p in problems:
             cands = _candidates(g, world, block, p.c0, p.c1, negatives if p.with_negatives else None)
             r = rows[p.r0:p.r1]
-            t, lse, *saved = fwd(r, cands, p.pos, p.excl, inv_temp, normalize)
+            t, lse, *saved = fwd(r, cands, p.pos, p.excl, inv_temp, normalize, *extra)
             terms.append(t)
-            # what the backward op takes first: the cpp op saved normalized copies (the inputs are not needed),
-            # the triton kernels re-read the inputs
+            # what the backward op takes first: the cpp op saved normalized copies (the inputs are not needed)
+            # and U, the triton kernels re-read the inputs
             state = saved if backend == "cpp" else [r, cands, *saved]
             flat += [lse, *state]
             layout.append(1 + len(state))
@@ -242,16 +246,19 @@ class _RectFn(torch.autograd.Function):
         down = _dist.reduce_scatter(dg, ctx.group) if ctx.group is not None else dg
         dtemp = (-gz * inv_temp).to(temp_dtype) if ctx.needs_input_grad[3] else None
         if ctx.own_is_rows:
-            return (drows.add_(down.view(drows.shape)).to(rows_dtype), None, None, dtemp, None, None, None, None)
+            return (drows.add_(down.view(drows.shape)).to(rows_dtype), None, None, dtemp, None, None, None, None,
+                    None)
         return (drows.to(rows_dtype) if ctx.needs_input_grad[0] else None,
                 down.to(own_dtype).view(own_shape) if ctx.needs_input_grad[1] else None,
-                None, dtemp, None, None, None, None)
+                None, dtemp, None, None, None, None, None)
 
 
 def _terms(rows, own, negatives, temperature, problems: Sequence[Problem], group, normalize: bool, backend: str):
     if backend == "torch":
         return _torch_terms(rows, own, negatives, temperature, problems, group, normalize)
-    return _RectFn.apply(rows, own, negatives, temperature, problems, group, normalize, backend)
+    # ctx.needs_input_grad inside forward does not see torch.no_grad(): decide here
+    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, own, temperature))
+    return _RectFn.apply(rows, own, negatives, temperature, problems, group, normalize, backend, with_grad)
 
 
 # ----------------------------------------------------------------------------------------------------
