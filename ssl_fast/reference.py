@@ -204,10 +204,11 @@ def negative_cosine_similarity_reference(x0: torch.Tensor, x1: torch.Tensor, dim
 
 
 def byol_loss_reference(p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of the average of the two view terms |p^ - z^|^2 (2 - 2 cos)."""
+    """mean over the batch of the average of the two view terms 2 - 2 cos (= |p^ - z^|^2 for non-zero vectors; a
+    zero vector has cos 0, so its term is 2, as with torch's cosine_similarity)."""
     def term(p, z):
         pn = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
         zn = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return ((pn - zn) ** 2).sum(dim=1)
+        return 2 - 2 * (pn * zn).sum(dim=1)
 
     return (0.5 * (term(p0, z1) + term(p1, z0))).mean()
