@@ -218,6 +218,13 @@ def int_at_least_one(draw, name):
     return draw(st.sampled_from([0, -1, 2.5, True, "3", None, torch.tensor(3)])), True
 
 
+def _codes_structure(q):
+    """What Sinkhorn codes are whatever the rounding: finite, in [0, 1], unit row sums."""
+    assert bool(torch.isfinite(q).all()), "non-finite codes"
+    assert bool(((q >= 0) & (q <= 1 + 1e-5)).all())
+    torch.testing.assert_close(q.double().sum(1), torch.ones(q.shape[0], dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_sinkhorn_knopp(backend, data):
@@ -255,13 +262,7 @@ def test_sinkhorn_knopp(backend, data):
         # eps_acc * |s| nats, which the log-domain algorithm (scalings u of the same magnitude) cannot avoid
         extra = 8 * torch.finfo(acc).eps * top / eps.ref
         if top / eps.ref > 1e7 * (1e8 if dt == torch.float64 else 1.0):
-            # s = scores / eps rounds by more than a nat: no reference is exact; the codes must stay finite,
-            # in [0, 1], with unit row sums
-            def structural(q):
-                assert bool(torch.isfinite(q).all()), "non-finite codes"
-                assert bool(((q >= 0) & (q <= 1 + 1e-5)).all())
-                torch.testing.assert_close(q.double().sum(1), torch.ones(q.shape[0], dtype=torch.float64),
-                                           rtol=1e-4, atol=1e-4)
+            structural = _codes_structure  # s = scores / eps rounds by more than a nat: no reference is exact
 
     call = Call([scores], ours, ref, inv, scalars=[eps.value, iters], scalar_output_scale=False,
                 structural=structural, eager=eager, extra=extra)
@@ -342,7 +343,6 @@ def test_swav_loss(backend, data):
         inv["sinkhorn_iterations"] = ["sinkhorn_iterations"]
     note(f"{entry} backend={backend} n_high={n_high} n_low={n_low} queue={queue_kind} T={temp.value!r} "
          f"eps={eps.value!r} iters={iters!r}")
-    n_q = len(queue) if queue is not None else 0
     args = crops + (queue or [])
 
     def split(v):
@@ -365,7 +365,6 @@ def test_swav_loss(backend, data):
         out = _swav_reference(high, low, qs, temp.ref, eps.ref, iters)
         return out.reshape(1) if entry == "lightly" else out
 
-    del n_q
     call = Call(args, ours, ref, inv)
     check_call(call, dt if dt.is_floating_point else torch.float32, data.draw(st.integers(0, 99)))
 
@@ -682,3 +681,21 @@ def test_update_momentum_fuzz_smoke():
         lightly_nn.update_momentum(3, torch.nn.Linear(2, 2), 0.5)
     with pytest.raises(ValueError, match="momentum"):
         lightly_nn.update_momentum(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 1.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the triton backend: on CPU tensors under the interpreter (conftest sets TRITON_INTERPRET=1 without a GPU), a few
+# draws of the same properties (10 per op: an interpreted kernel call costs ~0.5 s)
+
+TRITON_BODIES = {"ntxent_info_nce": test_ntxent_info_nce, "sinkhorn_knopp": test_sinkhorn_knopp,
+                 "ema_update": test_ema_update}
+
+
+@pytest.mark.skipif(not ssl_fast.ops._backend.triton_available() or (
+    not torch.cuda.is_available() and not ssl_fast.ops._backend.interpreter_enabled()),
+    reason="needs triton (a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("body", sorted(TRITON_BODIES))
+@settings(max_examples=10)
+@given(data=st.data())
+def test_triton_backend_few_draws(body, data):
+    TRITON_BODIES[body].hypothesis.inner_test("triton", data)

@@ -23,7 +23,6 @@ gradient of a learnable temperature costs one dot product per row, no extra pass
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Union
 

@@ -19,7 +19,6 @@ later sweep all-reduces the K values c: ``iterations + 1`` all-reduces of K valu
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Tuple
 
