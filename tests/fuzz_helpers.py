@@ -320,6 +320,7 @@ class Call:
     learnable: Optional["Scalar"] = None  # a learnable temperature (its gradient is compared)
     out_dtype: Optional[torch.dtype] = None  # the dtype of ours' result (default: the accumulation dtype)
     scalar_output_scale: bool = True  # losses: atol relative to max(1, |ref|)
+    value_scale: float = 0.0  # a lower bound of the value's floor scale (e.g. 1e-2 x the logits' magnitude)
     structural: Optional[Callable] = None  # (output) -> None: replaces the value rule where no reference is exact
     eager: Optional[Callable] = None  # eager torch in the inputs' dtype, when it is not ``ref`` run in that dtype
     extra: float = 0.0  # added to the value bound (a documented rounding the algorithm cannot avoid)
@@ -392,6 +393,8 @@ def _compare(call: Call, dtype, bases, views, out, go_seed) -> None:
     ref, ref_b, ref_t = runs["ref"]
     assert tuple(out.shape) == tuple(ref.shape), (tuple(out.shape), tuple(ref.shape))
     scale = max(1.0, ref.detach().abs().max().item()) if (call.scalar_output_scale and _finite(ref)) else None
+    if scale is not None:
+        scale = max(scale, call.value_scale)
     within_rule("value", out, ref, runs["eager"][0], runs["acc"][0], dtype, scale, runs["f32"][0], extra=call.extra)
     if not out.requires_grad:
         return
