@@ -197,7 +197,9 @@ def ema_update_reference(ema_tensors, online_tensors, momentum) -> list:
 
 def negative_cosine_similarity_reference(x0: torch.Tensor, x1: torch.Tensor, dim: int = 1,
                                          eps: float = 1e-8) -> torch.Tensor:
-    """-mean cos(x0, x1) along ``dim``, each norm clamped at ``eps``, written out."""
+    """-mean cos(x0, x1) along ``dim`` of their broadcast shape (as ``F.cosine_similarity``), each norm clamped at
+    ``eps``, written out."""
+    x0, x1 = torch.broadcast_tensors(x0, x1)
     n0 = x0.norm(dim=dim).clamp_min(eps)
     n1 = x1.norm(dim=dim).clamp_min(eps)
     return -((x0 * x1).sum(dim=dim) / (n0 * n1)).mean()
