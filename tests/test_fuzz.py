@@ -260,6 +260,8 @@ def test_sinkhorn_knopp(backend, data):
     check_finite = data.draw(st.booleans())
     if check_finite and "scores" not in inv and not scores.finite_view():
         inv["scores"] = ["scores"]
+    if backend == "triton" and dt == torch.float64:  # the Triton kernels take fp32 / bf16 / fp16 (documented)
+        inv["scores"] = ["scores"]
 
     def ours(v):
         with _backend(backend):
@@ -610,7 +612,7 @@ def _bank_reference(out0, out1, bank, temperature):
     """lightly's NTXentLoss with a memory bank: positives out0_i . out1_i against the bank's rows, target 0."""
     a, b = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
     pos = (a * b).sum(1, keepdim=True)
-    neg = a @ F.normalize(bank.to(a.dtype), dim=1).t()
+    neg = a @ bank.to(a.dtype).t()  # the bank holds normalized rows (as lightly's): used as stored
     logits = torch.cat([pos, neg], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(a.shape[0], dtype=torch.long))
 
