@@ -435,7 +435,9 @@ def negative_cosine_similarity(x0: torch.Tensor, x1: torch.Tensor, dim: int = 1,
         x0, x1: tensors of broadcastable shapes, e.g. (N, D) predictions and stop-gradient targets: the
             caller detaches the target (``x1.detach()``), as in the paper.
         dim: the dimension of the vectors.
-        eps: lower bound on each norm (``torch.nn.functional.cosine_similarity``).
+        eps: lower bound on each norm (``torch.nn.functional.cosine_similarity``), finite and > 0. fp16 / bf16
+            inputs are computed in fp32 (their eps^2 would underflow: a zero vector would give NaN); the result
+            has the inputs' dtype.
 
     Returns:
         0-dim tensor: minus the mean cosine similarity over the remaining dimensions.

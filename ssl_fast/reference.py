@@ -197,17 +197,20 @@ def ema_update_reference(ema_tensors, online_tensors, momentum) -> list:
 
 def negative_cosine_similarity_reference(x0: torch.Tensor, x1: torch.Tensor, dim: int = 1,
                                          eps: float = 1e-8) -> torch.Tensor:
-    """-mean cos(x0, x1) along ``dim``, each norm clamped at ``eps``, written out."""
+    """-mean cos(x0, x1) along ``dim`` of their broadcast shape (as ``F.cosine_similarity``), each norm clamped at
+    ``eps``, written out."""
+    x0, x1 = torch.broadcast_tensors(x0, x1)
     n0 = x0.norm(dim=dim).clamp_min(eps)
     n1 = x1.norm(dim=dim).clamp_min(eps)
     return -((x0 * x1).sum(dim=dim) / (n0 * n1)).mean()
 
 
 def byol_loss_reference(p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of the average of the two view terms |p^ - z^|^2 (2 - 2 cos)."""
+    """mean over the batch of the average of the two view terms 2 - 2 cos (= |p^ - z^|^2 for non-zero vectors; a
+    zero vector has cos 0, so its term is 2, as with torch's cosine_similarity)."""
     def term(p, z):
         pn = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
         zn = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return ((pn - zn) ** 2).sum(dim=1)
+        return 2 - 2 * (pn * zn).sum(dim=1)
 
     return (0.5 * (term(p0, z1) + term(p1, z0))).mean()

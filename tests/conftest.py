@@ -18,6 +18,21 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+
+# hypothesis profiles (tests/test_fuzz.py): "ci", the default, is derandomized (the same examples on every run) with
+# bounded counts; "long" (``pytest tests/test_fuzz.py --hypothesis-profile long``) draws fresh random examples, 10x as
+# many. Timing is not a property: no deadline.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None,
+                              suppress_health_check=_quiet, print_blob=True)
+    settings.register_profile("long", max_examples=1000, derandomize=False, deadline=None,
+                              suppress_health_check=_quiet, print_blob=True)
+    settings.load_profile("ci")  # --hypothesis-profile NAME (the hypothesis pytest plugin) loads another after this
+except ImportError:  # tests/test_fuzz.py skips without hypothesis
+    pass
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

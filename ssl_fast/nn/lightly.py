@@ -19,6 +19,7 @@ ssl_fast's own modules (``ssl_fast.nn``) follow the papers instead (e.g. DirectC
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence, Union
 
 import torch
@@ -37,13 +38,18 @@ class _LightlyMemoryBank(nn.Module):
         super().__init__()
         size_tuple = (size,) if isinstance(size, int) else tuple(size)
         if any(x < 0 for x in size_tuple):
-            raise ValueError(f"Illegal memory bank size {size}, all entries must be non-negative.")
+            raise ValueError(f"Illegal memory bank size {size} (memory_bank_size), all entries must be "
+                             "non-negative.")
         if isinstance(size, int) and size > 0:
-            raise ValueError(f"Memory bank size 'size={size}' does not specify the feature dimension. Set it "
-                             f"with 'size=({size}, dim)', or pass 'size=0' to disable the memory bank.")
+            raise ValueError(f"Memory bank size 'memory_bank_size={size}' does not specify the feature dimension. "
+                             f"Set it with 'memory_bank_size=({size}, dim)', or pass 'memory_bank_size=0' to disable "
+                             "the memory bank.")
         if size_tuple != (0,) and len(size_tuple) != 2:
-            raise ValueError(f"Illegal memory bank size {size}, expected a (num_features, dim) tuple, or "
-                             "'size=0' to disable the memory bank.")
+            raise ValueError(f"Illegal memory bank size {size} (memory_bank_size), expected a (num_features, dim) "
+                             "tuple, or 'memory_bank_size=0' to disable the memory bank.")
+        if len(size_tuple) == 2 and size_tuple[0] > 0 and size_tuple[1] < 1:
+            raise ValueError(f"Illegal memory bank size {size} (memory_bank_size): the feature dimension must be "
+                             ">= 1.")
         self.size = size_tuple
         self.gather_distributed = gather_distributed
         self.queue = None
@@ -59,6 +65,32 @@ class _LightlyMemoryBank(nn.Module):
     @property
     def bank_ptr(self) -> torch.Tensor:
         return self.queue.ptr if self.queue is not None else torch.zeros(1, dtype=torch.long)
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_bank_inputs(out0, out1, dim: int) -> None:
+    """The memory-bank branch's own checks (it normalizes before any op sees the inputs): the messages name
+    ``out0`` / ``out1`` / ``memory_bank_size``, never torch's."""
+    for x, name in ((out0, "out0"), (out1, "out1")):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape (N, D), got {tuple(x.shape)}")
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if out0.shape != out1.shape:
+        raise ValueError(f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
+    if out0.device != out1.device:
+        raise ValueError(f"out0 and out1 must be on the same device, got {out0.device} and {out1.device}")
+    if out0.dtype != out1.dtype:
+        raise TypeError(f"out0 and out1 must have the same dtype, got {out0.dtype} and {out1.dtype}")
+    if out0.shape[0] == 0 or out0.shape[1] == 0:
+        raise ValueError(f"out0 and out1 must be non-empty, got shape {tuple(out0.shape)}")
+    if out0.shape[1] != dim:
+        raise ValueError(f"out0 and out1 have D = {out0.shape[1]} features but the memory bank holds vectors of "
+                         f"dim {dim} (memory_bank_size)")
 
 
 class NTXentLoss(nn.Module):
@@ -85,7 +117,16 @@ class NTXentLoss(nn.Module):
         self.temperature = temperature
         self.gather_distributed = gather_distributed
         self.eps = 1e-8
-        if abs(self.temperature) < self.eps:
+        if isinstance(temperature, torch.Tensor):
+            if temperature.numel() != 1:
+                raise ValueError(f"temperature must be a float or a 0-dim tensor, got a tensor of shape "
+                                 f"{tuple(temperature.shape)}")
+            value = float(temperature.detach()) if temperature.device.type == "cpu" else 1.0  # no device sync
+        elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+        else:
+            value = temperature
+        if abs(value) < self.eps:
             raise ValueError("Illegal temperature: abs({}) < 1e-8".format(self.temperature))
         if gather_distributed and not torch_dist.is_available():
             raise ValueError("gather_distributed is True but torch.distributed is not available. Please set "
@@ -94,8 +135,11 @@ class NTXentLoss(nn.Module):
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         queue = self.memory_bank.queue
         if queue is not None:
-            out0n = F.normalize(out0, dim=1)
-            out1n = F.normalize(out1, dim=1)
+            _check_bank_inputs(out0, out1, queue.dim)
+            # in the accumulation dtype: fp16 squared norms overflow (a NaN loss)
+            acc = torch.float64 if out0.dtype == torch.float64 else torch.float32
+            out0n = F.normalize(out0.to(acc), dim=1)
+            out1n = F.normalize(out1.to(acc), dim=1)
             n = out0.shape[0]
             none = torch.full((n,), -1, dtype=torch.int64, device=out0.device)
             # the bank's logsumexp per row, fused; the positive joins it in log space:
@@ -127,9 +171,16 @@ class DirectCLRLoss(NTXentLoss):
                  memory_bank_size: Union[int, Sequence[int]] = 0, gather_distributed: bool = False):
         super().__init__(temperature=temperature, memory_bank_size=memory_bank_size,
                          gather_distributed=gather_distributed)
-        self.loss_dim = loss_dim
+        if isinstance(loss_dim, bool) or not isinstance(loss_dim, numbers.Integral) or loss_dim < 1:
+            raise ValueError(f"loss_dim must be an int >= 1, got {loss_dim!r}")
+        self.loss_dim = int(loss_dim)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        for x, name in ((out0, "out0"), (out1, "out1")):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() < 2:
+                raise ValueError(f"{name} must have shape (N, ...) with at least 2 dimensions, got {tuple(x.shape)}")
         out0 = out0.flatten(start_dim=1)[:, : self.loss_dim]
         out1 = out1.flatten(start_dim=1)[:, : self.loss_dim]
         return super().forward(out0, out1)

@@ -14,6 +14,7 @@ produce them, so they are plain torch (autograd gives the gradient):
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -43,7 +44,30 @@ def negative_cosine_similarity(x0: torch.Tensor, x1: torch.Tensor, dim: int = 1,
         raise ValueError(f"dim={dim} is out of range for inputs of shape {tuple(shape)}")
     if x0.device != x1.device:
         raise ValueError(f"x0 and x1 must be on the same device, got {x0.device} and {x1.device}")
-    return -F.cosine_similarity(x0, x1, dim, eps).mean()
+    if 0 in shape:
+        raise ValueError(f"x0 and x1 must be non-empty, got shapes {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0, got {eps!r}")
+    # In fp32 (fp64 for fp64), each vector scaled by its largest |entry| first: cosine_similarity's |x0|^2 |x1|^2
+    # underflows for small vectors (norms below ~1e-19 in fp32: 0 instead of the cosine; a zero vector in fp16,
+    # whose eps^2 is 0, gives 0 / 0 = NaN). cos = <s0, s1> * (a0 / max(|x0|, eps)) * (a1 / max(|x1|, eps)) with
+    # s = x / a, a = max |x|: the same value, each norm clamped at eps as documented. Broadcast first (``dim``
+    # indexes the broadcast shape). The result has the inputs' dtype, as lightly's.
+    acc = torch.float64 if torch.float64 in (x0.dtype, x1.dtype) else torch.float32
+
+    def scaled(x):
+        x = x.to(acc).expand(shape)
+        a = x.abs().amax(dim=dim, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+        s = x / a
+        n = torch.linalg.vector_norm(s, dim=dim, keepdim=True) * a
+        return s, a / n.clamp_min(eps)
+
+    s0, f0 = scaled(x0)
+    s1, f1 = scaled(x1)
+    cos = ((s0 * f0) * (s1 * f1)).sum(dim=dim)
+    return (-cos.mean()).to(torch.promote_types(x0.dtype, x1.dtype))
 
 
 def byol_loss(p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,17 @@ def _as_list(x, name: str) -> List[torch.Tensor]:
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(x).__name__}") from None
 
 
+def _overlaps(t: torch.Tensor) -> bool:
+    """Two elements of ``t`` share a memory location (torch's own check, exact where it is unsure)."""
+    state = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard to tell
+    if state != 2 or t.numel() < 2 or t.device.type == "meta":
+        return state == 1
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride).reshape(-1)
+    return offsets.unique().numel() < t.numel()
+
+
 def check_momentum(momentum) -> Tuple[float, Optional[torch.Tensor]]:
     """(float value, None) or (nan placeholder, 0-dim tensor). A CPU tensor's value is checked; a device
     tensor's is not (that would be a host sync), nor is any under torch.compile."""
@@ -55,6 +66,8 @@ def check_momentum(momentum) -> Tuple[float, Optional[torch.Tensor]]:
                              f"{tuple(momentum.shape)}")
         if not momentum.is_floating_point():
             raise TypeError(f"momentum must be a floating-point tensor, got {momentum.dtype}")
+        if momentum.device.type == "meta":
+            raise ValueError("momentum is a tensor on the meta device (it has no value)")
         if momentum.device.type == "cpu" and not torch.compiler.is_compiling():
             value = float(momentum)
             if not 0.0 <= value <= 1.0:
@@ -176,9 +189,15 @@ def ema_update_(ema_tensors, online_tensors, momentum: Momentum, *, backend: Opt
     try:
         devices = {t.device for t in ema}
         devices.update(t.device for t in online)
+        strided = [i for i, t in enumerate(ema) if not t.is_contiguous()]
     except AttributeError:
         check_pairs(ema, online)  # raises the TypeError naming the element
         raise
+    for i in strided:  # an expanded or overlapping view: several elements share one memory location
+        if _overlaps(ema[i]):
+            raise ValueError(f"ema_tensors[{i}] has elements that share memory (an expanded or overlapping view, "
+                             f"strides {ema[i].stride()}): it cannot be updated in place; pass a tensor that owns "
+                             "its elements")
     if len(devices) == 1:
         device = next(iter(devices))
         name = TABLE.resolve(device, backend)

@@ -23,13 +23,12 @@ gradient of a learnable temperature costs one dot product per row, no extra pass
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Union
 
 import torch
 
-from .. import reference
+from .. import _checks, reference
 from . import _backend, _library
 
 Temperature = Union[float, torch.Tensor]
@@ -83,17 +82,16 @@ def _check_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
         if not temperature.is_floating_point():
             raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+        if temperature.device != like.device and temperature.device.type != "cpu":
+            raise ValueError(f"temperature must be on the device of the inputs ({like.device}) or on the CPU, got "
+                             f"{temperature.device}")
         # A device tensor's value is not checked (a host sync), nor is any under torch.compile (a graph break).
         if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
-            value = float(temperature.detach())
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"temperature must be finite and > 0, got {value}")
+            _checks.positive_with_reciprocal(float(temperature.detach()), "temperature", _acc_dtype(like))
         return temperature.reshape(()).to(like.device)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
-    value = float(temperature)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {value}")
+    value = _checks.positive_with_reciprocal(float(temperature), "temperature", _acc_dtype(like))
     # a fill kernel, not a host-to-device copy: no synchronization on CUDA
     exact = like.device.type == "cpu" or like.dtype == torch.float64
     return torch.full((), value, dtype=torch.float64 if exact else torch.float32, device=like.device)
@@ -232,6 +230,15 @@ class _InfoNCEFn(torch.autograd.Function):
 # public entry points (re-exported by ssl_fast.functional)
 
 
+def _single_pair(a: torch.Tensor, b: torch.Tensor, temp: torch.Tensor, d: int) -> torch.Tensor:
+    """N = 1: every anchor's only candidate is its positive, so the loss is exactly 0 with zero gradients (NaN / Inf
+    inputs still give NaN). The kernels' P - Y = exp(S - lse) - 1 is ~1 ulp instead of 0, which the normalization
+    of a (near-)zero row amplifies by 1/eps = 1e12: this path returns the exact value."""
+    acc = _acc_dtype(a)
+    zero = (a[:, :d].sum() + b[:, :d].sum()).to(acc) * 0
+    return zero + temp.to(acc) * 0 if temp.requires_grad else zero
+
+
 def ntxent(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -246,8 +253,12 @@ def ntxent(
     d = _check_feature_dim(feature_dim, z1.shape[1])
     temp = _check_temperature(temperature, z1)
     name = TABLE.resolve(z1.device, backend, z1.dtype)
-    if name == "torch":
-        return reference.ntxent_reference(z1, z2, temp, normalize=normalize, feature_dim=feature_dim).to(_acc_dtype(z1))
+    if z1.shape[0] == 1:
+        return _single_pair(z1, z2, temp, d)
+    if name == "torch":  # in the accumulation dtype: fp16 squared norms and logits overflow (a NaN loss)
+        acc = _acc_dtype(z1)
+        return reference.ntxent_reference(z1.to(acc), z2.to(acc), temp.to(acc), normalize=normalize,
+                                          feature_dim=feature_dim)
     return _NTXentFn.apply(_fix_last_stride(z1), _fix_last_stride(z2), temp, bool(normalize), d, name)
 
 
@@ -266,8 +277,11 @@ def info_nce(
     d = _check_feature_dim(feature_dim, query.shape[1])
     temp = _check_temperature(temperature, query)
     name = TABLE.resolve(query.device, backend, query.dtype)
-    if name == "torch":
-        return reference.info_nce_reference(query, key, temp, normalize=normalize, symmetric=symmetric,
-                                            feature_dim=feature_dim).to(_acc_dtype(query))
+    if query.shape[0] == 1:
+        return _single_pair(query, key, temp, d)
+    if name == "torch":  # in the accumulation dtype, as ntxent's
+        acc = _acc_dtype(query)
+        return reference.info_nce_reference(query.to(acc), key.to(acc), temp.to(acc), normalize=normalize,
+                                            symmetric=symmetric, feature_dim=feature_dim)
     return _InfoNCEFn.apply(_fix_last_stride(query), _fix_last_stride(key), temp, bool(normalize),
                             bool(symmetric), d, name)

@@ -332,12 +332,16 @@ def infonce_rect(rows, candidates, pos, excl=None, temperature=0.1, *, normalize
     if excl is None:
         excl = torch.full((rows.shape[0],), -1, dtype=torch.int64, device=rows.device)
     _check_index(excl, "excl", rows, cn)
+    if pos.device.type == "cpu" and not torch.compiler.is_compiling() and bool(((pos == excl) & (pos >= 0)).any()):
+        raise ValueError("pos and excl must differ where pos >= 0: a row's positive cannot be excluded from its "
+                         "softmax")
     if not isinstance(grad_candidates, bool):
         raise TypeError(f"grad_candidates must be a bool, got {type(grad_candidates).__name__}")
     temp = _check_temperature(temperature, rows)
     name = TABLE.resolve(rows.device, backend, rows.dtype)
     r = rows.shape[0]
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    candidates = candidates if candidates.stride(-1) == 1 else candidates.contiguous()  # the kernels read rows
     if not grad_candidates:
         # no own candidates (an empty block): the candidates ride as negatives, without gradient
         own = rows.new_empty((0, rows.shape[1]))

@@ -19,12 +19,12 @@ later sweep all-reduces the K values c: ``iterations + 1`` all-reduces of K valu
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Tuple
 
 import torch
 
+from .. import _checks
 from . import _backend, _library
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -51,12 +51,12 @@ def _check(scores, epsilon, iterations) -> Tuple[float, int]:
     if scores.shape[1] == 0:
         raise ValueError("scores has no prototypes (K = 0)")
     if isinstance(epsilon, torch.Tensor) and epsilon.numel() == 1 and epsilon.device.type == "cpu":
+        if not epsilon.is_floating_point():  # as a bool / complex float would be
+            raise TypeError(f"epsilon must be a float or a floating-point CPU tensor, got a {epsilon.dtype} tensor")
         epsilon = float(epsilon)
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
         raise TypeError(f"epsilon must be a float, got {type(epsilon).__name__}")
-    epsilon = float(epsilon)
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be finite and > 0, got {epsilon}")
+    epsilon = _checks.positive_with_reciprocal(float(epsilon), "epsilon", _acc_dtype(scores))
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
         raise TypeError(f"iterations must be an int, got {type(iterations).__name__}")
     if iterations < 1:
@@ -134,11 +134,15 @@ def _solve(passes, x: torch.Tensor, inv_eps: float, iterations: int, group) -> t
         dist.all_reduce(z, op=dist.ReduceOp.SUM, group=group)
         m = gm
     u = -(m + torch.log(z))
+    tiny = torch.finfo(u.dtype).tiny
     for _ in range(iterations - 1):
         c = row_pass(x, inv_eps, u)
         if group is not None:
             dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
-        u = u - torch.log(c)
+        # c_k >= 1/K in exact arithmetic; when |scores| / epsilon is so large (> ~1e9 in fp32) that the rounding of
+        # s = scores / eps exceeds the exp range, a column's mass can underflow to 0: log 0 = -inf would make every
+        # code NaN. Clamped, the codes stay finite (and as close to a hard assignment as the rounding allows).
+        u = u - torch.log(c.clamp_min(tiny))
     return apply(x, inv_eps, u)
 
 

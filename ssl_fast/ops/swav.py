@@ -48,10 +48,26 @@ def _check_crops(high, low, queue_outputs) -> None:
         raise ValueError(f"queue_outputs must hold one tensor per high-resolution crop ({len(high)}), got "
                          f"{len(queue_outputs)}")
     shape = tuple(high[0].shape)
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(f"high_resolution_outputs: every crop must have shape (B, K) with B, K >= 1, got {shape}")
     for name, crops in (("high_resolution_outputs", high), ("low_resolution_outputs", low)):
         for c in crops:
             if c.dim() != 2 or tuple(c.shape) != shape:
                 raise ValueError(f"{name}: every crop must have shape (B, K) = {shape}, got {tuple(c.shape)}")
+    crops = high + low
+    if len({c.device for c in crops}) > 1:
+        raise ValueError("high_resolution_outputs / low_resolution_outputs: every crop must be on the same device, "
+                         f"got {sorted({str(c.device) for c in crops})}")
+    dtypes = {c.dtype for c in crops}
+    if len(dtypes) > 1:
+        raise TypeError("high_resolution_outputs / low_resolution_outputs: every crop must have the same dtype, got "
+                        f"{sorted(map(str, dtypes))}")
+    for c in queue_outputs or []:
+        if c.dim() != 2 or c.shape[1] != shape[1]:
+            raise ValueError(f"queue_outputs: every queue must have shape (Bq, K) with K = {shape[1]}, got "
+                             f"{tuple(c.shape)}")
+        if c.device != high[0].device:
+            raise ValueError(f"queue_outputs must be on the device of the crops ({high[0].device}), got {c.device}")
 
 
 def swav_loss(high_resolution_outputs: Sequence[torch.Tensor], low_resolution_outputs: Sequence[torch.Tensor] = (),
@@ -62,9 +78,10 @@ def swav_loss(high_resolution_outputs: Sequence[torch.Tensor], low_resolution_ou
     high: List[torch.Tensor] = list(high_resolution_outputs)
     low: List[torch.Tensor] = list(low_resolution_outputs)
     _check_crops(high, low, queue_outputs)
-    temperature = _checks.positive_float(temperature, "temperature")
+    acc = torch.float64 if high[0].dtype == torch.float64 else torch.float32
+    temperature = _checks.positive_with_reciprocal(temperature, "temperature", acc)
     iterations = _checks.int_at_least(sinkhorn_iterations, "sinkhorn_iterations", 1)
-    epsilon = _checks.positive_float(sinkhorn_epsilon, "sinkhorn_epsilon")
+    epsilon = _checks.positive_with_reciprocal(sinkhorn_epsilon, "sinkhorn_epsilon", acc)
     group = _dist.resolve_group(process_group)
     b = high[0].shape[0]
 
@@ -77,11 +94,6 @@ def swav_loss(high_resolution_outputs: Sequence[torch.Tensor], low_resolution_ou
         q = sinkhorn_knopp(scores, epsilon, iterations, process_group=group)
         codes.append(q[:b] if queue_outputs is not None else q)
     crops = high + low
-    dtypes = {c.dtype for c in crops}
-    if len(dtypes) > 1:
-        raise TypeError(f"every crop must have the same dtype, got {sorted(map(str, dtypes))}")
-    if len({c.device for c in crops}) > 1:
-        raise ValueError("every crop must be on the same device")
     name = TABLE.resolve(crops[0].device, backend, crops[0].dtype)
     if name == "torch":
         return _torch_swap(crops, codes, temperature)

@@ -1,0 +1,206 @@
+"""Regression tests for the bugs tests/test_fuzz.py found (issue 24, fuzzed arguments): each was a crash with
+another exception type, a message that named no argument, a silent NaN or a wrong value."""
+
+import pytest
+import torch
+
+import ssl_fast
+from ssl_fast import functional as sf
+from ssl_fast import reference
+from ssl_fast.nn import lightly as lightly_nn
+
+BACKENDS = [b for b in ("cpp", "torch") if b != "cpp" or ssl_fast.HAS_EXT]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t", [1e-40, 1e38 * 10, 1e300, 5e-324])
+def test_temperature_whose_reciprocal_leaves_fp32_is_a_value_error(backend, t):
+    """Was: RuntimeError from the C++ op (1/T flushed to 0 or inf), or a silent NaN on the torch backend."""
+    z = torch.randn(4, 8)
+    with ssl_fast.set_backend(backend), pytest.raises(ValueError, match="temperature"):
+        ssl_fast.ntxent(z, z + 1, t)
+    with ssl_fast.set_backend(backend), pytest.raises(ValueError, match="temperature"):
+        ssl_fast.info_nce(z, z + 1, torch.tensor(t, dtype=torch.float64))
+    with ssl_fast.set_backend(backend), pytest.raises(ValueError, match="temperature"):
+        sf.swav_loss([z, z + 1], [], temperature=t)
+    with ssl_fast.set_backend(backend), pytest.raises(ValueError, match="sinkhorn_epsilon"):
+        sf.swav_loss([z, z + 1], [], sinkhorn_epsilon=t)
+
+
+def test_float64_inputs_keep_the_float64_temperature_range():
+    z = torch.randn(4, 8, dtype=torch.float64)
+    assert torch.isfinite(ssl_fast.ntxent(z, z + 1, 1e300))  # 1/T = 1e-300 is a normal float64
+    with pytest.raises(ValueError, match="temperature"):
+        ssl_fast.ntxent(z, z + 1, 5e-324)
+
+
+def test_temperature_on_the_meta_device_is_a_value_error():
+    """Was: NotImplementedError ('Cannot copy out of meta tensor')."""
+    z = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="temperature"):
+        ssl_fast.ntxent(z, z + 1, torch.empty((), device="meta"))
+    with pytest.raises(ValueError, match="temperature"):
+        ssl_fast.info_nce(z, z + 1, torch.empty((), device="meta"), negatives=z)
+
+
+@pytest.mark.parametrize("eps", [torch.tensor(True), torch.tensor(0.1 + 0j), torch.tensor(1)])
+def test_sinkhorn_epsilon_tensor_must_be_floating(eps):
+    """Was: a bool / complex / integer CPU tensor accepted as its float() value."""
+    with pytest.raises(TypeError, match="epsilon"):
+        ssl_fast.sinkhorn_knopp(torch.randn(4, 8), eps)
+
+
+def test_sinkhorn_epsilon_whose_reciprocal_overflows_is_a_value_error():
+    """Was: RuntimeError from the C++ op."""
+    with pytest.raises(ValueError, match="epsilon"):
+        ssl_fast.sinkhorn_knopp(torch.randn(4, 8), 5e-324)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sinkhorn_tiny_epsilon_gives_finite_codes(backend):
+    """Was: all-NaN codes on the cpp backend (a column mass underflowed to 0 and log 0 = -inf)."""
+    torch.manual_seed(1)
+    with ssl_fast.set_backend(backend):
+        q = ssl_fast.sinkhorn_knopp(torch.randn(4, 8), 1e-30)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["expand", "overlap"])
+def test_ema_of_an_expanded_or_overlapping_view_is_a_value_error(backend, layout):
+    """Was: RuntimeError from the in-place update (expanded) or a silent update of shared memory (overlapping)."""
+    storage = torch.zeros(6)
+    ema = storage[:3].expand(4, 3) if layout == "expand" else storage.as_strided((3, 3), (1, 1))
+    before = storage.clone()
+    with ssl_fast.set_backend(backend), pytest.raises(ValueError, match=r"ema_tensors\[0\]"):
+        ssl_fast.ema_update_([ema], [torch.ones(ema.shape)], 0.5)
+    assert torch.equal(storage, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ema_view_with_gaps_still_updates(backend):
+    base = torch.zeros(3, 6)
+    with ssl_fast.set_backend(backend):
+        ssl_fast.ema_update_([base[:, ::2]], [torch.ones(3, 3)], 0.5)
+    assert torch.equal(base[:, ::2], torch.full((3, 3), 0.5)) and torch.equal(base[:, 1::2], torch.zeros(3, 3))
+
+
+def test_ema_momentum_on_the_meta_device_is_a_value_error():
+    """Was: NotImplementedError."""
+    with pytest.raises(ValueError, match="momentum"):
+        ssl_fast.ema_update_([torch.zeros(3)], [torch.ones(3)], torch.empty((), device="meta"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["ntxent", "info_nce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_pair_with_a_zero_row_has_zero_gradient(backend, fn, dtype):
+    """Was (cpp): N = 1 with a zero row gave a gradient of 1.4e6 (fp32) instead of 0: the ~1 ulp of P - Y
+    amplified by the normalization's 1/eps."""
+    z1 = torch.zeros(1, 3, dtype=dtype, requires_grad=True)
+    t = torch.tensor(0.01, requires_grad=True)
+    with ssl_fast.set_backend(backend):
+        loss = getattr(ssl_fast, fn)(z1, torch.ones(1, 3, dtype=dtype), t)
+    g, gt = torch.autograd.grad(loss, [z1, t])
+    assert loss.item() == 0.0 and torch.equal(g, torch.zeros_like(g)) and gt.item() == 0.0
+    nan = ssl_fast.ntxent(torch.full((1, 3), float("nan"), dtype=dtype), torch.ones(1, 3, dtype=dtype))
+    assert torch.isnan(nan)
+
+
+def test_torch_backend_fp16_large_rows_stay_finite():
+    """Was: NaN (the reference run in fp16: squared norms overflow 65504)."""
+    z = (300 * torch.randn(4, 8)).half()
+    with ssl_fast.set_backend("torch"):
+        assert torch.isfinite(ssl_fast.ntxent(z, z.flip(0)))
+        assert torch.isfinite(ssl_fast.info_nce(z, z.flip(0), symmetric=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infonce_rect_column_strided_candidates(backend):
+    """Was (cpp): RuntimeError 'candidates must have unit stride along D' for a valid column-strided view."""
+    rows, cands = torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64).t().contiguous().t()
+    pos = torch.tensor([0, 1, 2, -1])
+    with ssl_fast.set_backend(backend):
+        out = sf.infonce_rect(rows, cands, pos)
+    torch.testing.assert_close(out, reference.infonce_rect_reference(rows, cands, pos))
+
+
+def test_infonce_rect_positive_excluded_is_a_value_error():
+    """Was: a finite value (the kernels read S_pos unmasked) where the definition gives +inf."""
+    with pytest.raises(ValueError, match="pos and excl"):
+        sf.infonce_rect(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, -1]))
+
+
+def test_swav_loss_argument_names():
+    """Was: 'scores is an empty batch' (the inner op's name), RuntimeError from torch.cat for a queue of another
+    width / device, RuntimeError from the cpp Sinkhorn for a crop on another device."""
+    z = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="high_resolution_outputs"):
+        sf.swav_loss([torch.randn(0, 5), torch.randn(0, 5)])
+    with pytest.raises(ValueError, match="queue_outputs"):
+        sf.swav_loss([z, z], queue_outputs=[torch.randn(3, 6), torch.randn(3, 6)])
+    with pytest.raises(ValueError, match="queue_outputs"):
+        sf.swav_loss([z, z], queue_outputs=[torch.randn(3, 5, device="meta")] * 2)
+    with pytest.raises(ValueError, match="high_resolution_outputs"):
+        sf.swav_loss([z, torch.randn(4, 5, device="meta")])
+    with pytest.raises(TypeError, match="low_resolution_outputs"):
+        sf.swav_loss([z], [z.double()])
+
+
+def test_negative_cosine_similarity_eps_and_shapes():
+    """Was: RuntimeError for eps NaN / negative, NaN for a zero fp16 vector, 0 instead of -1 for tiny vectors,
+    IndexError for a lower-rank broadcast input, NaN for empty inputs."""
+    x = torch.randn(4, 8)
+    for eps in (float("nan"), -1.0, 0.0, float("inf")):
+        with pytest.raises(ValueError, match="eps"):
+            sf.negative_cosine_similarity(x, x, eps=eps)
+    with pytest.raises(TypeError, match="eps"):
+        sf.negative_cosine_similarity(x, x, eps="1e-8")
+    zero = torch.zeros(2, 4, dtype=torch.float16)
+    assert sf.negative_cosine_similarity(zero, torch.ones(2, 4, dtype=torch.float16)).item() == 0.0
+    tiny = torch.full((2, 4), 1e-30)
+    assert sf.negative_cosine_similarity(tiny, tiny, eps=1e-35).item() == pytest.approx(-1.0)
+    torch.testing.assert_close(sf.negative_cosine_similarity(x, x[0], dim=1),
+                               reference.negative_cosine_similarity_reference(x, x[0].expand(4, 8)))
+    assert sf.negative_cosine_similarity(x[0], x, dim=-1).shape == ()
+    with pytest.raises(ValueError, match="x0"):
+        sf.negative_cosine_similarity(torch.zeros(0, 3), torch.zeros(0, 3))
+
+
+def test_byol_reference_zero_vector_term_is_two():
+    """The reference wrote 2 - 2 cos as |p^ - z^|^2, which is 1 (not 2) when one vector is zero."""
+    p, z = torch.zeros(1, 3), torch.ones(1, 3)
+    assert reference.byol_loss_reference(p, p, z, z).item() == 2.0
+    assert sf.byol_loss(p, p, z, z).item() == 2.0
+
+
+def test_lightly_ntxent_memory_bank_checks_and_fp16():
+    """Was: RuntimeError from F.normalize (integer input), silent broadcasting of out1 (N = 1), 'candidates' in
+    the message for a bank of another width, NaN for large fp16 rows; bad sizes / temperatures named no argument."""
+    crit = lightly_nn.NTXentLoss(memory_bank_size=(8, 4))
+    with pytest.raises(TypeError, match="out0"):
+        crit(torch.zeros(3, 4, dtype=torch.uint8), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="out0 and out1"):
+        crit(torch.randn(3, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        crit(torch.randn(3, 5), torch.randn(3, 5))
+    big = (300 * torch.randn(3, 4)).half()
+    assert torch.isfinite(crit(big, big.flip(0)))
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        lightly_nn.NTXentLoss(memory_bank_size=4)
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        lightly_nn.NTXentLoss(memory_bank_size=(4, 0))
+    with pytest.raises(TypeError, match="temperature"):
+        lightly_nn.NTXentLoss(temperature="0.5")
+    with pytest.raises(ValueError, match="temperature"):
+        lightly_nn.NTXentLoss(temperature=torch.tensor([0.1, 0.2]))
+
+
+def test_lightly_directclr_argument_checks():
+    """Was: IndexError for a 1-D input (flatten(start_dim=1)); loss_dim 0 / negative accepted."""
+    with pytest.raises(ValueError, match="out0"):
+        lightly_nn.DirectCLRLoss()(torch.randn(4), torch.randn(4))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="loss_dim"):
+            lightly_nn.DirectCLRLoss(loss_dim=bad)
