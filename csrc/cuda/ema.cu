@@ -33,6 +33,7 @@
 // same graph replays with a new momentum written into that tensor).
 
 #include "../cpu/ema.h"
+#include "device.cuh"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -66,19 +67,6 @@ struct Table {
   int32_t n;
 };
 static_assert(sizeof(Table) <= 32764, "Table exceeds the 32764-byte kernel parameter limit");
-
-// Streaming multiprocessors of `device`, cached (ATen's CUDAContext.h would pull in cuBLAS / cuSPARSE
-// headers that a minimal toolkit lacks; this file needs only the runtime).
-int sm_count(int device) {
-  static std::array<std::atomic<int>, 64> cache{};
-  if (device < 0 || device >= static_cast<int>(cache.size())) device = 0;
-  int n = cache[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {

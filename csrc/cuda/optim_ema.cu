@@ -20,6 +20,7 @@
 // ratio; kernel 3 is the update. Deterministic: no atomics.
 
 #include "../cpu/optim_ema.h"
+#include "device.cuh"
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -62,17 +63,6 @@ struct Table {
   int32_t n;
 };
 static_assert(sizeof(Table) <= 32764, "Table exceeds the 32764-byte kernel parameter limit");
-
-int sm_count(int device) {
-  static std::array<std::atomic<int>, 64> cache{};
-  if (device < 0 || device >= static_cast<int>(cache.size())) device = 0;
-  int n = cache[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
 
 __device__ __forceinline__ int find_tensor(const Table& tab, int c) {
   int lo = 0, hi = tab.n - 1;  // the last t with chunk_start[t] <= c
