@@ -170,6 +170,17 @@ def write_verdict(rep, claims: Sequence[Claim], line: str) -> str:
     return status
 
 
+def conclude(name: str, finding: str, rep, claims: Sequence[Claim], summary: str, quick: bool,
+             numbers: dict) -> "LabResult":
+    """The end of every experiment: ``finish`` the report, record the summary and the claims in ``numbers``, write
+    the report and return the LabResult."""
+    verdict, status = finish(rep, claims, summary, quick)
+    numbers["summary"] = summary
+    numbers["claims"] = [c.as_dict() for c in claims]
+    return LabResult(name, finding, verdict, status == REPRODUCED, numbers, rep.write(), claims=claims,
+                     status=status)
+
+
 @dataclass
 class LabResult:
     """What an experiment returns.

@@ -35,7 +35,7 @@ from ssl_fast.methods import Method, SimCLR
 from ssl_fast.train import knn_accuracy, linear_probe
 
 from . import _image as I
-from ._common import REPRODUCED, ClaimSpec, LabResult, f, finish, out_dir
+from ._common import ClaimSpec, LabResult, conclude, f, out_dir
 
 NAME = "alignment-uniformity"
 FINDING = ("the contrastive encoder is both aligned and uniform (more uniform than random and supervised); "
@@ -239,7 +239,4 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
             f"{f(u['uniformity'])}, {u['knn']:.3f}); kNN on augmented views: contrastive {c['knn_aug']:.3f}, "
             f"uniformity-only {u['knn_aug']:.3f}; positive/random-pair distance: contrastive "
             f"{f(c['align_ratio'])}, uniformity-only {f(u['align_ratio'])}")
-    verdict, status = finish(rep, cl, line, quick)
-    numbers["summary"] = line
-    numbers["claims"] = [x.as_dict() for x in cl]
-    return LabResult(NAME, FINDING, verdict, status == REPRODUCED, numbers, rep.write(), claims=cl, status=status)
+    return conclude(NAME, FINDING, rep, cl, line, quick, numbers)

@@ -27,7 +27,7 @@ import ssl_fast
 from ssl_fast import diagnostics as dg
 from ssl_fast.diagnostics import MarkdownReport, plots
 
-from ._common import REPRODUCED, ClaimSpec, LabResult, f, finish, out_dir
+from ._common import ClaimSpec, LabResult, conclude, f, out_dir
 
 NAME = "mechanisms"
 FINDING = ("strong augmentation collapses the embedding along the directions where it exceeds the data "
@@ -190,7 +190,4 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     line = (f"over {len(seeds)} seeds: (a) collapsed singular values {', '.join(map(str, ncoll_a))} (expected "
             f"{N_STRONG}), norm ratio <= {f(max(ratio_a))}; (b) one-layer smallest sv/largest >= {f(min(min1))}, "
             f"two-layer <= {f(max(min2))} with {min(ncoll2)}-{max(ncoll2)} collapsed")
-    verdict, status = finish(rep, cl, line, quick)
-    numbers["summary"] = line
-    numbers["claims"] = [c.as_dict() for c in cl]
-    return LabResult(NAME, FINDING, verdict, status == REPRODUCED, numbers, rep.write(), claims=cl, status=status)
+    return conclude(NAME, FINDING, rep, cl, line, quick, numbers)

@@ -42,7 +42,7 @@ from ssl_fast.diagnostics import MarkdownReport, plots
 from ssl_fast.methods import BYOL, SimSiam
 
 from . import _image as I
-from ._common import REPRODUCED, ClaimSpec, LabResult, f, finish, out_dir
+from ._common import ClaimSpec, LabResult, conclude, f, out_dir
 
 NAME = "noncontrastive"
 FINDING = ("SimSiam without stop-gradient and BYOL without predictor collapse; predictor BN or centering with "
@@ -268,7 +268,4 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
                       "(cosine).")
         line += "; EMA m " + ", ".join(f"{t}: std {f(I.stats(v['std_sqrt_d'])['mean'])} kNN "
                                           f"{I.stats(v['knn'])['mean']:.3f}" for t, v in ema.items())
-    verdict, status = finish(rep, cl, line, quick)
-    numbers["summary"] = line
-    numbers["claims"] = [c.as_dict() for c in cl]
-    return LabResult(NAME, FINDING, verdict, status == REPRODUCED, numbers, rep.write(), claims=cl, status=status)
+    return conclude(NAME, FINDING, rep, cl, line, quick, numbers)

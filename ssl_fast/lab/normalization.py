@@ -28,7 +28,7 @@ import ssl_fast
 from ssl_fast import diagnostics as dg
 from ssl_fast.diagnostics import MarkdownReport, plots
 
-from ._common import REPRODUCED, ClaimSpec, LabResult, f, finish, out_dir
+from ._common import ClaimSpec, LabResult, conclude, f, out_dir
 
 NAME = "normalization"
 FINDING = ("linear BYOL: with the L2 loss strong weight decay collapses the representation; with the cosine "
@@ -161,7 +161,4 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
             f"{f(max(runs[('l2', etas[-1], sd)]['w_norm_rel'] for sd in seeds))} at {etas[-1]}); cosine loss "
             f"collapsed at {cos_coll if cos_coll else 'no'} weight decay (effective rank >= {f(min_cos_er)} of 16, "
             f"||W||/||W0|| >= {f(min(runs[('cosine', etas[-1], sd)]['w_norm_rel'] for sd in seeds))} at {etas[-1]})")
-    verdict, status = finish(rep, cl, line, quick)
-    numbers["summary"] = line
-    numbers["claims"] = [c.as_dict() for c in cl]
-    return LabResult(NAME, FINDING, verdict, status == REPRODUCED, numbers, rep.write(), claims=cl, status=status)
+    return conclude(NAME, FINDING, rep, cl, line, quick, numbers)

@@ -43,7 +43,7 @@ from ssl_fast.diagnostics import MarkdownReport, plots
 from ssl_fast.methods import DirectCLR, SimCLR
 
 from . import _image as I
-from ._common import REPRODUCED, ClaimSpec, LabResult, finish, out_dir
+from ._common import ClaimSpec, LabResult, conclude, out_dir
 
 NAME = "projector"
 FINDING = ("SimCLR without a projector collapses the representation's spectrum; a linear or MLP projector, "
@@ -255,7 +255,4 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     line = f"rank at {REL} of {DIM} over {len(seeds)} seed(s): " + ", ".join(parts)
     if sub_probe:
         line += f"; probe on r[:, :{D0}] {I.pm(sub_probe)} vs whole r {I.pm(full_probe)}"
-    verdict, status = finish(rep, cl, line, quick)
-    numbers["summary"] = line
-    numbers["claims"] = [c.as_dict() for c in cl]
-    return LabResult(NAME, FINDING, verdict, status == REPRODUCED, numbers, rep.write(), claims=cl, status=status)
+    return conclude(NAME, FINDING, rep, cl, line, quick, numbers)

@@ -31,7 +31,7 @@ from ssl_fast.methods import SwAV
 from ssl_fast.nn import SwaVLoss
 
 from . import _image as I
-from ._common import REPRODUCED, ClaimSpec, LabResult, f, finish, out_dir
+from ._common import ClaimSpec, LabResult, conclude, f, out_dir
 
 NAME = "swav"
 FINDING = "SwAV without the equal-partition constraint (softmax codes) collapses onto few prototypes; Sinkhorn does not"
@@ -144,7 +144,4 @@ def run(out: str, *, quick: bool = False, seed: int = 0) -> LabResult:
     line = (f"assignment perplexity (of {K}) over {len(seeds)} seed(s): Sinkhorn {I.pm(sk['perplexity'])} "
             f"(prototypes used {I.pm(sk['used'])}), softmax {I.pm(sm['perplexity'])} (used {I.pm(sm['used'])}, "
             f"largest takes {f(100 * I.stats(sm['top_share'])['mean'])}% on average)")
-    verdict, status = finish(rep, cl, line, quick)
-    numbers["summary"] = line
-    numbers["claims"] = [c.as_dict() for c in cl]
-    return LabResult(NAME, FINDING, verdict, status == REPRODUCED, numbers, rep.write(), claims=cl, status=status)
+    return conclude(NAME, FINDING, rep, cl, line, quick, numbers)
