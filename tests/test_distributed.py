@@ -14,45 +14,17 @@ Several checks share one spawn to keep the file quick.
 """
 
 import os
-import sys
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ssl_fast
 from ssl_fast import reference as R
 
+from dist_helpers import spawn
+
 N, D = 3, 6
-
-
-def _worker(rank, world, init_file, fn, args):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    # a file rendezvous: no port to pick (another process on the machine may take a "free" port first)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    except Exception:
-        traceback.print_exc()
-        dist.destroy_process_group()
-        raise
-    dist.barrier()
-    dist.destroy_process_group()
-    # A passing worker leaves without the interpreter's teardown: gloo's threads have been seen to abort the
-    # process there ("terminate called without an active exception", after every check had passed and the
-    # group was destroyed), which the parent would report as a failure.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def spawn(fn, world, *args):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world, join=True)
 
 
 def _inputs(world, n=N, d=D, dtype=torch.float64, seed=0):

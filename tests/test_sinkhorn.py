@@ -284,49 +284,43 @@ def test_passes_match_torch_passes():
 # distributed: 2 gloo processes with different scores == one process on the concatenated scores
 
 
-def _dist_worker(rank, world, init_file, backends, check_lightly):
+def _dist_checks(rank, world, backends, check_lightly):
+    """Runs on every rank (tests/dist_helpers.py): per-rank batches of different sizes."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    # a file rendezvous: no port to pick (another process on the machine may take a "free" port first)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        g = torch.Generator().manual_seed(1234)
-        sizes = [13, 29]  # different per-rank batch sizes
-        full = torch.randn(sum(sizes), 11, generator=g, dtype=torch.float64) * 0.5
-        lo = sum(sizes[:rank])
-        mine = full[lo:lo + sizes[rank]]
-        for backend in backends:
-            for dtype in (torch.float64, torch.float32):
-                for eps in (0.05, 0.01):
-                    single = ops.sinkhorn_knopp(full.to(dtype), eps, 3, backend=backend)[lo:lo + sizes[rank]]
-                    dist_q = ops.sinkhorn_knopp(mine.to(dtype), eps, 3, backend=backend,
-                                                process_group=dist.group.WORLD)
-                    tol = 1e-10 if dtype == torch.float64 else 2e-5
-                    torch.testing.assert_close(dist_q, single, rtol=tol, atol=tol)
-                    if dtype == torch.float64 and eps == 0.05:
-                        ref = reference.sinkhorn_knopp_reference(full, eps, 3)[lo:lo + sizes[rank]]
-                        torch.testing.assert_close(dist_q, ref, rtol=1e-10, atol=1e-12)
-        if check_lightly:  # SwaVLoss(sinkhorn_gather_distributed=True) vs lightly's, equal per-rank batches
-            from lightly.loss import SwaVLoss as LSwaV
-            g2 = torch.Generator().manual_seed(99 + rank)
-            crops = [torch.randn(8, 10, generator=g2, dtype=torch.float64) for _ in range(4)]
-            a = [c.clone().requires_grad_() for c in crops]
-            b = [c.clone().requires_grad_() for c in crops]
-            ours = ssl_fast.nn.SwaVLoss(sinkhorn_gather_distributed=True)(a[:2], a[2:])
-            theirs = LSwaV(sinkhorn_gather_distributed=True)(b[:2], b[2:])
-            torch.testing.assert_close(ours.reshape(1), theirs, rtol=1e-10, atol=1e-12)
-            ours.backward()
-            theirs.backward()
-            for p, q in zip(a, b):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
-    finally:
-        dist.destroy_process_group()
+    g = torch.Generator().manual_seed(1234)
+    sizes = [13, 29]  # different per-rank batch sizes
+    full = torch.randn(sum(sizes), 11, generator=g, dtype=torch.float64) * 0.5
+    lo = sum(sizes[:rank])
+    mine = full[lo:lo + sizes[rank]]
+    for backend in backends:
+        for dtype in (torch.float64, torch.float32):
+            for eps in (0.05, 0.01):
+                single = ops.sinkhorn_knopp(full.to(dtype), eps, 3, backend=backend)[lo:lo + sizes[rank]]
+                dist_q = ops.sinkhorn_knopp(mine.to(dtype), eps, 3, backend=backend,
+                                            process_group=dist.group.WORLD)
+                tol = 1e-10 if dtype == torch.float64 else 2e-5
+                torch.testing.assert_close(dist_q, single, rtol=tol, atol=tol)
+                if dtype == torch.float64 and eps == 0.05:
+                    ref = reference.sinkhorn_knopp_reference(full, eps, 3)[lo:lo + sizes[rank]]
+                    torch.testing.assert_close(dist_q, ref, rtol=1e-10, atol=1e-12)
+    if check_lightly:  # SwaVLoss(sinkhorn_gather_distributed=True) vs lightly's, equal per-rank batches
+        from lightly.loss import SwaVLoss as LSwaV
+        g2 = torch.Generator().manual_seed(99 + rank)
+        crops = [torch.randn(8, 10, generator=g2, dtype=torch.float64) for _ in range(4)]
+        a = [c.clone().requires_grad_() for c in crops]
+        b = [c.clone().requires_grad_() for c in crops]
+        ours = ssl_fast.nn.SwaVLoss(sinkhorn_gather_distributed=True)(a[:2], a[2:])
+        theirs = LSwaV(sinkhorn_gather_distributed=True)(b[:2], b[2:])
+        torch.testing.assert_close(ours.reshape(1), theirs, rtol=1e-10, atol=1e-12)
+        ours.backward()
+        theirs.backward()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_distributed_two_gloo_processes(tmp_path):
+def test_distributed_two_gloo_processes():
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
@@ -336,7 +330,9 @@ def test_distributed_two_gloo_processes(tmp_path):
     except ImportError:
         check_lightly = False
     backends = ["torch"] + (["cpp"] if HAS_EXT else [])
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "rendezvous"), backends, check_lightly), nprocs=2, join=True)
+    from dist_helpers import spawn
+
+    spawn(_dist_checks, 2, backends, check_lightly)
 
 
 # ----------------------------------------------------------------------------------------------------
