@@ -29,6 +29,65 @@ namespace {
 
 constexpr int64_t kGrainElems = 1 << 15;  // elements per task at least (below: the calling thread)
 
+// The row loops, each a function of restrict-qualified rows so that the compiler vectorizes it (written
+// inline in the parallel body, gcc kept them scalar: it could not rule out aliasing between the rows).
+
+// x[k] = acc(p[k]) * it; returns max_k x[k]
+template <typename scalar_t, typename acc_t>
+inline acc_t scale_and_max(const scalar_t* __restrict p, int64_t K, acc_t it, acc_t* __restrict x) {
+  acc_t mx = neg_inf<acc_t>();
+#pragma omp simd reduction(max : mx)
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t v = static_cast<acc_t>(p[k]) * it;
+    x[k] = v;
+    mx = v > mx ? v : mx;
+  }
+  return mx;
+}
+
+// dst[k] += src[k]; returns sum_k src[k]
+template <typename acc_t>
+inline acc_t add_row(const acc_t* __restrict src, int64_t K, acc_t* __restrict dst) {
+  acc_t m = 0;
+#pragma omp simd reduction(+ : m)
+  for (int64_t k = 0; k < K; ++k) {
+    dst[k] += src[k];
+    m += src[k];
+  }
+  return m;
+}
+
+// dst[k] = a[k] - b[k]
+template <typename acc_t>
+inline void sub_row(const acc_t* __restrict a, const acc_t* __restrict b, int64_t K, acc_t* __restrict dst) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) dst[k] = a[k] - b[k];
+}
+
+// e[k] = exp(x[k] - mx); sum = sum_k e[k]; dot = sum_k t[k] x[k]
+template <typename acc_t>
+inline void exp_sum_dot(const acc_t* __restrict x, const acc_t* __restrict t, int64_t K, acc_t mx,
+                        acc_t* __restrict e, acc_t& sum, acc_t& dot) {
+  acc_t s = 0, d = 0;
+#pragma omp simd reduction(+ : s, d)
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t ex = vexp(x[k] - mx);
+    e[k] = ex;
+    s += ex;
+    d += t[k] * x[k];
+  }
+  sum = s;
+  dot = d;
+}
+
+// g[k] = a e[k] - c t[k]
+template <typename scalar_t, typename acc_t>
+inline void grad_row(const acc_t* __restrict e, const acc_t* __restrict t, int64_t K, acc_t a, acc_t c,
+                     scalar_t* __restrict g) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) g[k] = static_cast<scalar_t>(a * e[k] - c * t[k]);
+}
+
 template <typename scalar_t, typename acc_t>
 std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const std::vector<at::Tensor>& codes,
                                   double inv_temp, bool compute_grad) {
@@ -61,68 +120,36 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   std::vector<double> row_loss(B);
 
   at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, V * K)), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> total_buf(K), e_buf(K);
-    acc_t* total = total_buf.data();
-    acc_t* e = e_buf.data();
+    std::vector<acc_t> buf(4 * K);
+    acc_t* total = buf.data();  // sum_s Q_sb
+    acc_t* target = total + K;  // T_vb = total minus the crop's own code
+    acc_t* x = target + K;      // P_vb / T
+    acc_t* e = x + K;           // exp(P_vb / T - max)
     std::vector<double> qsum(S);
     for (int64_t b = b0; b < b1; ++b) {
       // sum of the S code rows, and each row's mass
       std::fill(total, total + K, acc_t(0));
       double all = 0;
       for (int64_t s = 0; s < S; ++s) {
-        const acc_t* q = Q[s] + b * ldq[s];
-        acc_t m = 0;
-#pragma omp simd reduction(+ : m)
-        for (int64_t k = 0; k < K; ++k) {
-          total[k] += q[k];
-          m += q[k];
-        }
-        qsum[s] = m;
-        all += m;
+        qsum[s] = add_row<acc_t>(Q[s] + b * ldq[s], K, total);
+        all += qsum[s];
       }
       double loss_b = 0;
       for (int64_t v = 0; v < V; ++v) {
-        const scalar_t* p = P[v] + b * ldp[v];
-        const acc_t* own = v < S ? Q[v] + b * ldq[v] : nullptr;  // the crop's own code is not its target
+        const acc_t* t = total;
+        if (v < S) {  // the crop's own code is not its target
+          sub_row<acc_t>(total, Q[v] + b * ldq[v], K, target);
+          t = target;
+        }
         const double n = v < S ? all - qsum[v] : all;
-        acc_t mx = neg_inf<acc_t>();
-#pragma omp simd reduction(max : mx)
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t x = static_cast<acc_t>(p[k]) * it;
-          mx = x > mx ? x : mx;
-        }
-        acc_t sum = 0, dot = 0;
-        if (own != nullptr) {
-#pragma omp simd reduction(+ : sum, dot)
-          for (int64_t k = 0; k < K; ++k) {
-            const acc_t x = static_cast<acc_t>(p[k]) * it;
-            const acc_t ex = vexp(x - mx);
-            e[k] = ex;
-            sum += ex;
-            dot += (total[k] - own[k]) * x;
-          }
-        } else {
-#pragma omp simd reduction(+ : sum, dot)
-          for (int64_t k = 0; k < K; ++k) {
-            const acc_t x = static_cast<acc_t>(p[k]) * it;
-            const acc_t ex = vexp(x - mx);
-            e[k] = ex;
-            sum += ex;
-            dot += total[k] * x;
-          }
-        }
+        const acc_t mx = scale_and_max<scalar_t, acc_t>(P[v] + b * ldp[v], K, it, x);
+        acc_t sum, dot;
+        exp_sum_dot<acc_t>(x, t, K, mx, e, sum, dot);
         const double lse = (double)mx + std::log((double)sum);
         loss_b += n * lse - (double)dot;
         if (compute_grad) {
-          scalar_t* g = G[v] + b * K;
           const acc_t a = static_cast<acc_t>((double)gscale * n / (double)sum);  // c/T * n / sum
-          if (own != nullptr) {
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) g[k] = static_cast<scalar_t>(a * e[k] - gscale * (total[k] - own[k]));
-          } else {
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) g[k] = static_cast<scalar_t>(a * e[k] - gscale * total[k]);
-          }
+          grad_row<scalar_t, acc_t>(e, t, K, a, gscale, G[v] + b * K);
         }
       }
       row_loss[b] = loss_b;
