@@ -79,7 +79,8 @@ def _swav_crop_kernel(p_ptr, total_ptr, own_ptr, g_ptr, row_loss_ptr,
 def swav_loss(scores, codes, inv_temp: float, compute_grad: bool):
     """scores: V >= 2 tensors (B, K) on one CUDA device (or CPU under TRITON_INTERPRET), unit stride along K;
     codes: S tensors (B, K) fp32 (the codes of scores[0..S-1]). -> [loss (0-dim fp32), grads (V, B x K) when
-    compute_grad]. Same contract as the C++ op ssl_fast::swav_loss_cpp."""
+    compute_grad]. ssl_fast/ops/swav.py writes the codes with Sinkhorn's output pass first (the C++ op forms
+    them from the Sinkhorn scalings instead)."""
     import torch
 
     V, S = len(scores), len(codes)

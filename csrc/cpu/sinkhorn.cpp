@@ -49,8 +49,6 @@
 namespace ssl_fast {
 namespace {
 
-// exp that vectorizes (Cephes range reduction + degree-6 polynomial, ~2 ulp); exp(x < -87) = 0.
-
 constexpr int64_t kMinChunkRows = 16;  // rows per chunk at least ...
 constexpr int64_t kMaxChunks = 64;     // ... and at most this many chunks (partial buffers: chunks x K)
 constexpr int64_t kGrainElems = 1 << 16;  // below this many elements per task, stay on the calling thread
@@ -64,34 +62,6 @@ template <typename acc_t>
 int64_t rows_per_block(int64_t K) {
   const int64_t r = (128 * 1024) / std::max<int64_t>(1, K * (int64_t)sizeof(acc_t));
   return std::max<int64_t>(4, std::min<int64_t>(32, r));
-}
-
-// dst[k] = acc(src[k]) * inv_eps (+ u[k])
-template <typename scalar_t, typename acc_t>
-inline void load_scaled(const scalar_t* src, int64_t K, acc_t inv_eps, const acc_t* u, acc_t* dst) {
-  if (u != nullptr) {
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<acc_t>(src[k]) * inv_eps + u[k];
-  } else {
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<acc_t>(src[k]) * inv_eps;
-  }
-}
-
-// In place: x[k] <- exp(x[k] - max x); returns the sum of the exponentials (>= 1).
-template <typename acc_t>
-inline acc_t exp_shifted(acc_t* x, int64_t K) {
-  acc_t mx = neg_inf<acc_t>();
-#pragma omp simd reduction(max : mx)
-  for (int64_t k = 0; k < K; ++k) mx = x[k] > mx ? x[k] : mx;
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t e = vexp(x[k] - mx);
-    x[k] = e;
-    sum += e;
-  }
-  return sum;
 }
 
 void check_scores(const at::Tensor& x) {
@@ -239,11 +209,7 @@ at::Tensor apply_impl(const at::Tensor& x, acc_t inv_eps, const at::Tensor& u) {
   acc_t* Q = q.data_ptr<acc_t>();
   at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / K), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      acc_t* e = Q + b * K;
-      load_scaled<scalar_t, acc_t>(X + b * ld, K, inv_eps, U, e);
-      const acc_t inv = acc_t(1) / exp_shifted<acc_t>(e, K);
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) e[k] *= inv;
+      code_row<scalar_t, acc_t>(X + b * ld, K, inv_eps, U, Q + b * K);
     }
   });
   return q;

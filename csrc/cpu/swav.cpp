@@ -3,16 +3,21 @@
 // gradient in the backward). fp32 statistics (fp64 for double inputs).
 //
 // Crops v = 0..V-1 with scores P_v (B x K), the first S of them with codes Q_s (B x K, rows on the simplex:
-// SwAV's Sinkhorn output, no gradient). SwAV (main_swav.py; lightly's SwaVLoss):
+// SwAV's Sinkhorn output, no gradient). The codes are not read from memory: the op takes the Sinkhorn sweeps'
+// prototype scalings u_s (K, see sinkhorn.cpp) and forms each code row where it is used,
+//   Q_sb = softmax_k(P_sb / eps + u_s)       (sinkhorn.cpp's output pass, the same loops: the same values),
+// so the B x K codes are never stored (SwAV's loss then needs no memory beyond its gradients).
+// SwAV (main_swav.py; lightly's SwaVLoss):
 //   L = 1/S sum_s 1/(V-1) sum_{v != s} -1/B sum_b sum_k Q_sbk log softmax(P_vb / T)_k.
 // Grouped by crop, with the targets T_vb = sum_{s != v} Q_sb (every code except the crop's own):
 //   L = c sum_v sum_b [ n_vb lse_vb - <T_vb, P_vb> / T ],   c = 1 / (S (V-1) B),
 //   lse_vb = logsumexp_k P_vbk / T,  n_vb = sum_k T_vbk (= S - [v < S] for exact simplex rows).
 // Gradient (softmax cross-entropy with soft targets):
 //   dL/dP_vbk = c / T (n_vb softmax(P_vb / T)_k - T_vbk).
-// Schedule: rows b split over the threads; per row, the S code rows are summed once (sum_s Q_sb) and each crop's
-// row is read once: max, the exponentials (kept in a row buffer) and <T, P>, then the gradient row from the
-// kept exponentials. Memory traffic: the scores and codes read once, the gradients written once. Each row's
+// Schedule: rows b split over the threads; per row, the S code rows are formed and summed once (sum_s Q_sb) and
+// each crop's row is read once more: max, the exponentials (kept in a row buffer) and <T, P>, then the gradient
+// row from the kept exponentials. Memory traffic: the scores read once (the S code crops' rows twice, from
+// cache), the gradients written once. Each row's
 // loss term is kept and the terms are summed in row order: results do not depend on the number of threads.
 
 #include <torch/extension.h>
@@ -89,9 +94,9 @@ inline void grad_row(const acc_t* __restrict e, const acc_t* __restrict t, int64
 }
 
 template <typename scalar_t, typename acc_t>
-std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const std::vector<at::Tensor>& codes,
-                                  double inv_temp, bool compute_grad) {
-  const int64_t V = (int64_t)scores.size(), S = (int64_t)codes.size();
+std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const std::vector<at::Tensor>& u,
+                                  double inv_eps, double inv_temp, bool compute_grad) {
+  const int64_t V = (int64_t)scores.size(), S = (int64_t)u.size();
   const int64_t B = scores[0].size(0), K = scores[0].size(1);
   const auto acc_opts = scores[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   std::vector<const scalar_t*> P(V);
@@ -100,12 +105,9 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
     P[v] = scores[v].data_ptr<scalar_t>();
     ldp[v] = scores[v].stride(0);
   }
-  std::vector<const acc_t*> Q(S);
-  std::vector<int64_t> ldq(S);
-  for (int64_t s = 0; s < S; ++s) {
-    Q[s] = codes[s].data_ptr<acc_t>();
-    ldq[s] = codes[s].stride(0);
-  }
+  std::vector<const acc_t*> U(S);
+  for (int64_t s = 0; s < S; ++s) U[s] = u[s].data_ptr<acc_t>();
+  const acc_t ie = static_cast<acc_t>(inv_eps);
   std::vector<at::Tensor> grads;
   std::vector<scalar_t*> G(V, nullptr);
   if (compute_grad) {
@@ -120,25 +122,27 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   std::vector<double> row_loss(B);
 
   at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, V * K)), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf(4 * K);
+    std::vector<acc_t> buf((4 + S) * K);
     acc_t* total = buf.data();  // sum_s Q_sb
     acc_t* target = total + K;  // T_vb = total minus the crop's own code
     acc_t* x = target + K;      // P_vb / T
     acc_t* e = x + K;           // exp(P_vb / T - max)
+    acc_t* q = e + K;           // the S code rows Q_sb
     std::vector<double> qsum(S);
     for (int64_t b = b0; b < b1; ++b) {
-      // sum of the S code rows, and each row's mass
+      // the S code rows, their sum and each row's mass
       std::fill(total, total + K, acc_t(0));
       double all = 0;
       for (int64_t s = 0; s < S; ++s) {
-        qsum[s] = add_row<acc_t>(Q[s] + b * ldq[s], K, total);
+        code_row<scalar_t, acc_t>(P[s] + b * ldp[s], K, ie, U[s], q + s * K);
+        qsum[s] = add_row<acc_t>(q + s * K, K, total);
         all += qsum[s];
       }
       double loss_b = 0;
       for (int64_t v = 0; v < V; ++v) {
         const acc_t* t = total;
         if (v < S) {  // the crop's own code is not its target
-          sub_row<acc_t>(total, Q[v] + b * ldq[v], K, target);
+          sub_row<acc_t>(total, q + v * K, K, target);
           t = target;
         }
         const double n = v < S ? all - qsum[v] : all;
@@ -163,15 +167,17 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   return out;
 }
 
-// scores: V >= 2 tensors (B, K), one dtype, unit stride along K; codes: 1 <= S <= V tensors (B, K) in the
-// accumulation dtype (float32; float64 for double scores), the codes of scores[0..S-1]. -> [loss (0-dim,
-// accumulation dtype), and with compute_grad dL/dscores_v (B, K, the scores' dtype) for every v].
-std::vector<at::Tensor> swav_loss_cpp(const std::vector<at::Tensor>& scores, const std::vector<at::Tensor>& codes,
-                                      double inv_temp, bool compute_grad) {
+// scores: V >= 2 tensors (B, K), one dtype, unit stride along K; u: 1 <= S <= V tensors (K) in the accumulation
+// dtype (float32; float64 for double scores), the Sinkhorn scalings of scores[0..S-1] (their codes are
+// softmax_k(scores[s] * inv_eps + u[s])). -> [loss (0-dim, accumulation dtype), and with compute_grad
+// dL/dscores_v (B, K, the scores' dtype) for every v].
+std::vector<at::Tensor> swav_loss_cpp(const std::vector<at::Tensor>& scores, const std::vector<at::Tensor>& u,
+                                      double inv_eps, double inv_temp, bool compute_grad) {
   TORCH_CHECK(scores.size() >= 2, "scores: SwAV needs at least two crops, got ", scores.size());
-  TORCH_CHECK(!codes.empty() && codes.size() <= scores.size(), "codes: between 1 and ", scores.size(),
-              " code crops, got ", codes.size());
+  TORCH_CHECK(!u.empty() && u.size() <= scores.size(), "u: between 1 and ", scores.size(), " code crops, got ",
+              u.size());
   TORCH_CHECK(std::isfinite(inv_temp) && inv_temp > 0, "temperature must be finite and > 0");
+  TORCH_CHECK(std::isfinite(inv_eps) && inv_eps > 0, "epsilon must be finite and > 0");
   const auto& s0 = scores[0];
   const auto st = s0.scalar_type();
   const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
@@ -183,17 +189,16 @@ std::vector<at::Tensor> swav_loss_cpp(const std::vector<at::Tensor>& scores, con
     TORCH_CHECK(s.size(1) == 1 || s.stride(1) == 1, "scores[", v, "] must have unit stride along K");
   }
   TORCH_CHECK(s0.size(0) >= 1 && s0.size(1) >= 1, "scores must not be empty");
-  for (size_t i = 0; i < codes.size(); ++i) {
-    const auto& q = codes[i];
-    TORCH_CHECK(q.device().is_cpu() && q.sizes() == s0.sizes(), "codes[", i, "] must be a CPU tensor of shape ",
-                s0.sizes());
-    TORCH_CHECK(q.scalar_type() == acc, "codes[", i, "] must be ", acc, ", got ", q.scalar_type());
-    TORCH_CHECK(q.size(1) == 1 || q.stride(1) == 1, "codes[", i, "] must have unit stride along K");
+  for (size_t i = 0; i < u.size(); ++i) {
+    const auto& t = u[i];
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == s0.size(1) && t.is_contiguous(), "u[", i,
+                "] must be a contiguous CPU tensor of shape (", s0.size(1), ")");
+    TORCH_CHECK(t.scalar_type() == acc, "u[", i, "] must be ", acc, ", got ", t.scalar_type());
   }
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "swav_loss_cpp", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    out = swav_impl<scalar_t, acc_t>(scores, codes, inv_temp, compute_grad);
+    out = swav_impl<scalar_t, acc_t>(scores, u, inv_eps, inv_temp, compute_grad);
   });
   return out;
 }
@@ -202,7 +207,7 @@ std::vector<at::Tensor> swav_loss_cpp(const std::vector<at::Tensor>& scores, con
 }  // namespace ssl_fast
 
 TORCH_LIBRARY_FRAGMENT(ssl_fast, m) {
-  m.def("swav_loss_cpp(Tensor[] scores, Tensor[] codes, float inv_temp, bool compute_grad) -> Tensor[]");
+  m.def("swav_loss_cpp(Tensor[] scores, Tensor[] u, float inv_eps, float inv_temp, bool compute_grad) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ssl_fast, CPU, m) {

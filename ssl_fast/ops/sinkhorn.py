@@ -121,9 +121,10 @@ TABLE = _backend.BackendTable(
 )
 
 
-def _solve(passes, x: torch.Tensor, inv_eps: float, iterations: int, group) -> torch.Tensor:
-    """The loop over sweeps with ``passes`` (one backend's steps) and, with ``group``, the collectives."""
-    col_lse, row_pass, apply = passes["col_lse"], passes["row_pass"], passes["apply"]
+def _scalings(passes, x: torch.Tensor, inv_eps: float, iterations: int, group) -> torch.Tensor:
+    """The loop over sweeps with ``passes`` (one backend's steps) and, with ``group``, the collectives: the
+    prototype scalings u (K) of the last sweep; the codes are ``apply(x, inv_eps, u)``."""
+    col_lse, row_pass = passes["col_lse"], passes["row_pass"]
     m, z = col_lse(x, inv_eps)
     if group is not None:
         import torch.distributed as dist
@@ -143,7 +144,7 @@ def _solve(passes, x: torch.Tensor, inv_eps: float, iterations: int, group) -> t
         # s = scores / eps exceeds the exp range, a column's mass can underflow to 0: log 0 = -inf would make every
         # code NaN. Clamped, the codes stay finite (and as close to a hard assignment as the rounding allows).
         u = u - torch.log(c.clamp_min(tiny))
-    return apply(x, inv_eps, u)
+    return u
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,5 +165,16 @@ def sinkhorn_knopp(
     if check_finite and not bool(torch.isfinite(scores).all()):  # a host sync, only when asked for
         raise ValueError("scores contains NaN or Inf")
     name = TABLE.resolve(scores.device, backend, scores.dtype)
+    x = _fix_last_stride(scores.detach())
     with torch.no_grad():
-        return _solve(TABLE[name], _fix_last_stride(scores.detach()), inv_eps, iterations, process_group)
+        return TABLE[name]["apply"](x, inv_eps, _scalings(TABLE[name], x, inv_eps, iterations, process_group))
+
+
+def sinkhorn_scalings(scores: torch.Tensor, inv_eps: float, iterations: int, *, process_group=None,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """The prototype scalings u (K; float32, float64 for float64 scores) of ``iterations`` sweeps on ``scores``
+    (checked by the caller): the codes of any row b of scores are softmax_k(scores_b * inv_eps + u), which a fused
+    consumer (the SwAV loss) forms where it uses them instead of reading a B x K matrix."""
+    name = TABLE.resolve(scores.device, backend, scores.dtype)
+    with torch.no_grad():
+        return _scalings(TABLE[name], _fix_last_stride(scores.detach()), inv_eps, iterations, process_group)

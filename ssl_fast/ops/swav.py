@@ -6,16 +6,18 @@ the codes and then dropped; no gradient: targets, as in SwAV); every other crop 
     L = 1/n_high sum_i 1/(n_crops - 1) sum_{v != i} CE(q_i, softmax(scores_v / T)),
     CE(q, p) = -mean_b sum_k q_bk log p_bk,
 
-grouped by crop as sum_v CE(T_v, p_v) with the targets T_v = sum_{i != v} q_i. The codes come from
-:mod:`ssl_fast.ops.sinkhorn` (fused, log domain). The swapped prediction is one op with one contract
-(derivation in ``csrc/cpu/swav.cpp``):
+grouped by crop as sum_v CE(T_v, p_v) with the targets T_v = sum_{i != v} q_i. The Sinkhorn sweeps come from
+:mod:`ssl_fast.ops.sinkhorn` (fused, log domain): they give the prototype scalings u_i (K), and the codes are
+q_i = softmax_k(scores_i / eps + u_i) row by row (Sinkhorn's output pass). The swapped prediction is one op with
+one contract (derivation in ``csrc/cpu/swav.cpp``):
 
-    swap(scores: V tensors (B, K), codes: S tensors (B, K), 1/T, compute_grad) -> [loss, dL/dscores_v ...]
+    swap(scores: V tensors (B, K), u: S tensors (K), 1/eps, 1/T, compute_grad) -> [loss, dL/dscores_v ...]
 
-``cpp`` (``csrc/cpu/swav.cpp``) and ``triton`` (``kernels/swav.py``) read each crop's scores once and write its
-gradient once, in the forward (the loss is terminal: the backward only scales the gradients by the upstream
-gradient, and skips that when it is exactly 1 on the CPU); ``torch`` is the same math in eager ops under
-autograd (one log_softmax per crop).
+``cpp`` (``csrc/cpu/swav.cpp``) forms each code row where it uses it (the B x K codes are never stored) and reads
+each crop's scores once and writes its gradient once, in the forward (the loss is terminal: the backward only
+scales the gradients by the upstream gradient, and skips that when it is exactly 1 on the CPU); ``triton``
+writes the codes with Sinkhorn's output pass, then ``kernels/swav.py`` reads them; ``torch`` is the same math
+in eager ops under autograd (one log_softmax per crop).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from .. import _checks
 from .. import distributed as _dist
 from . import _backend, _library
-from .sinkhorn import SUPPORTED_DTYPES, sinkhorn_knopp
+from .sinkhorn import SUPPORTED_DTYPES, TABLE as _SINKHORN, sinkhorn_scalings
 
 
 def _check_crops(high, low, queue_outputs) -> None:
@@ -83,22 +85,22 @@ def swav_loss(high_resolution_outputs: Sequence[torch.Tensor], low_resolution_ou
     iterations = _checks.int_at_least(sinkhorn_iterations, "sinkhorn_iterations", 1)
     epsilon = _checks.positive_with_reciprocal(sinkhorn_epsilon, "sinkhorn_epsilon", acc)
     group = _dist.resolve_group(process_group)
-    b = high[0].shape[0]
 
-    # codes of every high-resolution crop (no gradient)
-    codes = []
+    # Sinkhorn's prototype scalings u_i of every high-resolution crop (no gradient); its codes are
+    # softmax_k(scores_i / eps + u_i), formed by the swapped prediction where it uses them
+    us = []
     for i, h in enumerate(high):
         scores = h.detach()
         if queue_outputs is not None:
             scores = torch.cat((scores, queue_outputs[i].detach().to(scores.dtype)))
-        q = sinkhorn_knopp(scores, epsilon, iterations, process_group=group)
-        codes.append(q[:b] if queue_outputs is not None else q)
+        us.append(sinkhorn_scalings(scores, 1.0 / epsilon, iterations, process_group=group))
     crops = high + low
     name = TABLE.resolve(crops[0].device, backend, crops[0].dtype)
     if name == "torch":
-        return _torch_swap(crops, codes, temperature)
+        apply = _SINKHORN["torch"]["apply"]
+        return _torch_swap(crops, [apply(h.detach(), 1.0 / epsilon, u) for h, u in zip(high, us)], temperature)
     crops = [_fix_last_stride(c) for c in crops]
-    return _SwapFn.apply(name, 1.0 / temperature, len(codes), *crops, *codes)
+    return _SwapFn.apply(name, 1.0 / epsilon, 1.0 / temperature, len(us), *crops, *us)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,17 +127,31 @@ def _fix_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _fake_swap(scores, codes, inv_temp, compute_grad):
+def _fake_swap(scores, u, inv_eps, inv_temp, compute_grad):
     acc = torch.float64 if scores[0].dtype == torch.float64 else torch.float32
     return [scores[0].new_empty((), dtype=acc)] + ([s.new_empty(s.shape) for s in scores] if compute_grad else [])
+
+
+def _fake_swap_codes(scores, codes, inv_temp, compute_grad):
+    return _fake_swap(scores, codes, None, inv_temp, compute_grad)
+
+
+_TRITON_SWAP = _library.triton_op(
+    "swav_loss_triton(Tensor[] scores, Tensor[] codes, float inv_temp, bool compute_grad) -> Tensor[]",
+    _fake_swap_codes, "swav.swav_loss")
+
+
+def _triton_swap(scores, u, inv_eps, inv_temp, compute_grad):
+    """The contract on CUDA: the codes by Sinkhorn's output pass, then the fused swapped prediction over them."""
+    apply = _SINKHORN["triton"]["apply"]
+    codes = [apply(scores[s], inv_eps, u[s]) for s in range(len(u))]
+    return _TRITON_SWAP(scores, codes, inv_temp, compute_grad)
 
 
 TABLE = _backend.BackendTable(
     "swav_loss",
     cpp=dict(swap=_library.cpp_op("swav_loss_cpp", _fake_swap)),
-    triton=dict(swap=_library.triton_op(
-        "swav_loss_triton(Tensor[] scores, Tensor[] codes, float inv_temp, bool compute_grad) -> Tensor[]",
-        _fake_swap, "swav.swav_loss")),
+    triton=dict(swap=_triton_swap),
 )
 
 
@@ -143,10 +159,10 @@ class _SwapFn(torch.autograd.Function):
     """The fused swapped prediction: the gradients come out of the forward; the backward scales them."""
 
     @staticmethod
-    def forward(ctx, backend: str, inv_temp: float, n_codes: int, *tensors):
-        crops, codes = list(tensors[:len(tensors) - n_codes]), list(tensors[len(tensors) - n_codes:])
-        need = ctx.needs_input_grad[3:3 + len(crops)]
-        out = TABLE[backend]["swap"](crops, codes, inv_temp, any(need))
+    def forward(ctx, backend: str, inv_eps: float, inv_temp: float, n_codes: int, *tensors):
+        crops, u = list(tensors[:len(tensors) - n_codes]), list(tensors[len(tensors) - n_codes:])
+        need = ctx.needs_input_grad[4:4 + len(crops)]
+        out = TABLE[backend]["swap"](crops, u, inv_eps, inv_temp, any(need))
         loss, grads = out[0], out[1:]
         ctx.save_for_backward(*grads)
         ctx.need = need
@@ -158,5 +174,5 @@ class _SwapFn(torch.autograd.Function):
         if grads and not (grad.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad) == 1.0):
             grads = [(g * grad).to(g.dtype) for g in grads]
         out = [g if need else None for g, need in zip(grads, ctx.need)] if grads else [None] * len(ctx.need)
-        n_codes = len(ctx.needs_input_grad) - 3 - len(ctx.need)
-        return (None, None, None, *out, *([None] * n_codes))
+        n_codes = len(ctx.needs_input_grad) - 4 - len(ctx.need)
+        return (None, None, None, None, *out, *([None] * n_codes))
