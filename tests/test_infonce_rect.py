@@ -197,10 +197,29 @@ def test_opcheck_cpp():
     pos, excl = torch.tensor([0, 1, -1, 3, 8]), torch.tensor([2, -1, 4, 0, 1])
     it = torch.tensor(2.0)
     for with_grad in (False, True):
-        torch.library.opcheck(fwd, (rows, cands, pos, excl, it, True, with_grad, 0))
-    terms, lse, an, cn, anorm, cnorm, u = fwd(rows, cands, pos, excl, it, True, True, 0)
+        torch.library.opcheck(fwd, (rows, cands, None, pos, excl, it, True, with_grad, 0))
+        torch.library.opcheck(fwd, (rows, cands[:6], cands[6:], pos, excl, it, True, with_grad, 0))
+    terms, lse, an, cn, anorm, cnorm, u = fwd(rows, cands, None, pos, excl, it, True, True, 0)
     assert u.shape == (5, 4)
     torch.library.opcheck(bwd, (torch.randn(5), an, cn, anorm, cnorm, u, lse, pos, excl, it, True, 7, 0))
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_negatives_as_second_tensor(dtype):
+    """Negatives passed as a second tensor (a queue: no concatenated copy) give bit for bit the outputs of the
+    concatenated candidates, including a row-strided queue view."""
+    fwd = torch.ops.ssl_fast.infonce_rect_fwd_cpp.default
+    gen = torch.Generator().manual_seed(3)
+    rows, keys = torch.randn(7, 20, generator=gen).to(dtype), torch.randn(7, 20, generator=gen).to(dtype)
+    queue = torch.randn(300, 24, generator=gen).to(dtype)[:, :20]  # row stride 24
+    pos, excl = torch.arange(7), torch.full((7,), -1)
+    it = torch.tensor(3.0)
+    one = fwd(rows, torch.cat([keys, queue]), None, pos, excl, it, True, True, 0)
+    two = fwd(rows, keys, queue, pos, excl, it, True, True, 0)
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="needs ssl_fast._C")
@@ -220,8 +239,8 @@ def test_cpp_forward_with_and_without_grad(block):
     it = torch.tensor(5.0, dtype=torch.float64)
     for dt in (torch.float32, torch.float64):
         x, y = rows.to(dt), cands.to(dt)
-        terms0, lse0, *saved0 = fwd(x, y, pos, excl, it.to(dt), True, False, block)
-        terms1, lse1, *saved1 = fwd(x, y, pos, excl, it.to(dt), True, True, block)
+        terms0, lse0, *saved0 = fwd(x, y, None, pos, excl, it.to(dt), True, False, block)
+        terms1, lse1, *saved1 = fwd(x, y, None, pos, excl, it.to(dt), True, True, block)
         assert saved0[-1].shape == (0, d) and saved1[-1].shape == (r, d)
         assert torch.equal(terms0, terms1) and torch.equal(lse0, lse1)
         with pytest.raises(RuntimeError, match="with_grad=False"):
@@ -233,7 +252,7 @@ def test_cpp_forward_with_and_without_grad(block):
         assert err(saved1[-1], u_ref) <= tol and err(lse1, torch.logsumexp(s, dim=1)) <= tol * 10
     # one candidate, excluded: t = -inf and a zero U, no NaN
     x, y = torch.randn(1, 3), torch.randn(1, 3)
-    terms, lse, *saved = fwd(x, y, torch.tensor([-1]), torch.tensor([0]), torch.tensor(1.0), True, True, block)
+    terms, lse, *saved = fwd(x, y, None, torch.tensor([-1]), torch.tensor([0]), torch.tensor(1.0), True, True, block)
     assert terms.item() == float("-inf") and lse.item() == float("-inf") and torch.equal(saved[-1], torch.zeros(1, 3))
 
 
@@ -246,7 +265,7 @@ def test_cpp_grad_only_for_some_inputs(monkeypatch):
     fwd = rect.TABLE["cpp"]["fwd"]
 
     def spy(*args):
-        seen.append(args[6])
+        seen.append(args[7])  # with_grad
         return fwd(*args)
 
     monkeypatch.setitem(rect.TABLE["cpp"], "fwd", spy)

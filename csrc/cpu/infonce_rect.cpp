@@ -95,17 +95,19 @@ inline T online_row(T& m, T& l, T* v, int64_t n) {
 
 // -> terms, lse, normalized rows / candidates, their norms, and U (R x d) when with_grad ((0, d) otherwise).
 template <typename scalar_t>
-std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, const int64_t* P, const int64_t* E,
-                                      double inv_temp, bool normalize, bool with_grad, int64_t block) {
+std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& z,
+                                      const int64_t* P, const int64_t* E, double inv_temp, bool normalize,
+                                      bool with_grad, int64_t block) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t R = x.size(0), Cn = y.size(0), d = x.size(1);
+  const int64_t R = x.size(0), Cy = y.size(0), Cn = Cy + (z ? z->size(0) : 0), d = x.size(1);
   auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  at::Tensor an = at::empty({R, d}, opts), cn = at::empty({Cn, d}, opts);
+  at::Tensor an = at::empty({R, d}, opts), cn = empty_scratch({Cn, d}, opts);
   at::Tensor anorm = at::empty({R}, opts), cnorm = at::empty({Cn}, opts);
   acc_t* A = an.data_ptr<acc_t>();
   acc_t* C = cn.data_ptr<acc_t>();
   load_rows<scalar_t, acc_t>(x, d, normalize, A, anorm.data_ptr<acc_t>());
   load_rows<scalar_t, acc_t>(y, d, normalize, C, cnorm.data_ptr<acc_t>());
+  if (z) load_rows<scalar_t, acc_t>(*z, d, normalize, C + Cy * d, cnorm.data_ptr<acc_t>() + Cy);
   at::Tensor lse = at::empty({R}, opts), terms = at::empty({R}, opts);
   at::Tensor u = at::empty({with_grad ? R : 0, d}, opts);
   acc_t* L = lse.data_ptr<acc_t>();
@@ -266,9 +268,11 @@ double read_inv_temp(const at::Tensor& inv_temp) {
   return v;
 }
 
-// rows (R, d), cands (Cn, d), pos / excl (R,) int64 in [-1, Cn) -> [terms (R), lse (R), rows_n, cands_n,
+// rows (R, d), cands (Cy, d), negatives None or (M, d) (candidates appended after cands: a queue, not copied into
+// one tensor first), Cn = Cy + M; pos / excl (R,) int64 in [-1, Cn) -> [terms (R), lse (R), rows_n, cands_n,
 // row norms, candidate norms, u (R, d) if with_grad else (0, d)] (accumulation dtype).
-std::vector<at::Tensor> infonce_rect_fwd_cpp(const at::Tensor& rows, const at::Tensor& cands, const at::Tensor& pos,
+std::vector<at::Tensor> infonce_rect_fwd_cpp(const at::Tensor& rows, const at::Tensor& cands,
+                                             const c10::optional<at::Tensor>& negatives, const at::Tensor& pos,
                                              const at::Tensor& excl, const at::Tensor& inv_temp, bool normalize,
                                              bool with_grad, int64_t block) {
   check_view(rows, "rows");
@@ -276,15 +280,20 @@ std::vector<at::Tensor> infonce_rect_fwd_cpp(const at::Tensor& rows, const at::T
   TORCH_CHECK(rows.size(1) == cands.size(1), "rows and candidates must have the same width, got ", rows.size(1),
               " and ", cands.size(1));
   TORCH_CHECK(rows.scalar_type() == cands.scalar_type(), "rows and candidates must have the same dtype");
-  const int64_t R = rows.size(0), Cn = cands.size(0);
+  if (negatives) {
+    check_view(*negatives, "negatives");
+    TORCH_CHECK(negatives->size(1) == rows.size(1) && negatives->scalar_type() == rows.scalar_type(),
+                "negatives must have the width and dtype of the rows");
+  }
+  const int64_t R = rows.size(0), Cn = cands.size(0) + (negatives ? negatives->size(0) : 0);
   at::Tensor p = pos.contiguous(), e = excl.contiguous();
   check_index(p, "pos", R, Cn);
   check_index(e, "excl", R, Cn);
   const double it = read_inv_temp(inv_temp);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "infonce_rect_fwd", [&] {
-    out = rect_fwd_impl<scalar_t>(rows, cands, p.data_ptr<int64_t>(), e.data_ptr<int64_t>(), it, normalize, with_grad,
-                                block);
+    out = rect_fwd_impl<scalar_t>(rows, cands, negatives, p.data_ptr<int64_t>(), e.data_ptr<int64_t>(), it,
+                                  normalize, with_grad, block);
   });
   return out;
 }
@@ -323,8 +332,8 @@ std::vector<at::Tensor> infonce_rect_bwd_cpp(const at::Tensor& w, const at::Tens
 }  // namespace ssl_fast
 
 TORCH_LIBRARY_FRAGMENT(ssl_fast, m) {
-  m.def("infonce_rect_fwd_cpp(Tensor rows, Tensor cands, Tensor pos, Tensor excl, Tensor inv_temp, bool normalize, "
-        "bool with_grad, int block) -> Tensor[]");
+  m.def("infonce_rect_fwd_cpp(Tensor rows, Tensor cands, Tensor? negatives, Tensor pos, Tensor excl, Tensor inv_temp, "
+        "bool normalize, bool with_grad, int block) -> Tensor[]");
   m.def("infonce_rect_bwd_cpp(Tensor w, Tensor rows_n, Tensor cands_n, Tensor row_norms, Tensor cand_norms, "
         "Tensor u, Tensor lse, Tensor pos, Tensor excl, Tensor inv_temp, bool normalize, int grad_cols, "
         "int block) -> Tensor[]");

@@ -118,9 +118,9 @@ def _check_negatives(negatives, like: torch.Tensor, d: int) -> Optional[torch.Te
 # fake implementations
 
 
-def _fake_fwd_cpp(rows, cands, pos, excl, inv_temp, normalize, with_grad, block):  # terms, lse, *saved
+def _fake_fwd_cpp(rows, cands, negatives, pos, excl, inv_temp, normalize, with_grad, block):  # terms, lse, *saved
     acc = _acc_dtype(rows)
-    (r, d), cn = rows.shape, cands.shape[0]
+    (r, d), cn = rows.shape, cands.shape[0] + (0 if negatives is None else negatives.shape[0])
     new = lambda *shape: rows.new_empty(shape, dtype=acc)  # noqa: E731
     return [new(r), new(r), new(r, d), new(cn, d), new(r), new(cn), new(r if with_grad else 0, d)]
 
@@ -174,6 +174,12 @@ def _candidates(g: torch.Tensor, world: int, block: int, c0: int, c1: int, negat
     return base
 
 
+def _as_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # what the C++ op reads: the rows' dtype, unit stride along D (any row stride)
+    x = x.to(dtype)
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
 def _torch_terms(rows, own, negatives, temperature, problems: Sequence[Problem], group, normalize: bool):
     """The torch backend: the reference on each problem's candidates, in the accumulation dtype; autograd (through
     the gather's reduce-scatter) gives every gradient, the negatives (detached) get none."""
@@ -203,13 +209,21 @@ class _RectFn(torch.autograd.Function):
         g = _dist.all_gather(own, group) if group is not None else own
         block = own.shape[0]
         fwd = TABLE[backend]["fwd"]
-        # cpp: a forward that will be differentiated also saves U = softmax(S) C (the rows' gradient, no recompute)
-        extra = (with_grad,) if backend == "cpp" else ()
         terms, flat, layout = [], [], []
         for p in problems:
-            cands = _candidates(g, world, block, p.c0, p.c1, negatives if p.with_negatives else None)
             r = rows[p.r0:p.r1]
-            t, lse, *saved = fwd(r, cands, p.pos, p.excl, inv_temp, normalize, *extra)
+            if backend == "cpp":
+                # the negatives go in as a second candidate tensor (the op loads both into its normalized copy;
+                # no concatenated copy here), and a forward that will be differentiated also saves
+                # U = softmax(S) C (the rows' gradient, no recompute)
+                cands = _candidates(g, world, block, p.c0, p.c1, None)
+                negs = _as_rows(negatives, r.dtype) if p.with_negatives and negatives is not None else None
+                if negs is not None and cands.shape[0] == 0:  # no column of any block: the negatives alone
+                    cands, negs = negs, None
+                t, lse, *saved = fwd(r, cands, negs, p.pos, p.excl, inv_temp, normalize, with_grad)
+            else:
+                cands = _candidates(g, world, block, p.c0, p.c1, negatives if p.with_negatives else None)
+                t, lse, *saved = fwd(r, cands, p.pos, p.excl, inv_temp, normalize)
             terms.append(t)
             # what the backward op takes first: the cpp op saved normalized copies (the inputs are not needed)
             # and U, the triton kernels re-read the inputs
