@@ -62,13 +62,6 @@ inline acc_t add_row(const acc_t* __restrict src, int64_t K, acc_t* __restrict d
   return m;
 }
 
-// dst[k] = a[k] - b[k]
-template <typename acc_t>
-inline void sub_row(const acc_t* __restrict a, const acc_t* __restrict b, int64_t K, acc_t* __restrict dst) {
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) dst[k] = a[k] - b[k];
-}
-
 // e[k] = exp(x[k] - mx); sum = sum_k e[k]; dot = sum_k t[k] x[k]
 template <typename acc_t>
 inline void exp_sum_dot(const acc_t* __restrict x, const acc_t* __restrict t, int64_t K, acc_t mx,
@@ -124,7 +117,7 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, V * K)), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> buf((4 + S) * K);
     acc_t* total = buf.data();  // sum_s Q_sb
-    acc_t* target = total + K;  // T_vb = total minus the crop's own code
+    acc_t* target = total + K;  // T_vb for v < S (S > 2): the sum of the other codes
     acc_t* x = target + K;      // P_vb / T
     acc_t* e = x + K;           // exp(P_vb / T - max)
     acc_t* q = e + K;           // the S code rows Q_sb
@@ -140,12 +133,23 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
       }
       double loss_b = 0;
       for (int64_t v = 0; v < V; ++v) {
+        // the targets: every code row but the crop's own, summed from the others (never total - own: no
+        // rounding of the total remains where the target is small, and a non-finite code spoils only the
+        // crops that predict it, as in SwAV / lightly)
         const acc_t* t = total;
-        if (v < S) {  // the crop's own code is not its target
-          sub_row<acc_t>(total, q + v * K, K, target);
-          t = target;
+        double n = all;
+        if (v < S) {
+          n = 0;
+          for (int64_t s = 0; s < S; ++s) n += s != v ? qsum[s] : 0.0;
+          if (S == 2) {
+            t = q + (1 - v) * K;
+          } else {
+            std::fill(target, target + K, acc_t(0));
+            for (int64_t s = 0; s < S; ++s)
+              if (s != v) add_row<acc_t>(q + s * K, K, target);
+            t = target;
+          }
         }
-        const double n = v < S ? all - qsum[v] : all;
         const acc_t mx = scale_and_max<scalar_t, acc_t>(P[v] + b * ldp[v], K, it, x);
         acc_t sum, dot;
         exp_sum_dot<acc_t>(x, t, K, mx, e, sum, dot);
