@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "scratch.h"
 #include "vec_math.h"
 
 namespace ssl_fast {
@@ -139,27 +139,6 @@ template <typename acc_t>
 inline void scale_row(acc_t* __restrict x, int64_t d, acc_t f) {
 #pragma omp simd
   for (int64_t c = 0; c < d; ++c) x[c] *= f;
-}
-
-// A CPU tensor for a large scratch buffer (>= 32 MiB: the candidates of a queue of negatives). Such blocks are
-// above glibc's mmap threshold, so at::empty maps fresh pages on every call and the first touch of each 4 KiB
-// page faults (~8200 faults for 32 MiB; a MoCo step with 65536 negatives took 16450 faults, measured). Here the
-// mapping is 2 MiB aligned and advised for transparent huge pages (where the kernel offers them: ~16 faults);
-// freed (munmap) with the last reference. Smaller blocks: at::empty.
-inline at::Tensor empty_scratch(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  int64_t n = 1;
-  for (int64_t s : shape) n *= s;
-  const size_t bytes = (size_t)n * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes < (size_t(32) << 20)) return at::empty(shape, opts);
-  const size_t len = bytes + kHuge;
-  void* raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return at::empty(shape, opts);
-  void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw) + kHuge - 1) & ~(uintptr_t)(kHuge - 1));
-#ifdef MADV_HUGEPAGE
-  madvise(aligned, (bytes + kHuge - 1) & ~(kHuge - 1), MADV_HUGEPAGE);  // advice only: no error if refused
-#endif
-  return at::from_blob(aligned, shape, [raw, len](void*) { munmap(raw, len); }, opts);
 }
 
 // Rows per chunk of the O(rows * d) loops, so that a chunk is worth ~32K values.

@@ -27,12 +27,16 @@
 #include <cmath>
 #include <vector>
 
+#include "scratch.h"
 #include "vec_math.h"
 
 namespace ssl_fast {
 namespace {
 
 constexpr int64_t kGrainElems = 1 << 15;  // elements per task at least (below: the calling thread)
+// gradient blocks from this size on are mapped by empty_scratch (scratch.h): freed together at the next step,
+// they would otherwise come back as fresh 4 KiB pages
+constexpr size_t kScratchBytes = size_t(4) << 20;
 
 // The row loops, each a function of restrict-qualified rows so that the compiler vectorizes it (written
 // inline in the parallel body, gcc kept them scalar: it could not rule out aliasing between the rows).
@@ -104,8 +108,10 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   std::vector<at::Tensor> grads;
   std::vector<scalar_t*> G(V, nullptr);
   if (compute_grad) {
+    // one block for the V gradients (views of it; released with the last of them)
+    const at::Tensor block = empty_scratch({V, B, K}, scores[0].options(), kScratchBytes);
     for (int64_t v = 0; v < V; ++v) {
-      grads.push_back(at::empty({B, K}, scores[v].options()));
+      grads.push_back(block[v]);
       G[v] = grads.back().data_ptr<scalar_t>();
     }
   }
