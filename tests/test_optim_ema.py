@@ -387,20 +387,22 @@ def test_other_dtypes_use_torch_math(dtype):
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="needs ssl_fast._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["sgd", "adamw", "lars"])
-def test_bitwise_independent_of_threads(kind):
-    """Elementwise kernels, and LARS's norms summed over fixed blocks: the same bits at 1, 2 and 4 threads."""
+def test_bitwise_independent_of_threads(kind, dtype):
+    """Elementwise kernels, and LARS's norms summed over fixed blocks: the same bits at 1, 2 and 4 threads
+    (bf16 parameters with an fp32 EMA too)."""
     shapes = [(7,), (300_001,), (70_000,), (33,)]
     results = []
     prev = torch.get_num_threads()
     try:
         for t in (1, 2, 4):
             torch.set_num_threads(t)
-            ps = _make(shapes, torch.float32)
-            ema = [p.clone() for p in ps]
+            ps = _make(shapes, dtype)
+            ema = [p.float().clone() for p in ps]
             s1 = [torch.zeros_like(p) for p in ps]
             s2 = [torch.zeros_like(p) for p in ps]
-            gs = _make(shapes, torch.float32, seed=5)
+            gs = _make(shapes, dtype, seed=5)
             if kind == "sgd":
                 ops.sgd_ema_step_(ps, gs, s1, ema, lr=0.1, momentum=0.9, weight_decay=1e-4, ema_momentum=M,
                                   backend="cpp")
