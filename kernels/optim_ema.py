@@ -1,15 +1,15 @@
 """Triton kernels of the optimizer step fused with the EMA teacher update (SGD, AdamW, LARS).
 
-Math: as ``csrc/cpu/optim_ema.cpp`` derives it, op by op (torch.optim's foreach sequence with its
-roundings, then the lerp of the teacher toward the new parameter), in fp32; for bf16 parameters the same
-fp32 math with a rounding to bf16 only where a value is stored (torch's fused=True semantics). Exactness on the GPU: ``tl.fma`` where torch fuses, ``div_rn`` / ``sqrt_rn``
-(``/`` and ``tl.sqrt`` are approximate in Triton) and launches with ``enable_fp_fusion=False`` (no
-contraction of a * b + c behind our back). The sqrt is the correctly rounded one (torch's CUDA kernels
-and ``fused=True``); torch's CPU foreach path uses MKL's, so on CPU tensors this backend matches the ``cpp``
-backend with ``ieee_sqrt=True``. Under ``TRITON_INTERPRET=1`` (numpy): fma is emulated in fp64 (numpy's
-fma-less ``x * y + z`` would round twice) and bf16 stores round to nearest even by hand (the interpreter's
-cast truncates), so the interpreter agrees with the C++ kernel to the last bit except, rarely, where the
-fp64 emulation double-rounds.
+Math: as ``csrc/cpu/optim_ema.cpp`` derives it, op by op (torch.optim's foreach sequence with its roundings,
+then the lerp of the teacher toward the new parameter), in fp32; for bf16 parameters the same fp32 math with a
+rounding to bf16 only where a value is stored (torch's fused=True semantics). Exactness on the GPU: ``tl.fma``
+where torch fuses, ``div_rn`` / ``sqrt_rn`` (``/`` and ``tl.sqrt`` are approximate in Triton) and launches
+with ``enable_fp_fusion=False`` (no contraction of a * b + c behind our back). The sqrt is the correctly
+rounded one (torch's CUDA kernels and ``fused=True``); torch's CPU foreach path uses MKL's, so on CPU tensors
+this backend matches the ``cpp`` backend with ``ieee_sqrt=True``. Under ``TRITON_INTERPRET=1`` (numpy): fma is
+emulated in fp64 (numpy's fma-less ``x * y + z`` would round twice) and bf16 stores round to nearest even by
+hand (the interpreter's cast truncates), so the interpreter agrees with the C++ kernel to the last bit except,
+rarely, where the fp64 emulation double-rounds.
 
 Bandwidth bound (bytes per element in ``csrc/cpu/optim_ema.cpp``): one launch per (parameter dtype, EMA
 dtype, alignment) group over a table of chunks (as ``kernels/ema.py``): row c = the chunk's element offsets
