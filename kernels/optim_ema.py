@@ -1,15 +1,15 @@
 """Triton kernels of the optimizer step fused with the EMA teacher update (SGD, AdamW, LARS).
 
-Math: as ``csrc/cpu/optim_ema.cpp`` derives it, op by op (torch.optim's foreach sequence with its
-roundings, then the lerp of the teacher toward the new parameter), in fp32 with a rounding to bf16 after each
-step for bf16 parameters. Exactness on the GPU: ``tl.fma`` where torch fuses, ``div_rn`` / ``sqrt_rn``
-(``/`` and ``tl.sqrt`` are approximate in Triton) and launches with ``enable_fp_fusion=False`` (no
-contraction of a * b + c behind our back). The sqrt is the correctly rounded one (torch's CUDA kernels
-and ``fused=True``); torch's CPU foreach path uses MKL's, so on CPU tensors this backend matches the ``cpp``
-backend with ``ieee_sqrt=True``. Under ``TRITON_INTERPRET=1`` (numpy): fma is emulated in fp64 (numpy's
-fma-less ``x * y + z`` would round twice) and bf16 stores round to nearest even by hand (the interpreter's
-cast truncates), so the interpreter agrees with the C++ kernel to the last bit except, rarely, where the
-fp64 emulation double-rounds.
+Math: as ``csrc/cpu/optim_ema.cpp`` derives it, op by op (torch.optim's foreach sequence with its roundings,
+then the lerp of the teacher toward the new parameter), in fp32; for bf16 parameters the same fp32 math with a
+rounding to bf16 only where a value is stored (torch's fused=True semantics). Exactness on the GPU: ``tl.fma``
+where torch fuses, ``div_rn`` / ``sqrt_rn`` (``/`` and ``tl.sqrt`` are approximate in Triton) and launches
+with ``enable_fp_fusion=False`` (no contraction of a * b + c behind our back). The sqrt is the correctly
+rounded one (torch's CUDA kernels and ``fused=True``); torch's CPU foreach path uses MKL's, so on CPU tensors
+this backend matches the ``cpp`` backend with ``ieee_sqrt=True``. Under ``TRITON_INTERPRET=1`` (numpy): fma is
+emulated in fp64 (numpy's fma-less ``x * y + z`` would round twice) and bf16 stores round to nearest even by
+hand (the interpreter's cast truncates), so the interpreter agrees with the C++ kernel to the last bit except,
+rarely, where the fp64 emulation double-rounds.
 
 Bandwidth bound (bytes per element in ``csrc/cpu/optim_ema.cpp``): one launch per (parameter dtype, EMA
 dtype, alignment) group over a table of chunks (as ``kernels/ema.py``): row c = the chunk's element offsets
@@ -51,7 +51,16 @@ def _fma(x, y, z, EMULATE: tl.constexpr):
 
 @triton.jit
 def _round(x, BF16: tl.constexpr, RNE: tl.constexpr):
-    """The fp32 value of x once stored in the parameters' dtype (bf16: round to nearest even)."""
+    """The rounding of an intermediate result for parameters of the given dtype: none (the identity) for
+    fp32 and bf16 alike: the math runs in fp32 and bf16 results round only where they are stored (_store),
+    as torch's fused=True kernels and the C++ kernel (``Round<T>`` in ``csrc/cpu/optim_ema.h``)."""
+    return x
+
+
+@triton.jit
+def _stored(x, BF16: tl.constexpr, RNE: tl.constexpr):
+    """The fp32 value of x once stored in the parameters' dtype (bf16: round to nearest even): the new
+    parameter the EMA follows."""
     if BF16:
         if RNE:
             return _rne_bf16(x).to(tl.float32)
@@ -120,7 +129,7 @@ def _step_kernel(tab_ptr, scal_ptr, p_base, g_base, s1_base, s2_base, e_base, m_
                     g = _round(_fma(b, c3, g, EMULATE), P_BF16, EMULATE)
                 else:
                     g = b
-            p = _round(_fma(g, c4, p, EMULATE), P_BF16, EMULATE)
+            p = _stored(_fma(g, c4, p, EMULATE), P_BF16, EMULATE)
         elif KIND == 1:  # AdamW
             m = tl.load(s1_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(s2_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -138,7 +147,7 @@ def _step_kernel(tab_ptr, scal_ptr, p_base, g_base, s1_base, s2_base, e_base, m_
             _store(s2_ptr + idx, v, mask, P_BF16, EMULATE)
             s = _round(tl.sqrt_rn(v), P_BF16, EMULATE)
             den = _round(_round(tl.div_rn(s, tl.zeros_like(s) + sc1), P_BF16, EMULATE) + c5, P_BF16, EMULATE)
-            p = _round(p + tl.div_rn(sc0 * m, den), P_BF16, EMULATE)
+            p = _stored(p + tl.div_rn(sc0 * m, den), P_BF16, EMULATE)
         else:  # LARS
             b = tl.load(s1_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             if HAS_WD:
@@ -147,7 +156,7 @@ def _step_kernel(tab_ptr, scal_ptr, p_base, g_base, s1_base, s2_base, e_base, m_
                 g = _round(g * sc0, P_BF16, EMULATE)
             b = _round(_round(b * c1, P_BF16, EMULATE) + g, P_BF16, EMULATE)
             _store(s1_ptr + idx, b, mask, P_BF16, EMULATE)
-            p = _round(_fma(b, c2, p, EMULATE), P_BF16, EMULATE)
+            p = _stored(_fma(b, c2, p, EMULATE), P_BF16, EMULATE)
         _store(p_ptr + idx, p, mask, P_BF16, EMULATE)
         if HAS_E:
             e = tl.load(e_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -212,9 +221,8 @@ def _f32(x: float) -> float:
 
 
 def _alpha(x: float, pdt: torch.dtype) -> float:
-    """An add's alpha / an in-place mul_'s scalar as torch rounds it for parameters of dtype ``pdt``."""
-    t = torch.tensor(x, dtype=torch.float32)
-    return (t.to(torch.bfloat16) if pdt == torch.bfloat16 else t).item()
+    """A scalar of the math: fp32 for every parameter dtype ``pdt`` (as ``alpha_of`` in the C++ kernel)."""
+    return _f32(x)
 
 
 def _work(t: torch.Tensor, ref: torch.Tensor, backs: list, writable: bool) -> torch.Tensor:

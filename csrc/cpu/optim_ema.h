@@ -104,15 +104,21 @@ SSL_FAST_HD uint16_t bf16_bits(float v) { return static_cast<uint16_t>(bf16_roun
 SSL_FAST_HD void from_f(float& dst, float v) { dst = v; }
 SSL_FAST_HD void from_f(uint16_t& dst, float v) { dst = bf16_bits(v); }
 
-// Round<T>: the value an fp32 result has once stored in T (float: itself; uint16_t: bf16 RNE).
+// Round<T>: the rounding applied to the intermediate results of the math for parameters of dtype T. The
+// identity for every T: the math runs in fp32 (ATen's opmath type) and a bf16 result is rounded to nearest
+// even only where it is stored (from_f), as torch's fused=True kernels do (one rounding per stored value
+// instead of one per foreach op: cheaper and closer to the exact step than torch's foreach bf16 path).
+// Kept as a parameter of the math functions so that one place states it.
 template <typename T>
 struct Round {
   SSL_FAST_HD float operator()(float v) const { return v; }
 };
+
+// The fp32 value of v once stored as a T: what the EMA of a bf16 parameter follows (the stored weight).
+template <typename T>
+SSL_FAST_HD float stored(float v) { return v; }
 template <>
-struct Round<uint16_t> {
-  SSL_FAST_HD float operator()(float v) const { return u2f(bf16_round32(v)); }
-};
+SSL_FAST_HD float stored<uint16_t>(float v) { return u2f(bf16_round32(v)); }
 
 // sel(c, a, b) = c ? a : b for a loop-invariant c. On the host as a bit mask: GCC's vectorizer gives up on a
 // bool select in loops that mix 16-bit and 32-bit lanes (bf16 parameters), and loses 10x there.
@@ -337,12 +343,10 @@ inline void check_momentum(double m, const char* name) {
   TORCH_CHECK_VALUE(m >= 0.0 && m <= 1.0, name, " must be in [0, 1], got ", m);
 }
 
-// Scalars as torch rounds them for parameters of dtype `pdt`: an add's alpha and an in-place mul_'s scalar
-// become the tensor's dtype (bf16 for bf16 parameters), every other scalar is fp32 (ATen's opmath type).
-inline float alpha_of(double x, at::ScalarType pdt) {
-  const float f = static_cast<float>(x);
-  return pdt == at::kBFloat16 ? to_f(bf16_bits(f)) : f;
-}
+// Scalars: fp32 (ATen's opmath type) for every parameter dtype, as torch's fused=True kernels take them.
+// (torch's foreach bf16 path rounds an add's alpha and an in-place mul_'s scalar to bf16 too: lr 0.03 acts
+// as 0.030029296875 there; the bf16 math here does not emulate that.)
+inline float alpha_of(double x, at::ScalarType) { return static_cast<float>(x); }
 
 inline SgdC sgd_consts(at::ScalarType pdt, double lr, double momentum, double dampening, double wd, bool nesterov) {
   SgdC c;

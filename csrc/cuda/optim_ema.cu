@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const __grid_constant__ 
           from_f(s1[i], av[u]);
         }
         from_f(p[i], pn);
-        if constexpr (HAS_E) from_f(e[i], lerp(ev[u], pn, l));
+        if constexpr (HAS_E) from_f(e[i], lerp(ev[u], stored<T>(pn), l));  // the stored weight
       }
     }
   }

@@ -4,7 +4,9 @@ For one parameter group: one optimizer step of ``params`` (gradients ``grads``, 
 and for the first ``len(ema)`` parameters the EMA ``ema[i] <- lerp(ema[i], params[i], 1 - ema_momentum)``
 of the updated value, in the same pass over memory. The math, op by op with its roundings, is derived in
 ``csrc/cpu/optim_ema.cpp``: in fp32 it is torch.optim's foreach math (SGD, AdamW) and
-``ssl_fast.train.optim.LARS``'s, followed by ``torch._foreach_lerp_``, to the last bit for SGD and AdamW.
+``ssl_fast.train.optim.LARS``'s, followed by ``torch._foreach_lerp_``, to the last bit for SGD and AdamW;
+for bf16 parameters the kernels (``cpp``, ``triton``) take torch's ``fused=True`` math instead (fp32, one
+rounding per stored value), the ``torch`` backend foreach's (a rounding after every op).
 
 Backends (``ssl_fast.set_backend`` / ``backend=``), declared once in ``TABLE`` (a ``BackendTable`` with the
 steps ``sgd``, ``adamw``, ``lars``, each backend's with the C++ op's signature), resolved, with the fallback and
