@@ -227,3 +227,25 @@ def test_unnormalized_large_logits_gradient(backend, fn, z1, z2, t):
     ref, = torch.autograd.grad(getattr(reference, f"{fn}_reference")(r1, x2.double(), t, normalize=False), r1)
     assert torch.isfinite(g).all()
     assert (g.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_swav_non_finite_queue_entry_spoils_only_its_codes(backend, bad):
+    """Was: NaN gradients for every crop when a queue row held +Inf / NaN (the targets were total - own, so the NaN
+    codes of crop 0 reached crop 0's own targets); lightly / SwAV give crop 0 a finite gradient (it predicts crop
+    1's codes, whose queue is finite) and NaN only to the crops that predict crop 0's codes. The property of
+    tests/test_fuzz.py now draws such queues (it excluded them with assume())."""
+    torch.manual_seed(0)
+    high = [torch.randn(4, 5, requires_grad=True) for _ in range(2)]
+    queue = [torch.randn(3, 5) for _ in range(2)]
+    queue[0][1, 2] = bad
+    with ssl_fast.set_backend(backend):
+        loss = sf.swav_loss(high, [], queue, temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
+    g0, g1 = torch.autograd.grad(loss, high)
+    ref_high = [h.detach().double().requires_grad_() for h in high]
+    codes = reference.sinkhorn_knopp_log_reference(torch.cat([ref_high[1].detach(), queue[1].double()]), 0.05, 3)[:4]
+    ref_loss = -torch.sum(codes * torch.log_softmax(ref_high[0] / 0.1, dim=1)) / 4 / 2
+    r0, = torch.autograd.grad(ref_loss, ref_high[0])
+    assert torch.isnan(loss) and not torch.isfinite(g1).all()
+    torch.testing.assert_close(g0.double(), r0, rtol=1e-4, atol=1e-6)

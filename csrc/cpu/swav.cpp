@@ -10,6 +10,9 @@
 //   lse_vb = logsumexp_k P_vbk / T,  n_vb = sum_k T_vbk (= S - [v < S] for exact simplex rows).
 // Gradient (softmax cross-entropy with soft targets):
 //   dL/dP_vbk = c / T (n_vb softmax(P_vb / T)_k - T_vbk).
+// The targets of the first S crops are summed from the other codes (never total - own): a non-finite code row
+// (a queue entry +Inf / NaN) then spoils only the crops that predict it, as in lightly / SwAV, and no rounding
+// of the total remains where T_v is small.
 // Schedule: rows b split over the threads; per row, the S code rows are summed once (sum_s Q_sb) and each crop's
 // row is read once: max, the exponentials (kept in a row buffer) and <T, P>, then the gradient row from the
 // kept exponentials. Memory traffic: the scores and codes read once, the gradients written once. Each row's
@@ -61,14 +64,13 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   std::vector<double> row_loss(B);
 
   at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, V * K)), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> total_buf(K), e_buf(K);
+    std::vector<acc_t> total_buf(K), e_buf(K), tgt_buf(K);
     acc_t* total = total_buf.data();
     acc_t* e = e_buf.data();
     std::vector<double> qsum(S);
     for (int64_t b = b0; b < b1; ++b) {
       // sum of the S code rows, and each row's mass
       std::fill(total, total + K, acc_t(0));
-      double all = 0;
       for (int64_t s = 0; s < S; ++s) {
         const acc_t* q = Q[s] + b * ldq[s];
         acc_t m = 0;
@@ -78,13 +80,24 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
           m += q[k];
         }
         qsum[s] = m;
-        all += m;
       }
       double loss_b = 0;
       for (int64_t v = 0; v < V; ++v) {
         const scalar_t* p = P[v] + b * ldp[v];
-        const acc_t* own = v < S ? Q[v] + b * ldq[v] : nullptr;  // the crop's own code is not its target
-        const double n = v < S ? all - qsum[v] : all;
+        // the targets: every code row but the crop's own
+        const acc_t* t = total;
+        double n = 0;
+        for (int64_t s = 0; s < S; ++s) n += s != v ? qsum[s] : 0.0;
+        if (v < S) {
+          std::fill(tgt_buf.begin(), tgt_buf.end(), acc_t(0));
+          for (int64_t s = 0; s < S; ++s) {
+            if (s == v) continue;
+            const acc_t* q = Q[s] + b * ldq[s];
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) tgt_buf[k] += q[k];
+          }
+          t = tgt_buf.data();
+        }
         acc_t mx = neg_inf<acc_t>();
 #pragma omp simd reduction(max : mx)
         for (int64_t k = 0; k < K; ++k) {
@@ -92,37 +105,21 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
           mx = x > mx ? x : mx;
         }
         acc_t sum = 0, dot = 0;
-        if (own != nullptr) {
 #pragma omp simd reduction(+ : sum, dot)
-          for (int64_t k = 0; k < K; ++k) {
-            const acc_t x = static_cast<acc_t>(p[k]) * it;
-            const acc_t ex = vexp(x - mx);
-            e[k] = ex;
-            sum += ex;
-            dot += (total[k] - own[k]) * x;
-          }
-        } else {
-#pragma omp simd reduction(+ : sum, dot)
-          for (int64_t k = 0; k < K; ++k) {
-            const acc_t x = static_cast<acc_t>(p[k]) * it;
-            const acc_t ex = vexp(x - mx);
-            e[k] = ex;
-            sum += ex;
-            dot += total[k] * x;
-          }
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t x = static_cast<acc_t>(p[k]) * it;
+          const acc_t ex = vexp(x - mx);
+          e[k] = ex;
+          sum += ex;
+          dot += t[k] * x;
         }
         const double lse = (double)mx + std::log((double)sum);
         loss_b += n * lse - (double)dot;
         if (compute_grad) {
           scalar_t* g = G[v] + b * K;
           const acc_t a = static_cast<acc_t>((double)gscale * n / (double)sum);  // c/T * n / sum
-          if (own != nullptr) {
 #pragma omp simd
-            for (int64_t k = 0; k < K; ++k) g[k] = static_cast<scalar_t>(a * e[k] - gscale * (total[k] - own[k]));
-          } else {
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) g[k] = static_cast<scalar_t>(a * e[k] - gscale * total[k]);
-          }
+          for (int64_t k = 0; k < K; ++k) g[k] = static_cast<scalar_t>(a * e[k] - gscale * t[k]);
         }
       }
       row_loss[b] = loss_b;

@@ -110,10 +110,11 @@ def _torch_swap(crops: List[torch.Tensor], codes: List[torch.Tensor], temperatur
     fp64 for fp64 scores) as the fused backends."""
     b = crops[0].shape[0]
     acc = torch.float64 if crops[0].dtype == torch.float64 else torch.float32
-    total = codes[0] if len(codes) == 1 else torch.stack(codes).sum(dim=0)
     loss = None
     for v, z in enumerate(crops):
-        target = total - codes[v] if v < len(codes) else total
+        # the other crops' codes (summed, never total - own: a non-finite code spoils only the crops predicting it)
+        others = [q for s, q in enumerate(codes) if s != v]
+        target = torch.stack(others).sum(dim=0) if others else torch.zeros_like(codes[0])
         logp = F.log_softmax(z.to(acc) / temperature, dim=1)
         term = -torch.sum(target * logp) / b
         loss = term if loss is None else loss + term
