@@ -1,6 +1,8 @@
 """Regression tests for the bugs tests/test_fuzz.py found (issue 24, fuzzed arguments): each was a crash with
 another exception type, a message that named no argument, a silent NaN or a wrong value."""
 
+import math
+
 import pytest
 import torch
 
@@ -249,3 +251,38 @@ def test_swav_non_finite_queue_entry_spoils_only_its_codes(backend, bad):
     r0, = torch.autograd.grad(ref_loss, ref_high[0])
     assert torch.isnan(loss) and not torch.isfinite(g1).all()
     torch.testing.assert_close(g0.double(), r0, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swav_tied_scores_at_tiny_temperature(backend):
+    """Was (cpp): loss -inf and NaN gradients (0 and a gradient of 1e-5 at T = 1e-3) for tied scores: x = P / T was
+    computed twice, and the compiler contracted x - max into fma(P, 1/T, -max), the rounding error of the product
+    (~1e23 nats at 1e30); and n lse - <T, x> cancelled to 0 instead of log 2 (now computed shifted)."""
+    low = torch.full((1, 2), 1.541, requires_grad=True)
+    for t in (1e-30, 1e-3):
+        with ssl_fast.set_backend(backend):
+            loss = sf.swav_loss([torch.zeros(1, 2)], [low], temperature=t, sinkhorn_iterations=1, sinkhorn_epsilon=1.0)
+        g, = torch.autograd.grad(loss, low)
+        assert loss.item() == pytest.approx(math.log(2)) and torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swav_single_high_crop_with_minus_inf_score(backend):
+    """Was (torch): NaN for a finite loss: with one high-resolution crop its targets are empty, and 0 * log p
+    = 0 * -inf was still summed for its -inf score."""
+    high = torch.tensor([[float("-inf"), -0.0003], [0.1, 0.2]])
+    with ssl_fast.set_backend(backend):
+        loss = sf.swav_loss([high], [torch.zeros(2, 2)], temperature=1.0, sinkhorn_iterations=1, sinkhorn_epsilon=1.0)
+    assert loss.item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="the C++ extension is not built")
+def test_one_dimensional_rows_have_zero_gradient():
+    """Was (cpp): a gradient of 1.7e-5 where the exact one is 0 (D = 1: every normalized row is +-1): the rows were
+    multiplied by a rounded 1/|x|, so z was not exactly +-1 and g - z <z, g> kept eps |g| / |x|."""
+    x = torch.tensor([[-7.4136e-04], [6.7087e-06], [-2.0392e-04], [4.1159e-04], [1.2597e-03], [-1.7285e-03],
+                      [6.8076e-04]], requires_grad=True)
+    with ssl_fast.set_backend("cpp"):
+        loss = ssl_fast.ntxent(x, x.detach(), 2.00001)
+    g, = torch.autograd.grad(loss, x)
+    assert torch.equal(g, torch.zeros_like(g))

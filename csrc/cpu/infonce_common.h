@@ -141,9 +141,10 @@ void load_rows(const at::Tensor& x, int64_t d, bool normalize, acc_t* dst, acc_t
       }
       const double nrm = std::sqrt(ss);
       norms[k] = (acc_t)nrm;
-      if (normalize) {
-        const acc_t inv = (acc_t)(1.0 / std::max(nrm, kNormEps));
-        for (int64_t c = 0; c < d; ++c) out[c] *= inv;
+      if (normalize) {  // divided, not multiplied by a rounded 1/|x|: a 1-D row becomes exactly +-1, and the
+        // normalization's gradient g - z <z, g> exactly 0 (else ~eps |g| / |x|)
+        const double den = std::max(nrm, kNormEps);
+        for (int64_t c = 0; c < d; ++c) out[c] = (acc_t)((double)out[c] / den);
       }
     }
   });

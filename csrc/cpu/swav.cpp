@@ -7,6 +7,8 @@
 //   L = 1/S sum_s 1/(V-1) sum_{v != s} -1/B sum_b sum_k Q_sbk log softmax(P_vb / T)_k.
 // Grouped by crop, with the targets T_vb = sum_{s != v} Q_sb (every code except the crop's own):
 //   L = c sum_v sum_b [ n_vb lse_vb - <T_vb, P_vb> / T ],   c = 1 / (S (V-1) B),
+//     computed shifted as n_vb log sum_k exp(x_k - m) - <T_vb, x - m> (x = P_vb / T, m = max_k x_k): n lse and
+//     <T, x> are each ~|x| and cancel (at |x| ~ 1e30 to 0 instead of log 2 for tied scores);
 //   lse_vb = logsumexp_k P_vbk / T,  n_vb = sum_k T_vbk (= S - [v < S] for exact simplex rows).
 // Gradient (softmax cross-entropy with soft targets):
 //   dL/dP_vbk = c / T (n_vb softmax(P_vb / T)_k - T_vbk).
@@ -88,6 +90,10 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
         const acc_t* t = total;
         double n = 0;
         for (int64_t s = 0; s < S; ++s) n += s != v ? qsum[s] : 0.0;
+        if (S == 1 && v == 0) {  // the only code is the crop's own: no target, no term (not 0 * log p)
+          if (compute_grad) std::fill(G[v] + b * K, G[v] + (b + 1) * K, scalar_t(0));
+          continue;
+        }
         if (v < S) {
           std::fill(tgt_buf.begin(), tgt_buf.end(), acc_t(0));
           for (int64_t s = 0; s < S; ++s) {
@@ -98,23 +104,25 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
           }
           t = tgt_buf.data();
         }
+        // x = P_vb / T is stored once and read back: recomputed, the compiler may contract x - mx into
+        // fma(p, 1/T, -mx), the rounding error of the product (~1e23 nats at |x| ~ 1e30: exp -> inf, loss -inf)
         acc_t mx = neg_inf<acc_t>();
 #pragma omp simd reduction(max : mx)
         for (int64_t k = 0; k < K; ++k) {
           const acc_t x = static_cast<acc_t>(p[k]) * it;
+          e[k] = x;
           mx = x > mx ? x : mx;
         }
         acc_t sum = 0, dot = 0;
 #pragma omp simd reduction(+ : sum, dot)
         for (int64_t k = 0; k < K; ++k) {
-          const acc_t x = static_cast<acc_t>(p[k]) * it;
+          const acc_t x = e[k];
           const acc_t ex = vexp(x - mx);
           e[k] = ex;
           sum += ex;
-          dot += t[k] * x;
+          dot += t[k] * (x - mx);
         }
-        const double lse = (double)mx + std::log((double)sum);
-        loss_b += n * lse - (double)dot;
+        loss_b += n * std::log((double)sum) - (double)dot;
         if (compute_grad) {
           scalar_t* g = G[v] + b * K;
           const acc_t a = static_cast<acc_t>((double)gscale * n / (double)sum);  // c/T * n / sum

@@ -114,7 +114,9 @@ def _torch_swap(crops: List[torch.Tensor], codes: List[torch.Tensor], temperatur
     for v, z in enumerate(crops):
         # the other crops' codes (summed, never total - own: a non-finite code spoils only the crops predicting it)
         others = [q for s, q in enumerate(codes) if s != v]
-        target = torch.stack(others).sum(dim=0) if others else torch.zeros_like(codes[0])
+        if not others:  # one high-resolution crop: its only code is its own, no term (not 0 * log p)
+            continue
+        target = torch.stack(others).sum(dim=0)
         logp = F.log_softmax(z.to(acc) / temperature, dim=1)
         term = -torch.sum(target * logp) / b
         loss = term if loss is None else loss + term
