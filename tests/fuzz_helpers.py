@@ -324,6 +324,7 @@ class Call:
     structural: Optional[Callable] = None  # (output) -> None: replaces the value rule where no reference is exact
     eager: Optional[Callable] = None  # eager torch in the inputs' dtype, when it is not ``ref`` run in that dtype
     extra: float = 0.0  # added to the value bound (a documented rounding the algorithm cannot avoid)
+    grad_extra: float = 0.0  # added to the inputs' gradient bounds (the same, for the gradients)
 
 
 def raises_named(fn: Callable, invalid: Dict[str, Sequence[str]]):
@@ -420,6 +421,6 @@ def _compare(call: Call, dtype, bases, views, out, go_seed) -> None:
         # gradients that cancel to ~0 (tied rows, huge temperatures) are compared with an absolute floor of
         # FLOORS[dtype] x 1e-3
         # a temperature's gradient comes back in its dtype (bf16: rounded by up to half its epsilon)
-        extra = torch.finfo(leaf.dtype).eps * sc if name == "temperature" else 0.0
+        extra = torch.finfo(leaf.dtype).eps * sc if name == "temperature" else call.grad_extra
         within_rule(f"d{name}", g, r, e, ea, gdt if gdt in FLOORS else dtype, sc if sc > 0 else 1.0, e32,
                     min_scale=1e-3, extra=extra)

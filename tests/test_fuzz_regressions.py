@@ -1,6 +1,8 @@
 """Regression tests for the bugs tests/test_fuzz.py found (issue 24, fuzzed arguments): each was a crash with
 another exception type, a message that named no argument, a silent NaN or a wrong value."""
 
+import math
+
 import pytest
 import torch
 
@@ -204,3 +206,83 @@ def test_lightly_directclr_argument_checks():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="loss_dim"):
             lightly_nn.DirectCLRLoss(loss_dim=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["ntxent", "info_nce"])
+@pytest.mark.parametrize("z1, z2, t", [
+    ([[1.5410], [1.5410]], [[46229.8832], [-8802.8672]], 1.0),
+    ([[46229.8832], [-8802.8672]], [[11768.9047], [-6706.9206]], 0.01),
+])
+def test_unnormalized_large_logits_gradient(backend, fn, z1, z2, t):
+    """Was (cpp, normalize=False, |S| ~ 1e5 .. 1e11): dz1 off by 18.9 (bound 0.32), or Inf. Three causes: the
+    backward took P = exp(S - lse) with lse = m + log l rounded to fp32 (eps |S| nats: 0.4% of P at |S| ~ 7e4); the
+    diagonal tile read P_ja from S_aj, which the GEMM need not round like the S_ja the forward summed (1 ulp =
+    4096 nats at 5e10: exp overflowed); the targets were subtracted as 2 Z_p after the GEMM, leaving the rounding
+    of |P Z| where the exact gradient is 0."""
+    x1 = torch.tensor(z1, requires_grad=True)
+    x2 = torch.tensor(z2)
+    with ssl_fast.set_backend(backend):
+        loss = getattr(ssl_fast, fn)(x1, x2, t, normalize=False)
+    g, = torch.autograd.grad(loss, x1)
+    r1 = x1.detach().double().requires_grad_()
+    ref, = torch.autograd.grad(getattr(reference, f"{fn}_reference")(r1, x2.double(), t, normalize=False), r1)
+    assert torch.isfinite(g).all()
+    assert (g.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_swav_non_finite_queue_entry_spoils_only_its_codes(backend, bad):
+    """Was: NaN gradients for every crop when a queue row held +Inf / NaN (the targets were total - own, so the NaN
+    codes of crop 0 reached crop 0's own targets); lightly / SwAV give crop 0 a finite gradient (it predicts crop
+    1's codes, whose queue is finite) and NaN only to the crops that predict crop 0's codes. The property of
+    tests/test_fuzz.py now draws such queues (it excluded them with assume())."""
+    torch.manual_seed(0)
+    high = [torch.randn(4, 5, requires_grad=True) for _ in range(2)]
+    queue = [torch.randn(3, 5) for _ in range(2)]
+    queue[0][1, 2] = bad
+    with ssl_fast.set_backend(backend):
+        loss = sf.swav_loss(high, [], queue, temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
+    g0, g1 = torch.autograd.grad(loss, high)
+    ref_high = [h.detach().double().requires_grad_() for h in high]
+    codes = reference.sinkhorn_knopp_log_reference(torch.cat([ref_high[1].detach(), queue[1].double()]), 0.05, 3)[:4]
+    ref_loss = -torch.sum(codes * torch.log_softmax(ref_high[0] / 0.1, dim=1)) / 4 / 2
+    r0, = torch.autograd.grad(ref_loss, ref_high[0])
+    assert torch.isnan(loss) and not torch.isfinite(g1).all()
+    torch.testing.assert_close(g0.double(), r0, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swav_tied_scores_at_tiny_temperature(backend):
+    """Was (cpp): loss -inf and NaN gradients (0 and a gradient of 1e-5 at T = 1e-3) for tied scores: x = P / T was
+    computed twice, and the compiler contracted x - max into fma(P, 1/T, -max), the rounding error of the product
+    (~1e23 nats at 1e30); and n lse - <T, x> cancelled to 0 instead of log 2 (now computed shifted)."""
+    low = torch.full((1, 2), 1.541, requires_grad=True)
+    for t in (1e-30, 1e-3):
+        with ssl_fast.set_backend(backend):
+            loss = sf.swav_loss([torch.zeros(1, 2)], [low], temperature=t, sinkhorn_iterations=1, sinkhorn_epsilon=1.0)
+        g, = torch.autograd.grad(loss, low)
+        assert loss.item() == pytest.approx(math.log(2)) and torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swav_single_high_crop_with_minus_inf_score(backend):
+    """Was (torch): NaN for a finite loss: with one high-resolution crop its targets are empty, and 0 * log p
+    = 0 * -inf was still summed for its -inf score."""
+    high = torch.tensor([[float("-inf"), -0.0003], [0.1, 0.2]])
+    with ssl_fast.set_backend(backend):
+        loss = sf.swav_loss([high], [torch.zeros(2, 2)], temperature=1.0, sinkhorn_iterations=1, sinkhorn_epsilon=1.0)
+    assert loss.item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="the C++ extension is not built")
+def test_one_dimensional_rows_have_zero_gradient():
+    """Was (cpp): a gradient of 1.7e-5 where the exact one is 0 (D = 1: every normalized row is +-1): the rows were
+    multiplied by a rounded 1/|x|, so z was not exactly +-1 and g - z <z, g> kept eps |g| / |x|."""
+    x = torch.tensor([[-7.4136e-04], [6.7087e-06], [-2.0392e-04], [4.1159e-04], [1.2597e-03], [-1.7285e-03],
+                      [6.8076e-04]], requires_grad=True)
+    with ssl_fast.set_backend("cpp"):
+        loss = ssl_fast.ntxent(x, x.detach(), 2.00001)
+    g, = torch.autograd.grad(loss, x)
+    assert torch.equal(g, torch.zeros_like(g))

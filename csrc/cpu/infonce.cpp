@@ -7,7 +7,7 @@
 //   lse_k = logsumexp_j S_kj,  L = (1/M) sum_k (lse_k - S_{k,p(k)}).
 // Gradient. With P_kj = exp(S_kj - lse_k) (0 on the diagonal) and Y_kj = [j == p(k)]:
 //   dL/dS = (P - Y) / M,  dL/dZ = (dL/dS + dL/dS^T) Z / T
-//         = g/(M T) * [ (P + P^T) Z - 2 Z_p ]     (Y is a symmetric permutation, Z_p = rows z_p(k)).
+//         = g/(M T) * (P + P^T - 2 Y) Z     (Y is a symmetric permutation; the targets are subtracted in the tile).
 // Symmetry: S is symmetric, so the upper-triangle tile (I, J) gives the row statistics of block I AND
 // (by its columns) of block J in the forward, and in the backward A = P_IJ + P_JI^T (two exps of the one
 // recomputed tile) feeds dZ_I += A Z_J and dZ_J += A^T Z_I. Cost: forward 0.5 M^2 d multiply-adds,
@@ -16,6 +16,9 @@
 //   L = a/N sum_i (r_i - S_ii) + b/N sum_j (c_j - S_jj) with (a, b) = (1, 0), or (1/2, 1/2) symmetric.
 //   dL/dS = a/N (P^row - I) + b/N (P^col - I);  dQ = dL/dS K / T,  dK = dL/dS^T Q / T.
 // Normalization backward: dx = (g - z <z, g>) / |x| when |x| > eps, else g / eps.
+// Saved statistics: each lse is kept as its two parts (m, log l) = (max_j S_kj, log sum_j exp(S_kj - m)), a
+// (2, rows) tensor, and the backward takes P = exp((S - m) - log l): S - m is exact near the max, whereas the
+// rounding of lse = m + log l in fp32 is eps |S| nats (at |S| ~ 1e5 a 0.4% error in P, at |S| ~ 1e11 P = inf).
 // Temperature: sum_k <dL/dz_k, z_k> = -c T dL/dT (c = 2 for NT-Xent, 1 cross-view); returned as gz.
 //
 // Scheduling without atomic updates of results or per-thread copies: tiles are processed in rounds in
@@ -67,6 +70,15 @@ inline void lse_update_cols(T* mx, T* sm, const T* s, int64_t bi, int64_t bj, T*
   }
 }
 
+// A diagonal tile S = it * A A^T made bitwise symmetric (the lower triangle a copy of the upper): a GEMM need
+// not round S_aj and S_ja alike, and the backward takes P_ja = exp(S_ja - lse_j) from S_aj (W = P + P^T in one
+// pass), which must be the logit the forward summed: at |S| ~ 5e10 one fp32 ulp is 4096 nats.
+template <typename acc_t>
+inline void symmetrize(acc_t* S, int64_t b) {
+  for (int64_t a = 1; a < b; ++a)
+    for (int64_t j = 0; j < a; ++j) S[a * b + j] = S[j * b + a];
+}
+
 // Forward of one tile: S = it * A B^T (bi x bj, row-major in `S`). Its rows update the row statistics
 // (rmx, rsm); its columns, when `cmx` is given, the statistics of the rows of B (buf: 2 * bj values).
 // diag: A and B are the same block of Z (NT-Xent), S_aa = -inf and the columns are the rows again.
@@ -74,6 +86,7 @@ template <typename acc_t>
 void forward_tile(const acc_t* A, const acc_t* Bm, int64_t bi, int64_t bj, int64_t d, acc_t it, bool diag,
                   acc_t* rmx, acc_t* rsm, acc_t* cmx, acc_t* csm, acc_t* S, acc_t* buf) {
   gemm_rm<acc_t>(false, true, bi, bj, d, it, A, d, Bm, d, 0, S, bj);
+  if (diag) symmetrize(S, bi);
   for (int64_t a = 0; a < bi; ++a) {
     if (diag) S[a * bj + a] = neg_inf<acc_t>();
     lse_update(rmx[a], rsm[a], S + a * bj, bj);
@@ -82,24 +95,32 @@ void forward_tile(const acc_t* A, const acc_t* Bm, int64_t bi, int64_t bj, int64
 }
 
 // Backward of one recomputed tile S = it * A B^T: W = wr exp(S - lse_r[a]) + wc exp(S - lse_c[j]) (the row
-// and the column softmax of the same logits; wc = 0 skips the second exp), then GA += scale W B and
+// and the column softmax of the same logits; wc = 0 skips the second exp), each lse given as its max (mr, mc)
+// and log-sum (lr, lc) parts, exp((S - m) - log l); the targets are subtracted in the tile, W_a,p(a) -= wr + wc
+// with p(a) = (r0 + a + shift) mod period - c0 when it is a column of the tile (r0, c0: the tile's first row and
+// column), so that P - Y cancels before the GEMM as in eager torch (subtracting Y Z apart leaves the rounding of
+// |P Z| where the gradient is ~0); then GA += scale W B and
 // GB += scale W^T A. diag (NT-Xent block with itself): W_aa = 0 and, W being symmetric, one GEMM into GA.
 template <typename acc_t>
 void backward_tile(const acc_t* A, const acc_t* Bm, int64_t bi, int64_t bj, int64_t d, acc_t it, bool diag,
-                   const acc_t* lse_r, const acc_t* lse_c, acc_t wr, acc_t wc, acc_t scale, acc_t* GA, acc_t* GB,
+                   const acc_t* mr, const acc_t* lr, const acc_t* mc, const acc_t* lc, acc_t wr, acc_t wc,
+                   int64_t r0, int64_t c0, int64_t shift, int64_t period, acc_t scale, acc_t* GA, acc_t* GB,
                    acc_t* S) {
   gemm_rm<acc_t>(false, true, bi, bj, d, it, A, d, Bm, d, 0, S, bj);
+  if (diag) symmetrize(S, bi);
   for (int64_t a = 0; a < bi; ++a) {
     acc_t* row = S + a * bj;
-    const acc_t la = lse_r[a];
+    const acc_t ma = mr[a], la = lr[a];
     if (wc != 0) {
 #pragma omp simd
-      for (int64_t j = 0; j < bj; ++j) row[j] = wr * vexp(row[j] - la) + wc * vexp(row[j] - lse_c[j]);
+      for (int64_t j = 0; j < bj; ++j) row[j] = wr * vexp((row[j] - ma) - la) + wc * vexp((row[j] - mc[j]) - lc[j]);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < bj; ++j) row[j] = wr * vexp(row[j] - la);
+      for (int64_t j = 0; j < bj; ++j) row[j] = wr * vexp((row[j] - ma) - la);
     }
     if (diag) row[a] = 0;
+    const int64_t p = (r0 + a + shift) % period - c0;
+    if (p >= 0 && p < bj) row[p] -= wr + wc;
   }
   gemm_rm<acc_t>(false, false, bi, d, bj, scale, S, bj, Bm, d, 1, GA, d);
   if (!diag) gemm_rm<acc_t>(true, false, bj, d, bi, scale, S, bj, A, d, 1, GB, d);
@@ -156,17 +177,19 @@ std::vector<at::Tensor> ntxent_fwd_impl(const at::Tensor& z1, const at::Tensor& 
                         nullptr);
   });
 
-  at::Tensor lse = at::empty({M}, opts);
-  acc_t* L = lse.data_ptr<acc_t>();
+  at::Tensor lse = at::empty({2, M}, opts);  // (max, log-sum) of each row
+  acc_t* LM = lse.data_ptr<acc_t>();
+  acc_t* LL = LM + M;
   std::vector<double> row_loss(M);
   at::parallel_for(0, M, row_grain(d), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
-      L[k] = mx[k] + std::log(sm[k]);
+      LM[k] = mx[k];
+      LL[k] = std::log(sm[k]);
       const acc_t* zk = Z + k * d;
       const acc_t* zp = Z + ((k + N) % M) * d;
       double pos = 0;
       for (int64_t c = 0; c < d; ++c) pos += (double)zk[c] * zp[c];
-      row_loss[k] = (double)L[k] - pos * (double)it;
+      row_loss[k] = ((double)LM[k] - pos * (double)it) + (double)LL[k];
     }
   });
   double total = 0;
@@ -182,7 +205,8 @@ std::vector<at::Tensor> ntxent_bwd_impl(double grad, const at::Tensor& z1, const
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t N = z1.size(0), M = 2 * N;
   const acc_t* Z = zn.data_ptr<acc_t>();
-  const acc_t* L = lse.data_ptr<acc_t>();
+  const acc_t* LM = lse.data_ptr<acc_t>();
+  const acc_t* LL = LM + M;
   at::Tensor gz_t = at::zeros({M, d}, zn.options());
   acc_t* G = gz_t.data_ptr<acc_t>();
   const acc_t it = (acc_t)inv_temp;
@@ -193,22 +217,14 @@ std::vector<at::Tensor> ntxent_bwd_impl(double grad, const at::Tensor& z1, const
     parallel_tasks<acc_t>((int64_t)pairs.size(), B * B + 2 * B, B * B * d, [&](int64_t t, acc_t* tile) {
       const int64_t i0 = pairs[t].first * B, j0 = pairs[t].second * B;
       const int64_t bi = std::min(B, M - i0), bj = std::min(B, M - j0);
-      backward_tile<acc_t>(Z + i0 * d, Z + j0 * d, bi, bj, d, it, false, L + i0, L + j0, 1, 1, coef, G + i0 * d,
-                           G + j0 * d, tile);
+      backward_tile<acc_t>(Z + i0 * d, Z + j0 * d, bi, bj, d, it, false, LM + i0, LL + i0, LM + j0, LL + j0, 1, 1,
+                           i0, j0, N, M, coef, G + i0 * d, G + j0 * d, tile);
     });
   }
   parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
     const int64_t i0 = I * B, bi = std::min(B, M - i0);
-    backward_tile<acc_t>(Z + i0 * d, Z + i0 * d, bi, bi, d, it, true, L + i0, L + i0, 1, 1, coef, G + i0 * d,
-                         nullptr, tile);
-  });
-  // Positive pairs: -2 g/(M T) z_p(k).
-  at::parallel_for(0, M, row_grain(d), [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const acc_t* zp = Z + ((k + N) % M) * d;
-      acc_t* gk = G + k * d;
-      for (int64_t c = 0; c < d; ++c) gk[c] -= 2 * coef * zp[c];
-    }
+    backward_tile<acc_t>(Z + i0 * d, Z + i0 * d, bi, bi, d, it, true, LM + i0, LL + i0, LM + i0, LL + i0, 1, 1, i0,
+                         i0, N, M, coef, G + i0 * d, nullptr, tile);
   });
 
   at::Tensor dz1 = at::empty(z1.sizes(), z1.options());
@@ -246,8 +262,8 @@ std::vector<at::Tensor> info_nce_fwd_impl(const at::Tensor& q, const at::Tensor&
                           symmetric ? &cmx[j0] : nullptr, symmetric ? &csm[j0] : nullptr, tile, tile + B * B);
     });
   }
-  at::Tensor lse_r = at::empty({N}, opts);
-  at::Tensor lse_c = at::empty({symmetric ? N : 0}, opts);
+  at::Tensor lse_r = at::empty({2, N}, opts);  // (max, log-sum) of each row / column
+  at::Tensor lse_c = at::empty({2, symmetric ? N : 0}, opts);
   acc_t* LR = lse_r.data_ptr<acc_t>();
   acc_t* LC = symmetric ? lse_c.data_ptr<acc_t>() : nullptr;
   std::vector<double> row_loss(N);
@@ -256,12 +272,14 @@ std::vector<at::Tensor> info_nce_fwd_impl(const at::Tensor& q, const at::Tensor&
       double pos = 0;
       for (int64_t c = 0; c < d; ++c) pos += (double)Q[i * d + c] * K[i * d + c];
       pos *= (double)it;
-      LR[i] = rmx[i] + std::log(rsm[i]);
+      LR[i] = rmx[i];
+      LR[N + i] = std::log(rsm[i]);
       if (symmetric) {
-        LC[i] = cmx[i] + std::log(csm[i]);
-        row_loss[i] = 0.5 * ((double)LR[i] + (double)LC[i]) - pos;
+        LC[i] = cmx[i];
+        LC[N + i] = std::log(csm[i]);
+        row_loss[i] = 0.5 * ((((double)LR[i] - pos) + (double)LR[N + i]) + (((double)LC[i] - pos) + (double)LC[N + i]));
       } else {
-        row_loss[i] = (double)LR[i] - pos;
+        row_loss[i] = ((double)LR[i] - pos) + (double)LR[N + i];
       }
     }
   });
@@ -295,18 +313,11 @@ std::vector<at::Tensor> info_nce_bwd_impl(double grad, const at::Tensor& q, cons
     parallel_tasks<acc_t>(nb, B * B + 2 * B, B * B * d, [&](int64_t I, acc_t* tile) {
       const int64_t i0 = I * B, j0 = ((I + r) % nb) * B;
       const int64_t bi = std::min(B, N - i0), bj = std::min(B, N - j0);
-      backward_tile<acc_t>(Q + i0 * d, K + j0 * d, bi, bj, d, it, false, LR + i0, symmetric ? LC + j0 : nullptr,
-                           cr, cc, it, GQ + i0 * d, GK + j0 * d, tile);
+      backward_tile<acc_t>(Q + i0 * d, K + j0 * d, bi, bj, d, it, false, LR + i0, LR + N + i0,
+                           symmetric ? LC + j0 : nullptr, symmetric ? LC + N + j0 : nullptr,
+                           cr, cc, i0, j0, 0, N, it, GQ + i0 * d, GK + j0 * d, tile);
     });
   }
-  const acc_t diag = (cr + cc) * it;  // identity targets: -(a + b) g / (N T)
-  at::parallel_for(0, N, row_grain(d), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      for (int64_t c = 0; c < d; ++c) {
-        GQ[i * d + c] -= diag * K[i * d + c];
-        GK[i * d + c] -= diag * Q[i * d + c];
-      }
-  });
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   const double gz = store_grad<scalar_t, acc_t>(GQ, Q, qnorm.data_ptr<acc_t>(), N, d, normalize, dq);
   store_grad<scalar_t, acc_t>(GK, K, knorm.data_ptr<acc_t>(), N, d, normalize, dk);
@@ -351,6 +362,8 @@ std::vector<at::Tensor> ntxent_bwd(double grad, const at::Tensor& z1, const at::
   check_view(z1, "z1");
   check_view(z2, "z2");
   TORCH_CHECK(zn.is_contiguous() && zn.size(0) == 2 * z1.size(0) && zn.size(1) == d, "zn: bad saved tensor");
+  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == 2 * z1.size(0),
+              "lse: bad saved tensor");
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "ntxent_bwd", [&] {
     out = ntxent_bwd_impl<scalar_t>(grad, z1, z2, zn, norms, lse, inv_temp, normalize, d, block);
@@ -380,6 +393,9 @@ std::vector<at::Tensor> info_nce_bwd(double grad, const at::Tensor& q, const at:
   check_view(q, "query");
   check_view(k, "key");
   TORCH_CHECK(qn.is_contiguous() && qn.size(0) == q.size(0) && qn.size(1) == d, "qn: bad saved tensor");
+  TORCH_CHECK(lse_r.is_contiguous() && lse_r.dim() == 2 && lse_r.size(1) == q.size(0), "lse_r: bad saved tensor");
+  TORCH_CHECK(!symmetric || (lse_c.is_contiguous() && lse_c.dim() == 2 && lse_c.size(1) == q.size(0)),
+              "lse_c: bad saved tensor");
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "info_nce_bwd", [&] {
     out = info_nce_bwd_impl<scalar_t>(grad, q, k, qn, kn, qnorm, knorm, lse_r, lse_c, inv_temp, normalize,

@@ -135,10 +135,11 @@ inline double load_row(const scalar_t* __restrict row, int64_t d, acc_t* __restr
   return ss;
 }
 
+// x[c] = x[c] / den, divided in double
 template <typename acc_t>
-inline void scale_row(acc_t* __restrict x, int64_t d, acc_t f) {
+inline void div_row(acc_t* __restrict x, int64_t d, double den) {
 #pragma omp simd
-  for (int64_t c = 0; c < d; ++c) x[c] *= f;
+  for (int64_t c = 0; c < d; ++c) x[c] = (acc_t)((double)x[c] / den);
 }
 
 // Rows per chunk of the O(rows * d) loops, so that a chunk is worth ~32K values.
@@ -154,7 +155,9 @@ void load_rows(const at::Tensor& x, int64_t d, bool normalize, acc_t* dst, acc_t
     for (int64_t k = b; k < e; ++k) {
       const double nrm = std::sqrt(load_row<scalar_t, acc_t>(src + k * ld, d, dst + k * d));
       norms[k] = (acc_t)nrm;
-      if (normalize) scale_row<acc_t>(dst + k * d, d, (acc_t)(1.0 / std::max(nrm, kNormEps)));
+      // divided, not multiplied by a rounded 1/|x|: a 1-D row becomes exactly +-1, and the normalization's
+      // gradient g - z <z, g> exactly 0 (else ~eps |g| / |x|)
+      if (normalize) div_row<acc_t>(dst + k * d, d, std::max(nrm, kNormEps));
     }
   });
 }

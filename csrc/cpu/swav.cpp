@@ -14,6 +14,13 @@
 //   lse_vb = logsumexp_k P_vbk / T,  n_vb = sum_k T_vbk (= S - [v < S] for exact simplex rows).
 // Gradient (softmax cross-entropy with soft targets):
 //   dL/dP_vbk = c / T (n_vb softmax(P_vb / T)_k - T_vbk).
+// Each row's term is computed shifted as n_vb log sum_k exp(x_k - m) - <T_vb, x - m> (x = P_vb / T, m = max_k x_k):
+// n lse and <T, x> are each ~|x| and cancel (at |x| ~ 1e30 to 0 instead of log 2 for tied scores). x is stored
+// once and read back: recomputed, the compiler may contract x - m into fma(p, 1/T, -m), keeping the product's
+// rounding error (~1e23 nats at |x| ~ 1e30: exp -> inf, loss -inf).
+// The targets of the first S crops are summed from the other codes (never total - own): a non-finite code row
+// (a queue entry +Inf / NaN) then spoils only the crops that predict it, as in lightly / SwAV, and no rounding
+// of the total remains where T_v is small. With one code crop, that crop has no target and no term.
 // Schedule: rows b split over the threads; per row, the S code rows are formed and summed once (sum_s Q_sb) and
 // each crop's row is read once more: max, the exponentials (kept in a row buffer) and <T, P>, then the gradient
 // row from the kept exponentials. Memory traffic: the scores read once (the S code crops' rows twice, from
@@ -66,17 +73,18 @@ inline acc_t add_row(const acc_t* __restrict src, int64_t K, acc_t* __restrict d
   return m;
 }
 
-// e[k] = exp(x[k] - mx); sum = sum_k e[k]; dot = sum_k t[k] x[k]
+// e[k] = exp(x[k] - mx); sum = sum_k e[k]; dot = sum_k t[k] (x[k] - mx)
 template <typename acc_t>
 inline void exp_sum_dot(const acc_t* __restrict x, const acc_t* __restrict t, int64_t K, acc_t mx,
                         acc_t* __restrict e, acc_t& sum, acc_t& dot) {
   acc_t s = 0, d = 0;
 #pragma omp simd reduction(+ : s, d)
   for (int64_t k = 0; k < K; ++k) {
-    const acc_t ex = vexp(x[k] - mx);
+    const acc_t xs = x[k] - mx;
+    const acc_t ex = vexp(xs);
     e[k] = ex;
     s += ex;
-    d += t[k] * x[k];
+    d += t[k] * xs;
   }
   sum = s;
   dot = d;
@@ -139,11 +147,13 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
       }
       double loss_b = 0;
       for (int64_t v = 0; v < V; ++v) {
-        // the targets: every code row but the crop's own, summed from the others (never total - own: no
-        // rounding of the total remains where the target is small, and a non-finite code spoils only the
-        // crops that predict it, as in SwAV / lightly)
+        // the targets: every code row but the crop's own, summed from the others (see the header)
         const acc_t* t = total;
         double n = all;
+        if (S == 1 && v == 0) {  // the only code is the crop's own: no target, no term (not 0 * log p)
+          if (compute_grad) std::fill(G[v] + b * K, G[v] + (b + 1) * K, scalar_t(0));
+          continue;
+        }
         if (v < S) {
           n = 0;
           for (int64_t s = 0; s < S; ++s) n += s != v ? qsum[s] : 0.0;
@@ -159,8 +169,7 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
         const acc_t mx = scale_and_max<scalar_t, acc_t>(P[v] + b * ldp[v], K, it, x);
         acc_t sum, dot;
         exp_sum_dot<acc_t>(x, t, K, mx, e, sum, dot);
-        const double lse = (double)mx + std::log((double)sum);
-        loss_b += n * lse - (double)dot;
+        loss_b += n * std::log((double)sum) - (double)dot;
         if (compute_grad) {
           const acc_t a = static_cast<acc_t>((double)gscale * n / (double)sum);  // c/T * n / sum
           grad_row<scalar_t, acc_t>(e, t, K, a, gscale, G[v] + b * K);

@@ -116,7 +116,7 @@ def _torch_swap(crops: List[torch.Tensor], codes: List[torch.Tensor], temperatur
     for v, z in enumerate(crops):
         # the other crops' codes (summed, never total - own: a non-finite code spoils only the crops predicting it)
         others = [q for s, q in enumerate(codes) if s != v]
-        if not others:  # one code crop: it predicts nothing
+        if not others:  # one high-resolution crop: its only code is its own, no term (not 0 * log p)
             continue
         target = others[0] if len(others) == 1 else torch.stack(others).sum(dim=0)
         logp = F.log_softmax(z.to(acc) / temperature, dim=1)
