@@ -16,9 +16,10 @@
 //   L = a/N sum_i (r_i - S_ii) + b/N sum_j (c_j - S_jj) with (a, b) = (1, 0), or (1/2, 1/2) symmetric.
 //   dL/dS = a/N (P^row - I) + b/N (P^col - I);  dQ = dL/dS K / T,  dK = dL/dS^T Q / T.
 // Normalization backward: dx = (g - z <z, g>) / |x| when |x| > eps, else g / eps.
-// Saved statistics: each lse is kept as its two parts (m, log l) = (max_j S_kj, log sum_j exp(S_kj - m)), a
-// (2, rows) tensor, and the backward takes P = exp((S - m) - log l): S - m is exact near the max, whereas the
-// rounding of lse = m + log l in fp32 is eps |S| nats (at |S| ~ 1e5 a 0.4% error in P, at |S| ~ 1e11 P = inf).
+// Saved statistics: each lse is kept as its two parts (m, log l) = (max_j S_kj, log sum_j exp(S_kj - m)), one
+// flat tensor of 2 x rows values (the maxima, then the log-sums), and the backward takes
+// P = exp((S - m) - log l): S - m is exact near the max, whereas the rounding of lse = m + log l in fp32 is
+// eps |S| nats (at |S| ~ 1e5 a 0.4% error in P, at |S| ~ 1e11 P = inf).
 // Temperature: sum_k <dL/dz_k, z_k> = -c T dL/dT (c = 2 for NT-Xent, 1 cross-view); returned as gz.
 //
 // Scheduling without atomic updates of results or per-thread copies: tiles are processed in rounds in
@@ -177,7 +178,7 @@ std::vector<at::Tensor> ntxent_fwd_impl(const at::Tensor& z1, const at::Tensor& 
                         nullptr);
   });
 
-  at::Tensor lse = at::empty({2, M}, opts);  // (max, log-sum) of each row
+  at::Tensor lse = at::empty({2 * M}, opts);  // (max, log-sum) of each row: the M maxima, then the M log-sums
   acc_t* LM = lse.data_ptr<acc_t>();
   acc_t* LL = LM + M;
   std::vector<double> row_loss(M);
@@ -262,8 +263,8 @@ std::vector<at::Tensor> info_nce_fwd_impl(const at::Tensor& q, const at::Tensor&
                           symmetric ? &cmx[j0] : nullptr, symmetric ? &csm[j0] : nullptr, tile, tile + B * B);
     });
   }
-  at::Tensor lse_r = at::empty({2, N}, opts);  // (max, log-sum) of each row / column
-  at::Tensor lse_c = at::empty({2, symmetric ? N : 0}, opts);
+  at::Tensor lse_r = at::empty({2 * N}, opts);  // (max, log-sum) of each row / column, as above
+  at::Tensor lse_c = at::empty({2 * (symmetric ? N : 0)}, opts);
   acc_t* LR = lse_r.data_ptr<acc_t>();
   acc_t* LC = symmetric ? lse_c.data_ptr<acc_t>() : nullptr;
   std::vector<double> row_loss(N);
@@ -362,7 +363,7 @@ std::vector<at::Tensor> ntxent_bwd(double grad, const at::Tensor& z1, const at::
   check_view(z1, "z1");
   check_view(z2, "z2");
   TORCH_CHECK(zn.is_contiguous() && zn.size(0) == 2 * z1.size(0) && zn.size(1) == d, "zn: bad saved tensor");
-  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == 2 * z1.size(0),
+  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 1 && lse.size(0) == 4 * z1.size(0),
               "lse: bad saved tensor");
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "ntxent_bwd", [&] {
@@ -393,8 +394,8 @@ std::vector<at::Tensor> info_nce_bwd(double grad, const at::Tensor& q, const at:
   check_view(q, "query");
   check_view(k, "key");
   TORCH_CHECK(qn.is_contiguous() && qn.size(0) == q.size(0) && qn.size(1) == d, "qn: bad saved tensor");
-  TORCH_CHECK(lse_r.is_contiguous() && lse_r.dim() == 2 && lse_r.size(1) == q.size(0), "lse_r: bad saved tensor");
-  TORCH_CHECK(!symmetric || (lse_c.is_contiguous() && lse_c.dim() == 2 && lse_c.size(1) == q.size(0)),
+  TORCH_CHECK(lse_r.is_contiguous() && lse_r.dim() == 1 && lse_r.size(0) == 2 * q.size(0), "lse_r: bad saved tensor");
+  TORCH_CHECK(!symmetric || (lse_c.is_contiguous() && lse_c.dim() == 1 && lse_c.size(0) == 2 * q.size(0)),
               "lse_c: bad saved tensor");
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "info_nce_bwd", [&] {

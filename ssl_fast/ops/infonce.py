@@ -125,15 +125,15 @@ def _fake_triton_saved(a):  # (lse (2N), norms (2N), positive cosines (N)), fp32
             a.new_empty(n, dtype=torch.float32)]
 
 
-def _fake_ntxent_fwd_cpp(z1, z2, inv_temp, normalize, d, block):  # (lse (max, log-sum), normalized rows, norms)
+def _fake_ntxent_fwd_cpp(z1, z2, inv_temp, normalize, d, block):  # (lse: maxima then log-sums, normalized rows, norms)
     n, acc = z1.shape[0], _acc_dtype(z1)
-    return [_fake_loss(z1), z1.new_empty((2, 2 * n), dtype=acc), z1.new_empty((2 * n, d), dtype=acc),
+    return [_fake_loss(z1), z1.new_empty(4 * n, dtype=acc), z1.new_empty((2 * n, d), dtype=acc),
             z1.new_empty(2 * n, dtype=acc)]
 
 
 def _fake_info_nce_fwd_cpp(q, k, inv_temp, normalize, symmetric, d, block):  # (lse_r, lse_c, qn, kn, qnorm, knorm)
     n, acc = q.shape[0], _acc_dtype(q)
-    return [_fake_loss(q), q.new_empty((2, n), dtype=acc), q.new_empty((2, n if symmetric else 0), dtype=acc),
+    return [_fake_loss(q), q.new_empty(2 * n, dtype=acc), q.new_empty(2 * n if symmetric else 0, dtype=acc),
             q.new_empty((n, d), dtype=acc), q.new_empty((n, d), dtype=acc), q.new_empty(n, dtype=acc),
             q.new_empty(n, dtype=acc)]
 
