@@ -150,6 +150,17 @@ def test_bf16_params_fp32_ema_within_twice_eager_error(kind, kw):
             assert e_got <= 2 * e_eager + floor * sc, (what, shape, e_got, e_eager)
 
 
+def _torch_fused_run(kind, ps0, grads, kw):
+    """torch.optim.SGD / AdamW(fused=True) for len(grads) steps from ps0: the parameters after them."""
+    params = [p.clone().requires_grad_() for p in ps0]
+    opt = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(params, fused=True, **kw)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="needs ssl_fast._C")
 @pytest.mark.parametrize("kind,kw", [("sgd", SGD_CASES[0]), ("adamw", ADAMW_CASES[0])], ids=["sgd", "adamw"])
 def test_bf16_params_match_torch_fused_true(kind, kw):
@@ -160,17 +171,12 @@ def test_bf16_params_match_torch_fused_true(kind, kw):
     shapes = _shapes(70_001)
     ps0 = _make(shapes, torch.bfloat16)
     grads = [_make(shapes, torch.bfloat16, seed=s + 1) for s in range(3)]
-    params = [p.clone().requires_grad_() for p in ps0]
-    opt = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(params, fused=True, **kw)
-    for s in range(3):
-        for p, g in zip(params, grads[s]):
-            p.grad = g.clone()
-        opt.step()
+    params = _torch_fused_run(kind, ps0, grads, kw)
     extra = {"ieee_sqrt": True} if kind == "adamw" else {}
     got, _, _ = _ours_run(kind, ps0, grads, 3, torch.float32, 0, kw, "cpp", **extra)
     diff = total = 0
     for a, b in zip(got, params):
-        d = _ulps(a, b.detach())
+        d = _ulps(a, b)
         assert int(d.max()) <= 1, tuple(a.shape)
         diff += int((d != 0).sum())
         total += d.numel()
@@ -206,14 +212,8 @@ def test_relation_to_torch_fused_true():
     for kind, kw, extra in (("sgd", dict(lr=0.03, momentum=0.9, weight_decay=1e-4), {}),
                             ("adamw", dict(lr=1e-3, weight_decay=0.05), {"ieee_sqrt": True}),
                             ("adamw", dict(lr=1e-3, weight_decay=0.05), {"ieee_sqrt": False})):
-        params = [p.clone().requires_grad_() for p in ps0]
-        opt = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(params, fused=True, **kw)
-        for s in range(3):
-            for p, g in zip(params, grads[s]):
-                p.grad = g.clone()
-            opt.step()
+        ref = _torch_fused_run(kind, ps0, grads, kw)
         got, _, _ = _ours_run(kind, ps0, grads, 3, torch.float32, 0, kw, "cpp", **extra)
-        ref = [p.detach() for p in params]
         for a, b in zip(got, ref):
             d = _ulps(a, b).flatten()
             body = (a.numel() // 16) * 16  # fused=True's vector loop; its scalar tail (< 16 elements) may differ
