@@ -41,8 +41,8 @@ namespace ssl_fast {
 namespace {
 
 constexpr int64_t kGrainElems = 1 << 15;  // elements per task at least (below: the calling thread)
-// gradient blocks from this size on are mapped by empty_scratch (scratch.h): freed together at the next step,
-// they would otherwise come back as fresh 4 KiB pages
+// gradients from this size on are mapped by empty_scratch (scratch.h): freed together at the next step, they
+// would otherwise come back as fresh 4 KiB pages
 constexpr size_t kScratchBytes = size_t(4) << 20;
 
 // The row loops, each a function of restrict-qualified rows so that the compiler vectorizes it (written
@@ -116,10 +116,9 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   std::vector<at::Tensor> grads;
   std::vector<scalar_t*> G(V, nullptr);
   if (compute_grad) {
-    // one block for the V gradients (views of it; released with the last of them)
-    const at::Tensor block = empty_scratch({V, B, K}, scores[0].options(), kScratchBytes);
+    // one mapping per gradient: outputs of a custom op must not alias each other (torch.compile checks it)
     for (int64_t v = 0; v < V; ++v) {
-      grads.push_back(block[v]);
+      grads.push_back(empty_scratch({B, K}, scores[v].options(), kScratchBytes));
       G[v] = grads.back().data_ptr<scalar_t>();
     }
   }
