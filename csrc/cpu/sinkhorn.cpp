@@ -44,6 +44,7 @@
 #include <tuple>
 #include <vector>
 
+#include "scratch.h"
 #include "vec_math.h"
 
 namespace ssl_fast {
@@ -93,13 +94,13 @@ std::tuple<at::Tensor, at::Tensor> col_lse_impl(const at::Tensor& x, acc_t inv_e
   const int64_t B = x.size(0), K = x.size(1), ld = x.stride(0);
   const int64_t nc = num_chunks(B), per = (B + nc - 1) / nc, R = rows_per_block<acc_t>(K);
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor pm = at::empty({nc, K}, opts), pz = at::empty({nc, K}, opts);
+  ScratchArray<acc_t> partials((size_t)(2 * nc * K));  // the chunks' maxima, then their sums
   const scalar_t* X = x.data_ptr<scalar_t>();
-  acc_t* PM = pm.data_ptr<acc_t>();
-  acc_t* PZ = pz.data_ptr<acc_t>();
+  acc_t* PM = partials.data();
+  acc_t* PZ = PM + nc * K;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, per * K));
   at::parallel_for(0, nc, grain, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> buf((size_t)(R * K)), bmax((size_t)K);
+    ScratchArray<acc_t> buf((size_t)((R + 1) * K));  // R converted rows, then the block's column maxima
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* m = PM + c * K;
       acc_t* z = PZ + c * K;
@@ -111,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> col_lse_impl(const at::Tensor& x, acc_t inv_e
         for (int64_t r = 0; r < nr; ++r) {
           load_scaled<scalar_t, acc_t>(X + (b + r) * ld, K, inv_eps, nullptr, &buf[r * K]);
         }
-        acc_t* bm = bmax.data();
+        acc_t* bm = buf.data() + R * K;
         std::copy(m, m + K, bm);
         for (int64_t r = 0; r < nr; ++r) {
           const acc_t* row = &buf[r * K];
@@ -163,10 +164,10 @@ at::Tensor row_pass_impl(const at::Tensor& x, acc_t inv_eps, const at::Tensor& u
   const int64_t B = x.size(0), K = x.size(1), ld = x.stride(0);
   const int64_t nc = num_chunks(B), per = (B + nc - 1) / nc;
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor part = at::empty({nc, K}, opts);
+  ScratchArray<acc_t> part((size_t)(nc * K));
   const scalar_t* X = x.data_ptr<scalar_t>();
   const acc_t* U = u.data_ptr<acc_t>();
-  acc_t* P = part.data_ptr<acc_t>();
+  acc_t* P = part.data();
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, per * K));
   at::parallel_for(0, nc, grain, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> row((size_t)K);

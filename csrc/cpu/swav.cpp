@@ -125,10 +125,10 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   const acc_t it = static_cast<acc_t>(inv_temp);
   const double c = 1.0 / ((double)S * (double)(V - 1) * (double)B);
   const acc_t gscale = static_cast<acc_t>(c * inv_temp);
-  std::vector<double> row_loss(B);
+  ScratchArray<double> row_loss((size_t)B);
 
   at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, V * K)), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf((4 + S) * K);
+    ScratchArray<acc_t> buf((size_t)((4 + S) * K));
     acc_t* total = buf.data();  // sum_s Q_sb
     acc_t* target = total + K;  // T_vb for v < S (S > 2): the sum of the other codes
     acc_t* x = target + K;      // P_vb / T
@@ -178,7 +178,7 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
     }
   });
   double total_loss = 0;
-  for (double r : row_loss) total_loss += r;
+  for (int64_t b = 0; b < B; ++b) total_loss += row_loss[b];
   std::vector<at::Tensor> out;
   out.push_back(at::full({}, total_loss * c, acc_opts));
   for (auto& g : grads) out.push_back(g);

@@ -134,7 +134,8 @@ def _scalings(passes, x: torch.Tensor, inv_eps: float, iterations: int, group) -
         z = z * torch.exp(m - gm)
         dist.all_reduce(z, op=dist.ReduceOp.SUM, group=group)
         m = gm
-    u = -(m + torch.log(z))
+    # in place on the passes' own outputs: no K-vector temporaries per sweep
+    u = z.log_().add_(m).neg_()
     tiny = torch.finfo(u.dtype).tiny
     for _ in range(iterations - 1):
         c = row_pass(x, inv_eps, u)
@@ -143,7 +144,7 @@ def _scalings(passes, x: torch.Tensor, inv_eps: float, iterations: int, group) -
         # c_k >= 1/K in exact arithmetic; when |scores| / epsilon is so large (> ~1e9 in fp32) that the rounding of
         # s = scores / eps exceeds the exp range, a column's mass can underflow to 0: log 0 = -inf would make every
         # code NaN. Clamped, the codes stay finite (and as close to a hard assignment as the rounding allows).
-        u = u - torch.log(c.clamp_min(tiny))
+        u = u.sub_(c.clamp_min_(tiny).log_())
     return u
 
 
