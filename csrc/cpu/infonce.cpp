@@ -86,7 +86,7 @@ inline void symmetrize(acc_t* S, int64_t b) {
 template <typename acc_t>
 void forward_tile(const acc_t* A, const acc_t* Bm, int64_t bi, int64_t bj, int64_t d, acc_t it, bool diag,
                   acc_t* rmx, acc_t* rsm, acc_t* cmx, acc_t* csm, acc_t* S, acc_t* buf) {
-  gemm_rm<acc_t>(false, true, bi, bj, d, it, A, d, Bm, d, 0, S, bj);
+  logits_rm<acc_t>(bi, bj, d, it, A, d, Bm, d, S);
   if (diag) symmetrize(S, bi);
   for (int64_t a = 0; a < bi; ++a) {
     if (diag) S[a * bj + a] = neg_inf<acc_t>();
@@ -107,7 +107,7 @@ void backward_tile(const acc_t* A, const acc_t* Bm, int64_t bi, int64_t bj, int6
                    const acc_t* mr, const acc_t* lr, const acc_t* mc, const acc_t* lc, acc_t wr, acc_t wc,
                    int64_t r0, int64_t c0, int64_t shift, int64_t period, acc_t scale, acc_t* GA, acc_t* GB,
                    acc_t* S) {
-  gemm_rm<acc_t>(false, true, bi, bj, d, it, A, d, Bm, d, 0, S, bj);
+  logits_rm<acc_t>(bi, bj, d, it, A, d, Bm, d, S);
   if (diag) symmetrize(S, bi);
   for (int64_t a = 0; a < bi; ++a) {
     acc_t* row = S + a * bj;

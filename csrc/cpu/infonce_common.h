@@ -107,6 +107,20 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alph
   at::addmm_out(tc, tc, ta, tb, beta, alpha);
 }
 
+// Logits S = it * A B^T (m x n, row-major, ldc = n): the GEMM with alpha = 1, then one multiply per logit.
+// MKL's sgemm applies alpha in a way that depends on which operand is A (on 64 x 48 x d normal data, x 1e4, 1/1.5:
+// 1039 of 3072 entries of it A B^T and (it B A^T)^T differ at d = 1, 2152 at d = 128), while A B^T and (B A^T)^T
+// are bitwise equal: every path that recomputes a logit (the transposed tile of the candidates' gradient, the
+// mirror of a symmetric tile) must get the value the forward summed (at |S| ~ 3e9 one fp32 ulp is 256 nats), and
+// equal inputs must give equal logits (ties stay ties, as in eager torch).
+template <typename T>
+void logits_rm(int64_t m, int64_t n, int64_t k, T it, const T* a, int64_t lda, const T* b, int64_t ldb, T* c) {
+  gemm_rm<T>(false, true, m, n, k, T(1), a, lda, b, ldb, T(0), c, n);
+  const int64_t mn = m * n;
+#pragma omp simd
+  for (int64_t i = 0; i < mn; ++i) c[i] *= it;
+}
+
 // Online (max, sum of exp) update of one row's statistics with `n` new logits.
 template <typename T>
 inline void lse_update(T& mx, T& sm, const T* v, int64_t n) {

@@ -25,9 +25,10 @@
 // Schedule (no atomics; results independent of the thread count): the forward runs one task per (row block,
 // column range): row blocks of up to 256 rows (few re-reads of C) and the column chunks of each row block split
 // into ns ranges so that a round has ~16 tasks even for a few hundred rows (a MoCo batch); the partial
-// (m, l, acc) are merged in range order. dC runs one task per column block of the first grad_cols candidates,
-// each sweeping every row block with the stored row LSEs (flash-attention's dK/dV). All block sizes and ns
-// depend on the shapes (and the requested block) only.
+// (m, l, acc) are merged in range order. dC runs one task per forward column chunk that holds some of the first
+// grad_cols candidates, each sweeping every row block with the stored row LSEs (flash-attention's dK/dV) and
+// recomputing the forward's own tiles (bitwise its logits). All block sizes and ns depend on the shapes (and the
+// requested block) only.
 // Cost (multiply-adds): forward R Cn d (LSE only) or 2 R Cn d (with U); backward 2 R grad_cols d + O((R + Cn) d)
 // (was R Cn d forward + 2 R Cn d + 2 R grad_cols d backward: one whole recompute and one GEMM pass less for a queue).
 // Extra memory: fp32 copies of the normalized rows and candidates (O((R + Cn) d)), U (R x d), ns partial
@@ -49,6 +50,14 @@ namespace {
 
 int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Every logit tile is a multiple of kColAlign candidates wide. MKL's sgemm sums the columns of a tile whose width is
+// not a multiple of 4 in different orders (measured here with 1-256 rows, d = 4-128: two equal candidates got two
+// logits an ulp apart at every width 4k + 1..3 tried, equal ones at every multiple of 4), and a tie split by an ulp
+// of |S| ~ 700 moved the softmax by 1e-5 (the fuzz tests: a candidates' gradient 3x past the rule). The
+// normalized candidate copy therefore holds round_up(Cn, 4) rows (the extra ones zero, their logits masked).
+constexpr int64_t kColAlign = 4;
+int64_t round_up(int64_t a, int64_t b) { return cdiv64(a, b) * b; }
+
 // Forward tiling, from the shapes and the requested block only. Rows per block: up to 256 (one block of a MoCo
 // batch reads C once per GEMM pass), balanced; columns per chunk: 128 (a 256 x 128 fp32 tile is 128 KiB and stays
 // in L2 with the chunk of C and the accumulator); the chunks of a row block split into ns ranges, ~16 tasks a round.
@@ -62,7 +71,7 @@ FwdTiling fwd_tiling(int64_t R, int64_t Cn, int64_t block) {
   FwdTiling t;
   t.nbr = cdiv64(R, block > 0 ? block : kFwdRows);
   t.Br = block > 0 ? block : cdiv64(R, t.nbr);
-  t.Bc = block > 0 ? block : kFwdCols;
+  t.Bc = block > 0 ? round_up(block, kColAlign) : kFwdCols;
   t.nbc = cdiv64(Cn, t.Bc);
   t.ns = std::min(t.nbc, std::max<int64_t>(1, cdiv64(kFwdTasks, t.nbr)));
   return t;
@@ -101,17 +110,28 @@ std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, 
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t R = x.size(0), Cy = y.size(0), Cn = Cy + (z ? z->size(0) : 0), d = x.size(1);
   auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  at::Tensor an = at::empty({R, d}, opts), cn = empty_scratch({Cn, d}, opts);
+  const int64_t Cw = round_up(Cn, kColAlign);  // rows of the candidate copy (see kColAlign)
+  at::Tensor an = at::empty({R, d}, opts), cw = empty_scratch({Cw, d}, opts);
+  // returned: the copy's first Cn rows over its whole storage (not a view of cw: an op output must not be one)
+  at::Tensor cn = at::empty({0}, opts);
+  cn.set_(cw.storage(), 0, {Cn, d}, {d, 1});
   at::Tensor anorm = at::empty({R}, opts), cnorm = at::empty({Cn}, opts);
   acc_t* A = an.data_ptr<acc_t>();
-  acc_t* C = cn.data_ptr<acc_t>();
+  acc_t* C = cw.data_ptr<acc_t>();
+  std::fill(C + Cn * d, C + Cw * d, acc_t(0));
   load_rows<scalar_t, acc_t>(x, d, normalize, A, anorm.data_ptr<acc_t>());
   load_rows<scalar_t, acc_t>(y, d, normalize, C, cnorm.data_ptr<acc_t>());
   if (z) load_rows<scalar_t, acc_t>(*z, d, normalize, C + Cy * d, cnorm.data_ptr<acc_t>() + Cy);
-  at::Tensor lse = at::empty({R}, opts), terms = at::empty({R}, opts);
+  // lse kept as (max, log-sum): the R row maxima, then the R log-sums; the backward's exp((S - max) - log-sum) is
+  // exact where S ~ max (two tied logits at |S| ~ 700 give 1/2, 1/2; m + log l rounded to fp32 is 3e-5 nats off)
+  at::Tensor lse = at::empty({2 * R}, opts), terms = at::empty({R}, opts);
   at::Tensor u = at::empty({with_grad ? R : 0, d}, opts);
-  acc_t* L = lse.data_ptr<acc_t>();
+  acc_t* LM = lse.data_ptr<acc_t>();
+  acc_t* LL = LM + R;
   acc_t* Tm = terms.data_ptr<acc_t>();
+  // each row's positive logit as its tile computed it (the term is (max - S_ip) + log-sum: exactly log 2 for a
+  // positive tied with one other candidate, whatever |S|)
+  std::vector<acc_t> spos_tile((size_t)R, acc_t(0));
   const acc_t it = (acc_t)inv_temp;
   const FwdTiling tl = fwd_tiling(R, Cn, block);
   const int64_t Br = tl.Br, Bc = tl.Bc, nbc = tl.nbc, ns = tl.ns;
@@ -134,19 +154,23 @@ std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, 
     }
     if (with_grad) std::fill(acc, acc + bi * d, acc_t(0));
     for (int64_t J = s * nbc / ns; J < (s + 1) * nbc / ns; ++J) {
-      const int64_t j0 = J * Bc, bj = std::min(Bc, Cn - j0);
-      gemm_rm<acc_t>(false, true, bi, bj, d, it, A + i0 * d, d, C + j0 * d, d, 0, S, bj);
+      const int64_t j0 = J * Bc, bj = std::min(Bc, Cn - j0), bw = std::min(Bc, Cw - j0);  // bw: bj rounded up
+      logits_rm<acc_t>(bi, bw, d, it, A + i0 * d, d, C + j0 * d, d, S);
       for (int64_t a = 0; a < bi; ++a) {
         const int64_t e = E[i0 + a];
-        if (e >= j0 && e < j0 + bj) S[a * bj + (e - j0)] = neg_inf<acc_t>();
-        const acc_t scale = online_row(m[a], l[a], S + a * bj, bj);
+        acc_t* row = S + a * bw;
+        const int64_t p = P[i0 + a];
+        if (p >= j0 && p < j0 + bj) spos_tile[i0 + a] = row[p - j0];
+        for (int64_t j = bj; j < bw; ++j) row[j] = neg_inf<acc_t>();
+        if (e >= j0 && e < j0 + bj) row[e - j0] = neg_inf<acc_t>();
+        const acc_t scale = online_row(m[a], l[a], row, bw);
         if (with_grad && scale != acc_t(1)) {
           acc_t* r = acc + a * d;
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) r[c] *= scale;
         }
       }
-      if (with_grad) gemm_rm<acc_t>(false, false, bi, d, bj, acc_t(1), S, bj, C + j0 * d, d, 1, acc, d);
+      if (with_grad) gemm_rm<acc_t>(false, false, bi, d, bw, acc_t(1), S, bw, C + j0 * d, d, 1, acc, d);
     }
   });
   // merge the ranges in order (per row: independent of the thread count), then the terms
@@ -159,7 +183,8 @@ std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, 
       if (mx != neg_inf<acc_t>())
         for (int64_t s = 0; s < ns; ++s)
           if (pm[s * R + i] != neg_inf<acc_t>()) sm += pl[s * R + i] * vexp(pm[s * R + i] - mx);
-      L[i] = sm > 0 ? mx + std::log(sm) : neg_inf<acc_t>();
+      LM[i] = mx;
+      LL[i] = sm > 0 ? std::log(sm) : neg_inf<acc_t>();
       if (with_grad) {
         acc_t* ui = U + i * d;
         if (!(sm > 0)) {
@@ -177,13 +202,8 @@ std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, 
           }
         }
       }
-      const int64_t p = P[i];
-      double spos = 0;
-      if (p >= 0) {
-        for (int64_t c = 0; c < d; ++c) spos += (double)A[i * d + c] * C[p * d + c];
-        spos *= (double)it;
-      }
-      Tm[i] = (acc_t)((double)L[i] - spos);
+      const double spos = P[i] >= 0 ? (double)spos_tile[i] : 0.0;
+      Tm[i] = sm > 0 ? (acc_t)(((double)mx - spos) + (double)LL[i]) : neg_inf<acc_t>();
     }
   });
   return {terms, lse, an, cn, anorm, cnorm, u};
@@ -195,11 +215,18 @@ std::vector<at::Tensor> rect_bwd_impl(const at::Tensor& w, const at::Tensor& an,
                                       const at::Tensor& lse, const int64_t* P, const int64_t* E, double inv_temp,
                                       bool normalize, int64_t grad_cols, int64_t block) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t R = an.size(0), d = an.size(1);
+  const int64_t R = an.size(0), Cn = cn.size(0), d = an.size(1), Cw = round_up(Cn, kColAlign);
   const acc_t* A = an.data_ptr<acc_t>();
-  const acc_t* C = cn.data_ptr<acc_t>();
+  // the forward's candidate copy holds Cw rows (kColAlign); another tensor is copied into one that does
+  at::Tensor cw = cn;
+  if (Cw > Cn && (int64_t)cn.storage().nbytes() < (cn.storage_offset() + Cw * d) * (int64_t)sizeof(acc_t)) {
+    cw = at::zeros({Cw, d}, cn.options());
+    cw.narrow(0, 0, Cn).copy_(cn);
+  }
+  const acc_t* C = cw.data_ptr<acc_t>();
   const acc_t* U = u.data_ptr<acc_t>();
-  const acc_t* L = lse.data_ptr<acc_t>();
+  const acc_t* LM = lse.data_ptr<acc_t>();  // (max, log-sum), see the forward
+  const acc_t* LL = LM + R;
   at::Tensor wc = w.to(an.scalar_type()).contiguous();
   const acc_t* Wt = wc.data_ptr<acc_t>();
   at::Tensor ga = at::empty({R, d}, an.options()), gc = at::zeros({grad_cols, d}, an.options());
@@ -222,28 +249,33 @@ std::vector<at::Tensor> rect_bwd_impl(const at::Tensor& w, const at::Tensor& an,
       }
     }
   });
-  // dC: one task per column block (of the first grad_cols), sweeping all rows; the tile is S^T = C_J A_I^T / T.
+  // dC: one task per column chunk of the forward that holds some of the first grad_cols candidates, sweeping
+  // every row block; each tile is recomputed exactly as the forward computed it (the forward's tiling, the same
+  // logits_rm call on the same saved copies), so P_ij = exp(S_ij - lse_i) uses the logits the forward summed: a
+  // transposed recompute (C_J A_I^T) need not round alike (MKL sums in another order; at |S| ~ 1e6 an ulp is
+  // 0.06 nats, found by the fuzz tests as a wrong candidates' gradient). GC_J += (1/T) W^T A_I.
   if (grad_cols > 0) {
-    const int64_t Bc = pick_block(grad_cols, block), Br = block > 0 ? block : 256;
-    const int64_t nbc = cdiv64(grad_cols, Bc), nbr = cdiv64(R, Br);
-    parallel_tasks<acc_t>(nbc, Bc * Br, 2 * Bc * R * d, [&](int64_t J, acc_t* S) {
-      const int64_t j0 = J * Bc, bj = std::min(Bc, grad_cols - j0);
+    const FwdTiling tl = fwd_tiling(R, Cn, block);
+    const int64_t Br = tl.Br, Bc = tl.Bc, nbr = tl.nbr, nbcg = cdiv64(grad_cols, Bc);
+    parallel_tasks<acc_t>(nbcg, Br * Bc, 2 * Bc * R * d, [&](int64_t J, acc_t* S) {
+      const int64_t j0 = J * Bc, bw = std::min(Bc, Cw - j0), bg = std::min(bw, grad_cols - j0);
       for (int64_t I = 0; I < nbr; ++I) {
         const int64_t i0 = I * Br, bi = std::min(Br, R - i0);
-        gemm_rm<acc_t>(false, true, bj, bi, d, it, C + j0 * d, d, A + i0 * d, d, 0, S, bi);
-        const acc_t* wi = Wt + i0;
-        const acc_t* li = L + i0;
-        for (int64_t b = 0; b < bj; ++b) {
-          acc_t* row = S + b * bi;
-#pragma omp simd
-          for (int64_t a = 0; a < bi; ++a) row[a] = wi[a] * vexp(row[a] - li[a]);
-        }
+        logits_rm<acc_t>(bi, bw, d, it, A + i0 * d, d, C + j0 * d, d, S);
         for (int64_t a = 0; a < bi; ++a) {
+          acc_t* row = S + a * bw;
+          const acc_t wa = Wt[i0 + a], ma = LM[i0 + a], la = LL[i0 + a];
+          if (ma == neg_inf<acc_t>()) {  // every logit of the row masked: no probability
+            std::fill(row, row + bg, acc_t(0));
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < bg; ++j) row[j] = wa * vexp((row[j] - ma) - la);
+          }
           const int64_t e = E[i0 + a], p = P[i0 + a];
-          if (e >= j0 && e < j0 + bj) S[(e - j0) * bi + a] = 0;
-          if (p >= j0 && p < j0 + bj) S[(p - j0) * bi + a] -= wi[a];
+          if (e >= j0 && e < j0 + bg) row[e - j0] = 0;
+          if (p >= j0 && p < j0 + bg) row[p - j0] -= wa;
         }
-        gemm_rm<acc_t>(false, false, bj, d, bi, it, S, bi, A + i0 * d, d, 1, GC + j0 * d, d);
+        gemm_rm<acc_t>(true, false, bg, d, bi, it, S, bw, A + i0 * d, d, 1, GC + j0 * d, d);
       }
     });
   }
@@ -269,7 +301,7 @@ double read_inv_temp(const at::Tensor& inv_temp) {
 }
 
 // rows (R, d), cands (Cy, d), negatives None or (M, d) (candidates appended after cands: a queue, not copied into
-// one tensor first), Cn = Cy + M; pos / excl (R,) int64 in [-1, Cn) -> [terms (R), lse (R), rows_n, cands_n,
+// one tensor first), Cn = Cy + M; pos / excl (R,) int64 in [-1, Cn) -> [terms (R), lse (2R), rows_n, cands_n,
 // row norms, candidate norms, u (R, d) if with_grad else (0, d)] (accumulation dtype).
 std::vector<at::Tensor> infonce_rect_fwd_cpp(const at::Tensor& rows, const at::Tensor& cands,
                                              const c10::optional<at::Tensor>& negatives, const at::Tensor& pos,
@@ -310,7 +342,7 @@ std::vector<at::Tensor> infonce_rect_bwd_cpp(const at::Tensor& w, const at::Tens
               "rows_n / cands_n: bad saved tensors");
   TORCH_CHECK(rows_n.scalar_type() == at::kFloat || rows_n.scalar_type() == at::kDouble, "rows_n: bad dtype");
   TORCH_CHECK(w.dim() == 1 && w.size(0) == R && w.device().is_cpu(), "w must be a CPU tensor of shape (R,)");
-  TORCH_CHECK(lse.is_contiguous() && lse.size(0) == R, "lse: bad saved tensor");
+  TORCH_CHECK(lse.is_contiguous() && lse.size(0) == 2 * R, "lse: bad saved tensor (2R: maxima, then log-sums)");
   TORCH_CHECK(u.is_contiguous() && u.dim() == 2 && u.size(1) == rows_n.size(1) &&
                   u.scalar_type() == rows_n.scalar_type(),
               "u: bad saved tensor");

@@ -122,7 +122,8 @@ def _fake_fwd_cpp(rows, cands, negatives, pos, excl, inv_temp, normalize, with_g
     acc = _acc_dtype(rows)
     (r, d), cn = rows.shape, cands.shape[0] + (0 if negatives is None else negatives.shape[0])
     new = lambda *shape: rows.new_empty(shape, dtype=acc)  # noqa: E731
-    return [new(r), new(r), new(r, d), new(cn, d), new(r), new(cn), new(r if with_grad else 0, d)]
+    # lse: (max, log-sum) of each row, the R maxima then the R log-sums (csrc/cpu/infonce_rect.cpp)
+    return [new(r), new(2 * r), new(r, d), new(cn, d), new(r), new(cn), new(r if with_grad else 0, d)]
 
 
 def _fake_bwd_cpp(w, rows_n, cands_n, row_norms, cand_norms, u, lse, pos, excl, inv_temp, normalize, grad_cols,
@@ -216,7 +217,7 @@ class _RectFn(torch.autograd.Function):
                 # the negatives go in as a second candidate tensor (the op loads both into its normalized copy;
                 # no concatenated copy here), and a forward that will be differentiated also saves
                 # U = softmax(S) C (the rows' gradient, no recompute)
-                cands = _candidates(g, world, block, p.c0, p.c1, None)
+                cands = _as_rows(_candidates(g, world, block, p.c0, p.c1, None), r.dtype)
                 negs = _as_rows(negatives, r.dtype) if p.with_negatives and negatives is not None else None
                 if negs is not None and cands.shape[0] == 0:  # no column of any block: the negatives alone
                     cands, negs = negs, None
