@@ -98,7 +98,14 @@ def infonce_rect_reference(
         cols = torch.arange(c.shape[0], device=s.device)
         s = s.masked_fill(cols[None, :] == excl[:, None], float("-inf"))
     spos = s.gather(1, pos.clamp(min=0)[:, None]).squeeze(1)
-    return torch.logsumexp(s, dim=1) - torch.where(pos >= 0, spos, torch.zeros_like(spos))
+    # lse_i - S_i,p = (m_i - S_i,p) + log sum_j exp(S_ij - m_i), m_i = max_j S_ij (no gradient: the result does not
+    # depend on it): the difference of two logits is taken before any rounding to the scale of |S|, so at |S| ~ 1e30
+    # two tied logits still give log 2 and a gradient with the softmax's 1/2, 1/2 (torch.logsumexp(s) - S_i,p
+    # returns 0, and its backward exp(S - lse) gives 1, 1). An all -inf row keeps logsumexp's -inf.
+    m = s.detach().amax(dim=1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    shifted = torch.log(torch.exp(s - m[:, None]).sum(dim=1))
+    return torch.where(pos >= 0, m - spos, m) + shifted
 
 
 def info_nce_negatives_reference(
