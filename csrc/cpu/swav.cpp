@@ -26,6 +26,9 @@
 // row from the kept exponentials. Memory traffic: the scores read once (the S code crops' rows twice, from
 // cache), the gradients written once. Each row's
 // loss term is kept and the terms are summed in row order: results do not depend on the number of threads.
+// fp16 scores get fp32 gradients (the python layer scales them by the upstream gradient, then rounds to fp16): the
+// gradient of a unit upstream gradient can pass fp16's 65504 where the scaled one does not (c / T = 2.5e5 at
+// T = 1e-6 for one crop pair), and eager torch, which scales first, returns it finite.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -113,13 +116,15 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   std::vector<const acc_t*> U(S);
   for (int64_t s = 0; s < S; ++s) U[s] = u[s].data_ptr<acc_t>();
   const acc_t ie = static_cast<acc_t>(inv_eps);
+  using grad_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, acc_t, scalar_t>;
+  const auto grad_opts = scores[0].options().dtype(c10::CppTypeToScalarType<grad_t>::value);
   std::vector<at::Tensor> grads;
-  std::vector<scalar_t*> G(V, nullptr);
+  std::vector<grad_t*> G(V, nullptr);
   if (compute_grad) {
     // one mapping per gradient: outputs of a custom op must not alias each other (torch.compile checks it)
     for (int64_t v = 0; v < V; ++v) {
-      grads.push_back(empty_scratch({B, K}, scores[v].options(), kScratchBytes));
-      G[v] = grads.back().data_ptr<scalar_t>();
+      grads.push_back(empty_scratch({B, K}, grad_opts, kScratchBytes));
+      G[v] = grads.back().data_ptr<grad_t>();
     }
   }
   const acc_t it = static_cast<acc_t>(inv_temp);
@@ -150,7 +155,7 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
         const acc_t* t = total;
         double n = all;
         if (S == 1 && v == 0) {  // the only code is the crop's own: no target, no term (not 0 * log p)
-          if (compute_grad) std::fill(G[v] + b * K, G[v] + (b + 1) * K, scalar_t(0));
+          if (compute_grad) std::fill(G[v] + b * K, G[v] + (b + 1) * K, grad_t(0));
           continue;
         }
         if (v < S) {
@@ -171,7 +176,7 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
         loss_b += n * std::log((double)sum) - (double)dot;
         if (compute_grad) {
           const acc_t a = static_cast<acc_t>((double)gscale * n / (double)sum);  // c/T * n / sum
-          grad_row<scalar_t, acc_t>(e, t, K, a, gscale, G[v] + b * K);
+          grad_row<grad_t, acc_t>(e, t, K, a, gscale, G[v] + b * K);
         }
       }
       row_loss[b] = loss_b;

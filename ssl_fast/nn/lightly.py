@@ -147,7 +147,11 @@ class NTXentLoss(nn.Module):
             neg = queue.negatives().to(device=out0.device, dtype=out0n.dtype)
             lse_bank = sf.infonce_rect(out0n, neg, none, none, self.temperature, normalize=False,
                                        grad_candidates=False)
-            sim_pos = (out0n * out1n).sum(1).to(lse_bank.dtype) / self.temperature
+            # a tensor temperature in the loss's dtype (a float64 one made the loss of fp32 inputs float64)
+            temp = self.temperature
+            if isinstance(temp, torch.Tensor):
+                temp = temp.to(device=out0.device, dtype=lse_bank.dtype)
+            sim_pos = (out0n * out1n).sum(1).to(lse_bank.dtype) / temp
             loss = (torch.logaddexp(sim_pos, lse_bank) - sim_pos).mean()
             if out0.requires_grad:  # after the loss consumed the bank: the bank before the update is used
                 queue.enqueue(out1n)

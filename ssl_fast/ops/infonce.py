@@ -236,7 +236,8 @@ def _single_pair(a: torch.Tensor, b: torch.Tensor, temp: torch.Tensor, d: int) -
     of a (near-)zero row amplifies by 1/eps = 1e12: this path returns the exact value."""
     acc = _acc_dtype(a)
     zero = (a[:, :d].sum() + b[:, :d].sum()).to(acc) * 0
-    return zero + temp.to(acc) * 0 if temp.requires_grad else zero
+    # times zero, not 0: a learnable temperature's gradient is NaN with the loss (it was 0 for NaN inputs)
+    return zero + temp.to(acc) * zero if temp.requires_grad else zero
 
 
 def ntxent(

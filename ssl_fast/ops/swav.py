@@ -131,12 +131,16 @@ def _fix_last_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_swap(scores, u, inv_eps, inv_temp, compute_grad):
+    # the cpp op: fp16 scores get fp32 gradients (csrc/cpu/swav.cpp: a unit upstream gradient's can pass 65504)
     acc = torch.float64 if scores[0].dtype == torch.float64 else torch.float32
-    return [scores[0].new_empty((), dtype=acc)] + ([s.new_empty(s.shape) for s in scores] if compute_grad else [])
+    gdt = torch.float32 if scores[0].dtype == torch.float16 else scores[0].dtype
+    return [scores[0].new_empty((), dtype=acc)] + ([s.new_empty(s.shape, dtype=gdt) for s in scores]
+                                                   if compute_grad else [])
 
 
 def _fake_swap_codes(scores, codes, inv_temp, compute_grad):
-    return _fake_swap(scores, codes, None, inv_temp, compute_grad)
+    acc = torch.float64 if scores[0].dtype == torch.float64 else torch.float32
+    return [scores[0].new_empty((), dtype=acc)] + ([s.new_empty(s.shape) for s in scores] if compute_grad else [])
 
 
 _TRITON_SWAP = _library.triton_op(
@@ -169,13 +173,15 @@ class _SwapFn(torch.autograd.Function):
         loss, grads = out[0], out[1:]
         ctx.save_for_backward(*grads)
         ctx.need = need
+        ctx.dtype = crops[0].dtype  # the gradients' dtype (the cpp op returns fp32 ones for fp16 scores)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         grads = ctx.saved_tensors
         if grads and not (grad.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad) == 1.0):
-            grads = [(g * grad).to(g.dtype) for g in grads]
+            grads = [(g * grad).to(ctx.dtype) for g in grads]
+        grads = [g.to(ctx.dtype) for g in grads]
         out = [g if need else None for g, need in zip(grads, ctx.need)] if grads else [None] * len(ctx.need)
         n_codes = len(ctx.needs_input_grad) - 4 - len(ctx.need)
         return (None, None, None, None, *out, *([None] * n_codes))
