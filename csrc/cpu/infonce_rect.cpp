@@ -184,10 +184,10 @@ std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, 
         for (int64_t s = 0; s < ns; ++s)
           if (pm[s * R + i] != neg_inf<acc_t>()) sm += pl[s * R + i] * vexp(pm[s * R + i] - mx);
       LM[i] = mx;
-      LL[i] = sm > 0 ? std::log(sm) : neg_inf<acc_t>();
+      LL[i] = std::log(sm);  // -inf for a row with every logit masked; NaN from a NaN logit, carried on
       if (with_grad) {
         acc_t* ui = U + i * d;
-        if (!(sm > 0)) {
+        if (sm == 0) {
           std::fill(ui, ui + d, acc_t(0));
         } else if (ns == 1) {  // pacc is U
           const acc_t f = acc_t(1) / sm;
@@ -203,7 +203,7 @@ std::vector<at::Tensor> rect_fwd_impl(const at::Tensor& x, const at::Tensor& y, 
         }
       }
       const double spos = P[i] >= 0 ? (double)spos_tile[i] : 0.0;
-      Tm[i] = sm > 0 ? (acc_t)(((double)mx - spos) + (double)LL[i]) : neg_inf<acc_t>();
+      Tm[i] = sm == 0 ? neg_inf<acc_t>() : (acc_t)(((double)mx - spos) + (double)LL[i]);
     }
   });
   return {terms, lse, an, cn, anorm, cnorm, u};
