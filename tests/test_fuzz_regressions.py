@@ -286,3 +286,142 @@ def test_one_dimensional_rows_have_zero_gradient():
         loss = ssl_fast.ntxent(x, x.detach(), 2.00001)
     g, = torch.autograd.grad(loss, x)
     assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("queue", [None, 0, 3])
+def test_info_nce_key_with_a_column_stride(backend, queue):
+    """Was (cpp): RuntimeError 'candidates must have unit stride along D' for a key whose columns are not adjacent
+    (every other column of a wider tensor), with no queue or an empty one: since the queue goes into the op as a
+    second tensor, nothing had made the key contiguous (the concatenation with the queue used to)."""
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(5, 4, generator=g, requires_grad=True)
+    wide = torch.randn(5, 8, generator=g, requires_grad=True)
+    negatives = None if queue is None else torch.randn(queue, 4, generator=g)
+    with ssl_fast.set_backend(backend):
+        loss = ssl_fast.info_nce(query, wide[:, ::2], 0.2, negatives=negatives)
+    gq, gw = torch.autograd.grad(loss, [query, wide])
+    q64, w64 = query.detach().double().requires_grad_(), wide.detach().double().requires_grad_()
+    neg64 = torch.empty(0, 4, dtype=torch.float64) if negatives is None else negatives.double()
+    ref = reference.info_nce_negatives_reference(q64, w64[:, ::2], neg64, 0.2)
+    rq, rw = torch.autograd.grad(ref, [q64, w64])
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gq.double(), rq, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
+
+
+_HUGE = [-69312.3540, -11197.5258, -31824.5004, 29985.2806, -26520.7501, -38266.4079, -18696.7374, -25993.2481,
+         -38868.8142, 45708.9487, 9709.8170, 60531.7809, 34072.2702, -36806.4402, 2141.6541, 10140.5221]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ntxent_tied_logits_at_a_billion_nats(backend):
+    """Was (cpp): gradients off by 400 and 800 (of 4754 and 2745) with z1 == z2, D = 1, |S| ~ 3e9: MKL's sgemm
+    rounds alpha * A B^T differently with the operands' roles swapped, so two logits of equal inputs (a row
+    against z1_j and against z2_j in another tile) were not equal: one fp32 ulp is 256 nats there, and the
+    softmax's tie became a 1 / 0 split. The logits are now the GEMM's A B^T times 1/T."""
+    z1 = torch.tensor(_HUGE)[:, None]
+    z2 = z1.clone().requires_grad_()
+    with ssl_fast.set_backend(backend):
+        loss = ssl_fast.ntxent(z1, z2, 1.5, normalize=False)
+    g, = torch.autograd.grad(loss, z2)
+    r64 = z1.double().requires_grad_()
+    ref = reference.ntxent_reference(z1.double(), r64, 1.5, normalize=False)
+    rg, = torch.autograd.grad(ref, r64)
+    torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infonce_rect_candidates_gradient_at_large_logits(backend):
+    """Was (cpp): the candidates' gradient off by 416 (of 1e5) with rows of |x| ~ 7e4 against small-integer
+    candidates (D = 17, T = 1): the backward recomputed each tile transposed (C A^T), which MKL sums in another
+    order than the forward's A C^T, so exp(S - lse) was not the forward's softmax. It now recomputes the forward's
+    own tiles."""
+    rows = torch.tensor([_HUGE + [4605.5651], [-18998.2383, -283.3883, -36530.6334, -37963.9592, -33586.0555,
+                         34994.5716, 27786.9737, 23910.3005, 6349.9254, -34383.2767, 56183.2913, -9297.4492,
+                         7205.4070, -40462.8308, 7331.9728, -411.6210, -5988.2468]])
+    cands = torch.tensor([[1., 0, -3, -1, -2, -1, 3, 0, 1, 2, -1, -3, -2, 2, -1, 1, 1],
+                          [-1., 1, -1, 3, -1, 1, -1, 1, 1, -2, 0, -2, 1, -2, -3, 1, 2]], requires_grad=True)
+    pos = torch.tensor([0, 0])
+    with ssl_fast.set_backend(backend):
+        terms = sf.infonce_rect(rows, cands, pos, None, 1.0, normalize=False)
+    g, = torch.autograd.grad(terms.sum(), cands)
+    c64 = cands.detach().double().requires_grad_()
+    rg, = torch.autograd.grad(reference.infonce_rect_reference(rows.double(), c64, pos, None, 1.0,
+                                                               normalize=False).sum(), c64)
+    torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infonce_rect_tied_candidates_at_1e30_nats(backend):
+    """Was: the float64 reference (and so the torch backend) returned term 0 and gradient c / T = 1.5e30 for a row
+    against two equal candidates at 1/T = 1e30: torch.logsumexp(S) rounds log 2 away at |S| ~ 2e30 and its backward
+    exp(S - lse) gives 1, 1 instead of the softmax's 1/2, 1/2. Exact: term log 2, gradient 0 (what cpp returned)."""
+    rows = torch.tensor([[1.541]], requires_grad=True)
+    cands = torch.tensor([[1.541], [1.541]])
+    with ssl_fast.set_backend(backend):
+        terms = sf.infonce_rect(rows, cands, torch.tensor([0]), None, 1e-30, normalize=False)
+    g, = torch.autograd.grad(terms.sum(), rows)
+    assert torch.equal(g, torch.zeros_like(g))
+    if backend == "torch":
+        assert terms.item() == pytest.approx(math.log(2))
+
+
+def test_reference_keeps_tied_logits_at_1e30_nats():
+    rows = torch.tensor([[1.541]], dtype=torch.float64, requires_grad=True)
+    t = reference.infonce_rect_reference(rows, torch.full((2, 1), 1.541, dtype=torch.float64), torch.tensor([0]),
+                                         None, 1e-30, normalize=False)
+    g, = torch.autograd.grad(t.sum(), rows)
+    assert t.item() == pytest.approx(math.log(2)) and g.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_pair_learnable_temperature_gradient_is_nan_with_the_loss(backend):
+    """Was: N = 1 with a NaN input gave a NaN loss but a temperature gradient of 0.0 (the float64 reference: NaN)."""
+    t = torch.tensor(1.0, requires_grad=True)
+    with ssl_fast.set_backend(backend):
+        loss = ssl_fast.ntxent(torch.tensor([[0.0015]]), torch.tensor([[float("nan")]]), t)
+    g, = torch.autograd.grad(loss, t)
+    assert torch.isnan(loss) and torch.isnan(g)
+    t = torch.tensor(1.0, requires_grad=True)
+    with ssl_fast.set_backend(backend):
+        loss = ssl_fast.ntxent(torch.tensor([[0.0015]]), torch.tensor([[2.0]]), t)
+    g, = torch.autograd.grad(loss, t)
+    assert loss.item() == 0.0 and g.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swav_fp16_gradient_that_fits_only_after_the_upstream_scale(backend):
+    """Was (cpp): inf gradients for fp16 scores at T = 1e-6 and an upstream gradient of 0.2: the op computes the
+    gradient of a unit upstream gradient in the forward (2.5e5, past fp16's 65504) and stored it in fp16; eager
+    torch scales first and returns 5e4. The cpp op now keeps fp32 gradients for fp16 scores."""
+    h0 = torch.tensor([[0.0015, -0.0003]], dtype=torch.float16, requires_grad=True)
+    with ssl_fast.set_backend(backend):
+        loss = sf.swav_loss([h0, torch.zeros(1, 2, dtype=torch.float16)], [], temperature=1e-6,
+                            sinkhorn_epsilon=1.0, sinkhorn_iterations=1)
+    g, = torch.autograd.grad(loss, h0, grad_outputs=torch.tensor(0.2))
+    assert g.dtype == torch.float16 and torch.isfinite(g).all()
+    torch.testing.assert_close(g.float(), torch.tensor([[5e4, -5e4]]), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lightly_bank_loss_keeps_the_inputs_dtype_with_a_float64_temperature(backend):
+    """Was: lightly's NTXentLoss with a memory bank and a float64 tensor temperature returned a float64 loss for
+    fp32 inputs (the positive logit was divided by the float64 tensor)."""
+    torch.manual_seed(0)
+    crit = lightly_nn.NTXentLoss(temperature=torch.tensor([1.0], dtype=torch.float64), memory_bank_size=(4, 3))
+    with ssl_fast.set_backend(backend):
+        loss = crit(torch.randn(2, 3), torch.randn(2, 3))
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_negative_gives_a_nan_loss(backend):
+    """Was (cpp): a NaN in the queue gave the loss -inf and a learnable temperature the gradient -0.0: the merged
+    row sum NaN failed `sum > 0` and was taken for a row with every logit masked."""
+    t = torch.tensor(1.0, requires_grad=True)
+    with ssl_fast.set_backend(backend):
+        loss = ssl_fast.info_nce(torch.zeros(1, 1), torch.zeros(1, 1), t, negatives=torch.tensor([[float("nan")]]))
+        two = ssl_fast.info_nce(torch.ones(2, 3), torch.ones(2, 3), 1.0, negatives=torch.full((1, 3), float("nan")))
+    g, = torch.autograd.grad(loss, t)
+    assert torch.isnan(loss) and torch.isnan(g) and torch.isnan(two)
