@@ -356,9 +356,14 @@ def device_peak(spec: Dict) -> Dict:
     dst = torch.empty_like(src)
     copy = lambda: dst.copy_(src)  # noqa: E731
     cms = time_cuda(copy, rep_ms=100.0)[0] if is_cuda else time_cpu(copy, repeats=7)[0]
+    # in-place dst += src: every written line was read first (no write-allocate read), as in the optimizer and
+    # EMA steps; 3 x nbytes moved (the streaming rate those steps can reach)
+    add = lambda: dst.add_(src)  # noqa: E731
+    ams = time_cuda(add, rep_ms=100.0)[0] if is_cuda else time_cpu(add, repeats=7)[0]
     return dict(status="ok", peak_tflops=2.0 * n ** 3 / (ms * 1e-3) / 1e12,
                 peak_gbps=2.0 * nbytes / (cms * 1e-3) / 1e9,
-                how=f"torch.mm {n}^3 {dt_name}: {ms:.3g} ms; copy_ of {nbytes >> 20} MiB: {cms:.3g} ms")
+                how=f"torch.mm {n}^3 {dt_name}: {ms:.3g} ms; copy_ of {nbytes >> 20} MiB: {cms:.3g} ms; "
+                    f"in-place add_: {ams:.3g} ms ({3.0 * nbytes / (ams * 1e-3) / 1e9:.3g} GB/s)")
 
 
 def make_step(op: ops.Op, fn, grads, mode: str, held: Dict):
