@@ -9,7 +9,7 @@ dL/dA, dL/dC (the first ``grad_cols`` candidates; appended negatives get none) a
 gz = sum_ij dL/dS_ij S_ij = -T dL/dT (the temperature gradient; see ``ssl_fast.ops.infonce``).
 
 Backend contract (``TABLE`` below; the dispatcher ops ``torch.ops.ssl_fast.infonce_rect_{fwd,bwd}_{cpp,triton}``):
-    fwd(rows, cands, pos, excl, inv_temp, normalize[, with_grad]) -> [terms (R), lse (R), *saved]
+    fwd(rows, cands, pos, excl, inv_temp, normalize[, with_grad]) -> [terms (R), lse (R; cpp: 2R, (max, log-sum)), *saved]
     bwd(w, *state, lse, pos, excl, inv_temp, normalize, grad_cols) -> [dA (R, d), dC (grad_cols, d), gz]
 with state = saved for cpp (normalized copies of rows and candidates, their norms, and, when the forward ran
 with_grad, U = softmax(S) C (R x d) from which dA needs no recompute: the inputs are not kept) and
