@@ -200,3 +200,32 @@ def test_bad_input_names_the_argument():
         ops.swav_loss([x], [])
     with pytest.raises(ValueError, match="temperature"):
         ops.swav_loss([x, x], [], temperature=0.0)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="ssl_fast._C not built")
+def test_cpp_gradients_are_separate_tensors_of_one_mapping():
+    """The C++ op maps its V gradients as one block (scratch.h's empty_scratch_many, above 4 MiB): each is its own
+    storage, none overlaps another, and one kept alone outlives the others (the block is released with the last)."""
+    g = torch.Generator().manual_seed(7)
+    crops = [torch.randn(512, 1000, generator=g) for _ in range(4)]  # 4 x 2 MB of fp32 gradients
+    u = [torch.zeros(1000)]
+    out = torch.ops.ssl_fast.swav_loss_cpp(crops, u, 20.0, 10.0, True)
+    grads = out[1:]
+    assert len(grads) == 4
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in grads)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
+    assert len({t.untyped_storage().data_ptr() for t in grads}) == 4
+    for t in grads:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    kept, expect = grads[2], grads[2].clone()
+    del out, grads, t
+    import gc
+
+    gc.collect()
+    junk = [torch.full((512, 1000), 3.0) for _ in range(8)]  # reuse whatever was released
+    assert torch.equal(kept, expect) and all(float(j[0, 0]) == 3.0 for j in junk)
+    # and its values: the float64 gradient of the swapped prediction with the codes softmax(crop 0 / eps) (u = 0)
+    x = crops[2].double().requires_grad_()
+    q = torch.softmax(crops[0].double() / 0.05, dim=1)
+    (-(q * F.log_softmax(x / 0.1, dim=1)).sum(1).mean() / 3).backward()
+    assert _err(kept, x.grad) < 1e-8

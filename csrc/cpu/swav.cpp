@@ -44,7 +44,7 @@ namespace ssl_fast {
 namespace {
 
 constexpr int64_t kGrainElems = 1 << 15;  // elements per task at least (below: the calling thread)
-// gradients from this size on are mapped by empty_scratch (scratch.h): freed together at the next step, they
+// gradients from this size on are mapped by empty_scratch_many (scratch.h): freed together at the next step, they
 // would otherwise come back as fresh 4 KiB pages
 constexpr size_t kScratchBytes = size_t(4) << 20;
 
@@ -121,20 +121,19 @@ std::vector<at::Tensor> swav_impl(const std::vector<at::Tensor>& scores, const s
   std::vector<at::Tensor> grads;
   std::vector<grad_t*> G(V, nullptr);
   if (compute_grad) {
-    // one mapping per gradient: outputs of a custom op must not alias each other (torch.compile checks it)
-    for (int64_t v = 0; v < V; ++v) {
-      grads.push_back(empty_scratch({B, K}, grad_opts, kScratchBytes));
-      G[v] = grads.back().data_ptr<grad_t>();
-    }
+    // the V gradients in one mapping, each its own storage (a custom op's outputs must not alias each other:
+    // torch.compile checks it)
+    grads = empty_scratch_many(V, {B, K}, grad_opts, kScratchBytes);
+    for (int64_t v = 0; v < V; ++v) G[v] = grads[v].data_ptr<grad_t>();
   }
   const acc_t it = static_cast<acc_t>(inv_temp);
   const double c = 1.0 / ((double)S * (double)(V - 1) * (double)B);
   const acc_t gscale = static_cast<acc_t>(c * inv_temp);
   ScratchArray<double> row_loss((size_t)B);
+  ThreadScratch<acc_t> bufs((size_t)((4 + S) * K));
 
   at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, V * K)), [&](int64_t b0, int64_t b1) {
-    ScratchArray<acc_t> buf((size_t)((4 + S) * K));
-    acc_t* total = buf.data();  // sum_s Q_sb
+    acc_t* total = bufs.local();  // sum_s Q_sb
     acc_t* target = total + K;  // T_vb for v < S (S > 2): the sum of the other codes
     acc_t* x = target + K;      // P_vb / T
     acc_t* e = x + K;           // exp(P_vb / T - max)
