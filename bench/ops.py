@@ -953,14 +953,14 @@ def _optim_ema_providers(kind: str) -> List[Provider]:
     foreach_lerp, fused_lerp = torch_step(foreach=True), torch_step(fused=True)
     torch_compile = torch_step(compiled=True, foreach=True)
 
-    def call(inputs, hp, ieee_sqrt=False):
+    def call(inputs, hp, ieee_sqrt=None):
         import ssl_fast.optim as fopt
 
         params, ema = inputs["params"], inputs["ema"]
         cls = {"sgd": fopt.SGD, "adamw": fopt.AdamW, "lars": fopt.LARS}[kind]
         hpk = {k: v for k, v in OPTIM_HP[kind].items() if k != "weight_decay"}
-        if ieee_sqrt:
-            hpk["ieee_sqrt"] = True
+        if ieee_sqrt is not None:
+            hpk["ieee_sqrt"] = ieee_sqrt
         opt = cls(_optim_groups(kind, params), **hpk, ema=list(zip(params, ema)), ema_momentum=hp["momentum"])
         return opt.step
 
@@ -971,16 +971,17 @@ def _optim_ema_providers(kind: str) -> List[Provider]:
         provs.insert(1, Provider("fused_lerp", fused_lerp, about="torch.optim, fused=True + torch._foreach_lerp_"))
     provs += _ssl_fast_providers(call)
     if kind == "adamw":
-        def cpp_ieee(inputs, hp, device):
+        def cpp_mkl(inputs, hp, device):
             import ssl_fast
-            fn = call(inputs, hp, ieee_sqrt=True)
+            fn = call(inputs, hp, ieee_sqrt=False)
 
             def run():
                 with ssl_fast.set_backend("cpp"):
                     return fn()
             return run
-        provs.append(Provider("ssl_fast_cpp_ieee", cpp_ieee, devices=("cpu",),
-                              about="ssl_fast C++ kernel, correctly rounded sqrt (not MKL's): fused=True's math"))
+        provs.append(Provider("ssl_fast_cpp_mkl_sqrt", cpp_mkl, devices=("cpu",),
+                              about="ssl_fast C++ kernel, ieee_sqrt=False: MKL's sqrt as torch's foreach path "
+                                    "(bitwise foreach); the default takes the correctly rounded one (fused=True's)"))
     return provs
 
 
@@ -1006,7 +1007,7 @@ def _optim_ema_op(kind: str) -> Op:
     if kind != "lars":
         cpu_providers.insert(1, "fused_lerp")
     if kind == "adamw":
-        cpu_providers.append("ssl_fast_cpp_ieee")
+        cpu_providers.append("ssl_fast_cpp_mkl_sqrt")
     return Op(
         name=f"{kind}_ema", about=f"{kind} step of a model's parameter list + EMA of the teacher (m 0.996) toward "
                                   "it; dtype fp32-bf16 = bf16 params / grads / states, fp32 EMA",

@@ -379,14 +379,15 @@ def sgd_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                     exp_avg_sqs: Sequence[torch.Tensor], ema: Sequence[torch.Tensor], steps: Sequence[float], *,
                     lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                    weight_decay: float = 1e-2, ieee_sqrt: bool = False,
+                    weight_decay: float = 1e-2, ieee_sqrt: bool = True,
                     ema_momentum: Union[float, torch.Tensor] = 1.0, backend: Optional[str] = None) -> None:
     """One ``torch.optim.AdamW`` step of ``params`` and the EMA of the first ``len(ema)`` of them, one pass.
 
-    ``steps[i]``: parameter i's step count after this step (1 on the first). ``ieee_sqrt``: the correctly
-    rounded sqrt of the second moment (torch's ``fused=True`` and CUDA math) instead of the one torch's CPU
-    foreach path takes (MKL's vector sqrt where torch has MKL). Otherwise as :func:`sgd_ema_step_`: fp32
-    results equal torch's (foreach, or fused=True with ``ieee_sqrt``) then ``_foreach_lerp_`` to the last bit.
+    ``steps[i]``: parameter i's step count after this step (1 on the first). ``ieee_sqrt`` (default): the
+    correctly rounded sqrt of the second moment (torch's ``fused=True`` and CUDA math); False: the one torch's
+    CPU foreach path takes (MKL's vector sqrt where torch has MKL; about 2x slower here). Otherwise as
+    :func:`sgd_ema_step_`: fp32 results equal torch's (fused=True, or foreach with ``ieee_sqrt=False``) then
+    ``_foreach_lerp_`` to the last bit.
     """
     return _optim_ema.adamw_ema_step_(params, grads, exp_avgs, exp_avg_sqs, ema, steps, lr=lr, beta1=beta1,
                                       beta2=beta2, eps=eps, weight_decay=weight_decay, ieee_sqrt=ieee_sqrt,

@@ -1,7 +1,8 @@
 """Optimizers whose step also moves an EMA teacher, in one pass over memory: SGD, AdamW, LARS.
 
 Drop-ins for ``torch.optim.SGD``, ``torch.optim.AdamW`` and ``ssl_fast.train.optim.LARS``: the same math to
-the last bit in fp32 for SGD and AdamW (``csrc/cpu/optim_ema.cpp`` derives it; LARS's trust ratio uses
+the last bit in fp32 for SGD and AdamW (AdamW: ``fused=True``'s by default, ``foreach=True``'s with
+``ieee_sqrt=False``; ``csrc/cpu/optim_ema.cpp`` derives it; LARS's trust ratio uses
 deterministic fp64 norms, so it agrees to a few ulps), the same ``state_dict`` (state keys
 ``momentum_buffer`` / ``step``, ``exp_avg``, ``exp_avg_sq``; torch's group keys), so a checkpoint moves
 between them both ways. What they add: an EMA attachment. With ``ema=`` (an ``ssl_fast.nn.EMA`` or a list of
@@ -252,15 +253,18 @@ class AdamW(_FusedEMAOptimizer):
     Args:
         params: parameters or parameter groups.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
-        ieee_sqrt: take the correctly rounded sqrt of the second moment (as torch's ``fused=True`` and CUDA
-            kernels) instead of the one torch's CPU foreach path takes (MKL's vector sqrt on x86 builds,
-            within an ulp of it): faster on the CPU, no longer bitwise equal to ``foreach=True``.
+        ieee_sqrt: the correctly rounded sqrt of the second moment (default), as torch's ``fused=True`` and CUDA
+            kernels: ``torch.optim.AdamW(fused=True)``'s math (bitwise in its vector loop; its scalar tail, the
+            last n mod 16 elements of a tensor, may round an ulp apart in rare elements). ``False``: the sqrt
+            torch's CPU foreach path takes (MKL's vector sqrt on x86 builds, within an ulp of the other):
+            bitwise equal to ``foreach=True`` (the CPU default), about 2x slower on the CPU (one MKL call per
+            8 KiB block); the trainers take it, so that --no-fused-ema-step gives the same bits.
         ema, ema_momentum, backend: as :class:`SGD`.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 ieee_sqrt: bool = False, ema=None, ema_momentum=None, backend: Optional[str] = None):
+                 ieee_sqrt: bool = True, ema=None, ema_momentum=None, backend: Optional[str] = None):
         lr = _nonneg(lr, "learning rate")
         eps = _nonneg(eps, "epsilon value")
         weight_decay = _nonneg(weight_decay, "weight_decay value")

@@ -118,7 +118,14 @@ using namespace optim_ema;
 
 constexpr int64_t kGrain = 1 << 15;      // below 32K elements a group runs on the calling thread
 constexpr int64_t kSqrtBlock = 2048;     // AdamW with MKL's sqrt: elements per vmsSqrt call (8 KiB of fp32)
-constexpr int64_t kSpan = 1024;          // elements per optimizer-then-EMA block (see ema_block)
+// Elements per optimizer-then-EMA block (see ema_block): 256 for fp32 parameters (1 KiB a stream), 1024 for bf16.
+// Measured on the 2-core AMD EPYC, ViT-B/16's list, providers interleaved in rounds (the VM's memory bandwidth
+// drifts by 1.5x over minutes): SGD + EMA fp32 at 1024 / 512 / 256 / 128 / 64 elements took 65.2 / 57.3 / 52.9 /
+// 53.9 / 54.2 ms at 1 thread, 35.2 / 27.9 / 26.0 / 26.6 / 26.8 ms at 2 (torch fused=True + lerp 63.9-69.1 and
+// 33.7-39.5 in the same runs); AdamW fp32 66.1 -> 64.3 and 53.3 -> 52.1. bf16 parameters (more arithmetic per
+// byte) lose at smaller blocks: SGD 36.3 / 38.0 / 41.6 ms at 1024 / 256 / 128, 1 thread.
+template <typename T>
+constexpr int64_t span_of() { return sizeof(T) == 4 ? 256 : 1024; }
 constexpr int64_t kNormBlock = 1 << 13;  // LARS: elements per partial sum of squares
 constexpr long long kVmlHa = 0x2 | 0x140000 | 0x100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE (ATen's)
 
@@ -145,7 +152,7 @@ void for_spans(const Group& g, Fn fn) {
 }
 
 // The EMA of a block of freshly stored parameters (still in L1): e <- lerp(e, p). Splitting the pass in
-// blocks of kSpan elements keeps at most 4 memory streams live per loop (the optimizer's p, g, state, then
+// blocks of span_of<T>() elements keeps at most 4 memory streams live per loop (the optimizer's p, g, state, then
 // e with p from L1): measured on an AMD EPYC, one loop over all 7 streams ran at half the bandwidth.
 template <typename T, typename E>
 inline void ema_block(E* __restrict e, const T* __restrict p, int64_t n, const LerpC l) {
@@ -174,6 +181,7 @@ void sgd_span(T* __restrict p, const T* __restrict g, T* __restrict b, E* __rest
   c.has_mom = MOM;
   c.has_wd = WD;
   c.nesterov = NEST;
+  constexpr int64_t kSpan = span_of<T>();
   for (int64_t s = 0; s < n; s += kSpan) {
     const int64_t len = std::min(kSpan, n - s);
     T* ps = p + s;
@@ -218,7 +226,7 @@ void sgd_group(const Group& g, const SgdC& c, const LerpC& l, at::IntArrayRef fr
 // elements in two loops, the moments first (g, m, v; stored), MKL's vmsSqrt of the block of v just stored
 // (L1-hot) into S, then the parameter and the EMA (p, e; m from L1): one MKL call per 8 KiB of v, one
 // scratch buffer. Otherwise one loop with the correctly rounded sqrt inline (bf16 parameters take that one:
-// torch's bf16 sqrt is the correctly rounded fp32 one, rounded to bf16), the EMA per kSpan block after it.
+// torch's bf16 sqrt is the correctly rounded fp32 one, rounded to bf16), the EMA per span_of<T>() block after it.
 template <typename T, typename E, bool HAS_E, bool WD, bool W1_SMALL>
 void adam_span(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, E* __restrict e, int64_t n,
                float step_size, float bc2_sqrt, AdamC c, const LerpC l, bool ieee) {
@@ -252,6 +260,7 @@ void adam_span(T* __restrict p, const T* __restrict g, T* __restrict m, T* __res
       return;
     }
   }
+  constexpr int64_t kSpan = span_of<T>();
   for (int64_t s = 0; s < n; s += kSpan) {
     const int64_t len = std::min(kSpan, n - s);
     T* ps = p + s;
@@ -291,6 +300,7 @@ void lars_span(T* __restrict p, const T* __restrict g, T* __restrict b, E* __res
   const Round<T> r;
   c.has_wd = WD;
   c.adapt = ADAPT;
+  constexpr int64_t kSpan = span_of<T>();
   for (int64_t s = 0; s < n; s += kSpan) {
     const int64_t len = std::min(kSpan, n - s);
     T* ps = p + s;

@@ -278,13 +278,13 @@ def sgd_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                     exp_avg_sqs: Sequence[torch.Tensor], ema: Sequence[torch.Tensor], steps: Sequence[float], *,
                     lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                    weight_decay: float = 1e-2, ieee_sqrt: bool = False, ema_momentum=1.0,
+                    weight_decay: float = 1e-2, ieee_sqrt: bool = True, ema_momentum=1.0,
                     backend: Optional[str] = None) -> None:
     """One AdamW step (torch.optim.AdamW's math) of ``params`` and the EMA of the first ``len(ema)`` of them.
 
-    ``steps[i]``: parameter i's step count after this step (1 on the first step). ``ieee_sqrt``: the
-    correctly rounded sqrt of the second moment (torch's fused=True and CUDA kernels) instead of the one
-    torch's CPU foreach path takes (MKL's vector sqrt where torch has MKL: bitwise parity with it, slower)."""
+    ``steps[i]``: parameter i's step count after this step (1 on the first step). ``ieee_sqrt`` (default): the
+    correctly rounded sqrt of the second moment (torch's fused=True and CUDA kernels); False: the one torch's
+    CPU foreach path takes (MKL's vector sqrt where torch has MKL: bitwise parity with foreach, slower)."""
     lr = _check_float(lr, "lr", 0.0)
     beta1 = _check_float(beta1, "beta1", 0.0, 1.0 - 1e-12)
     beta2 = _check_float(beta2, "beta2", 0.0, 1.0 - 1e-12)

@@ -84,7 +84,8 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
             g.pop("lars")
         if name == "sgd":
             return fused.SGD(groups, lr=lr, momentum=momentum, ema=ema)
-        return fused.AdamW(groups, lr=lr, ema=ema)
+        # foreach's sqrt (MKL's on x86): bitwise the unfused path below (--no-fused-ema-step)
+        return fused.AdamW(groups, lr=lr, ema=ema, ieee_sqrt=False)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=eta)
     for g in groups:
