@@ -36,8 +36,8 @@
 //                                                       (mode HA) where torch has MKL. It is NOT correctly rounded
 //                                                       (on this AMD EPYC 17% of results differ from fl(sqrt)), so
 //                                                       this kernel calls the same MKL function on blocks of 2048
-//                                                       (ieee_sqrt=false, the default), or takes the correctly
-//                                                       rounded sqrt (ieee_sqrt=true: fused=True's and CUDA's; faster
+//                                                       (ieee_sqrt=false: bitwise foreach), or takes the correctly
+//                                                       rounded sqrt (ieee_sqrt=true, the Python default: fused=True's and CUDA's; faster
 //                                                       here, since MKL's HA sqrt costs ~0.4 ns / element on this CPU).
 //   den = fl(fl(s / fl(bc2)) + eps_f), bc2 = (1 - beta2^t)^0.5 (Python double)
 //   p  = fl(p + fl(fl(ss m) / den)), ss = fl(-(lr / (1 - beta1^t)))   _foreach_addcdiv_(params, m, den, ss)
