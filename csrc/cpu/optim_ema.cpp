@@ -37,8 +37,9 @@
 //                                                       (on this AMD EPYC 17% of results differ from fl(sqrt)), so
 //                                                       this kernel calls the same MKL function on blocks of 2048
 //                                                       (ieee_sqrt=false: bitwise foreach), or takes the correctly
-//                                                       rounded sqrt (ieee_sqrt=true, the Python default: fused=True's and CUDA's; faster
-//                                                       here, since MKL's HA sqrt costs ~0.4 ns / element on this CPU).
+//                                                       rounded sqrt (ieee_sqrt=true, the Python API's default:
+//                                                       fused=True's and CUDA's; faster here, since MKL's HA sqrt
+//                                                       costs ~0.4 ns / element on this CPU).
 //   den = fl(fl(s / fl(bc2)) + eps_f), bc2 = (1 - beta2^t)^0.5 (Python double)
 //   p  = fl(p + fl(fl(ss m) / den)), ss = fl(-(lr / (1 - beta1^t)))   _foreach_addcdiv_(params, m, den, ss)
 //   torch.optim.AdamW(fused=True) writes v = v b2 + c2 g g as one expression and its scalar tail in other
