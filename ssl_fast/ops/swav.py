@@ -180,8 +180,8 @@ class _SwapFn(torch.autograd.Function):
     def backward(ctx, grad):
         grads = ctx.saved_tensors
         if grads and not (grad.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad) == 1.0):
-            grads = [(g * grad).to(ctx.dtype) for g in grads]
-        grads = [g.to(ctx.dtype) for g in grads]
+            grads = [g * grad for g in grads]
+        grads = [g.to(ctx.dtype) for g in grads]  # one rounding to the scores' dtype, after the scaling
         out = [g if need else None for g, need in zip(grads, ctx.need)] if grads else [None] * len(ctx.need)
         n_codes = len(ctx.needs_input_grad) - 4 - len(ctx.need)
         return (None, None, None, None, *out, *([None] * n_codes))
