@@ -38,6 +38,7 @@ class Provider:
     dtypes: Optional[Tuple[str, ...]] = None  # None: every dtype of the op
     backend: Optional[Callable] = None
     about: str = ""
+    probe: bool = False  # a measurement of the machine (e.g. the memory ceiling), not an implementation: no gate
 
     def unavailable(self, device: str, dtype: str) -> Optional[str]:
         """Why this provider cannot run on ``device`` ('cpu', 'cuda', 'cuda:K') in ``dtype``, or None when it can:
@@ -937,6 +938,29 @@ def _optim_ema_gate(kind: str):
     return gate
 
 
+def _stream_ceiling(kind: str):
+    """build(): the memory ceiling of the fused step (csrc/cpu/stream_probe.cpp). Its buffers stand for the
+    optimizer's states; it writes the parameters and the EMA (bounded values: w <- w / 2 + g)."""
+    def build(inputs, hp, device):
+        torch = _torch()
+        from ssl_fast._ext import HAS_EXT
+        if not HAS_EXT:
+            raise RuntimeError("stream_ceiling needs the compiled extension ssl_fast._C")
+        params, ema = [p.detach() for p in inputs["params"]], inputs["ema"]
+        grads = [p.grad for p in inputs["params"]]
+        states = [torch.zeros_like(p) for _ in range({"sgd": 1, "adamw": 2, "lars": 1}[kind]) for p in params]
+        written, n = params + states + list(ema), len(params)
+        span = 256 if params[0].dtype == torch.float32 else 1024  # the optimizer + EMA kernel's blocks
+        probe = torch.ops.ssl_fast.stream_probe_
+
+        def run():
+            if kind == "lars":
+                probe([], params + grads, n, span)  # the norm pass: p and g read
+            probe(written, grads, n, span)
+        return run
+    return build
+
+
 def _optim_ema_providers(kind: str) -> List[Provider]:
     def torch_step(compiled: bool = False, **opt_kw):
         """build(): torch's optimizer (``opt_kw``: foreach / fused) step, then the lerp; optionally compiled."""
@@ -970,6 +994,10 @@ def _optim_ema_providers(kind: str) -> List[Provider]:
     if kind != "lars":
         provs.insert(1, Provider("fused_lerp", fused_lerp, about="torch.optim, fused=True + torch._foreach_lerp_"))
     provs += _ssl_fast_providers(call)
+    provs.append(Provider("stream_ceiling", _stream_ceiling(kind), devices=("cpu",), probe=True,
+                          about="not an optimizer: ssl_fast::stream_probe_ moves the fused pass's bytes (p, states, "
+                                "EMA read + written, g read; LARS: + its norm pass) with no math, in the C++ "
+                                "kernel's layout: the time any kernel moving those bytes needs here"))
     if kind == "adamw":
         def cpp_mkl(inputs, hp, device):
             import ssl_fast
@@ -1003,7 +1031,7 @@ def _optim_ema_op(kind: str) -> Op:
     cpu_models = ["resnet50", "vit_b_16"]
     # the fastest torch combinations (foreach, fused=True, compiled) against the C++ kernel (ssl_fast_torch is
     # foreach_lerp's sequence, ssl_fast_triton runs on CUDA only)
-    cpu_providers = ["foreach_lerp", "torch_compile", "ssl_fast_cpp"]
+    cpu_providers = ["foreach_lerp", "torch_compile", "ssl_fast_cpp", "stream_ceiling"]
     if kind != "lars":
         cpu_providers.insert(1, "fused_lerp")
     if kind == "adamw":

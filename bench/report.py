@@ -267,7 +267,9 @@ def render_op(op: ops.Op, out_dir: str, plot: bool = True) -> List[str]:
     notes = [f"{op.about}.", "",
              "Providers: " + "; ".join(f"`{p}` = {about[p]}" for p in provs if about.get(p)) + ".", "",
              "Every row passed the correctness gate (fp32, small shape, value and input gradients against the "
-             "float64 reference) unless its status says otherwise; `max_err` in the CSV is the error at the "
+             "float64 reference) unless its status says otherwise"
+             + "".join(f" (`{p.name}` is a probe of the machine, not an implementation: no gate)"
+                       for p in op.providers if p.probe) + "; `max_err` in the CSV is the error at the "
              "measured shape and dtype. Time: median of repeats after warm-up (IQR in the CSV). Memory: peak "
              "above the inputs during one call (CUDA: max_memory_allocated; CPU: peak RSS growth in a fresh "
              f"process). Speedups in parentheses are against `{op.baseline}` in the same run. % of peak: against "

@@ -665,3 +665,67 @@ def test_compiled_step_matches_eager():
     step(pe, be, ee, m)
     _assert_bitwise(pc + bc + ec, pe + be + ee, "compiled vs eager")
     assert not torch.equal(pc[0], ps[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# ssl_fast::stream_probe_ (csrc/cpu/stream_probe.cpp): the bench's memory ceiling of the fused step. Its
+# time is only meaningful if it really reads and writes every stream: checked through its values.
+
+needs_ext = pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="ssl_fast._C not built")
+
+
+def _probe_want(written, read, n):
+    """float64 of the contract: w_0 <- w_0 / 2 + r_0 + (r_1 + ... ), w_j <- w_j / 2 + r_0 (j > 0)."""
+    out = []
+    for k, w in enumerate(written):
+        j, t = divmod(k, n)
+        v = 0.5 * w.double() + read[t].double()
+        if j == 0:
+            for rk in read[n + t::n]:
+                v = v + rk.double()
+        out.append(v)
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("w_dt,r_dt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                       (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("n_read", [1, 2])
+def test_stream_probe_reads_and_writes_every_stream(w_dt, r_dt, n_read):
+    g = torch.Generator().manual_seed(3)
+    sizes = [7, 0, 70001, 1, 33]  # an empty item, items split across threads (> 32K elements), tails
+    n = len(sizes)
+    read = [torch.randn(s, generator=g).to(r_dt) for _ in range(n_read) for s in sizes]
+    # 3 written streams: w_0 and w_2 in w_dt, w_1 the other dtype (a mixed list, as bf16 params + fp32 EMA)
+    other = torch.bfloat16 if w_dt == torch.float32 else torch.float32
+    written = [torch.randn(s, generator=g).to(dt) for dt in (w_dt, other, w_dt) for s in sizes]
+    want = _probe_want(written, read, n)
+    torch.ops.ssl_fast.stream_probe_(written, read, n, 256)
+    for k, (got, w) in enumerate(zip(written, want)):
+        if got.numel() == 0:
+            continue
+        # bf16 stores truncate (1 ulp = 2^-7 relative below), fp32 ones round (an FMA at most)
+        tol = 2.0 ** -7 if got.dtype == torch.bfloat16 else 1e-6
+        err = float(((got.double() - w).abs() / w.abs().clamp_min(1.0)).max())
+        assert err <= tol, (k, got.dtype, err)
+
+
+@needs_ext
+def test_stream_probe_read_only_pass_and_errors():
+    x = [torch.randn(40000), torch.randn(5)]
+    y = [t.clone() for t in x]
+    torch.ops.ssl_fast.stream_probe_([], x + x, 2, 1024)  # W = 0 (the LARS norm pass): reads, writes nothing
+    assert all(torch.equal(a, b) for a, b in zip(x, y))
+    p = torch.ops.ssl_fast.stream_probe_
+    with pytest.raises(ValueError, match="read must hold"):
+        p([torch.zeros(3)], [], 1, 256)
+    with pytest.raises(ValueError, match="written must hold"):
+        p([torch.zeros(3)] * 3, [torch.zeros(3)] * 2, 2, 256)
+    with pytest.raises(ValueError, match=r"written\[1\] has 4 elements"):
+        p([torch.zeros(3), torch.zeros(4)], [torch.zeros(3)], 1, 256)
+    with pytest.raises(TypeError, match=r"read\[0\] must be float32 or bfloat16"):
+        p([torch.zeros(3)], [torch.zeros(3, dtype=torch.float16)], 1, 256)
+    with pytest.raises(ValueError, match="contiguous"):
+        p([torch.zeros(3, 2).t()], [torch.zeros(2, 3)], 1, 256)
+    with pytest.raises(ValueError, match="span"):
+        p([torch.zeros(3)], [torch.zeros(3)], 1, 8)
