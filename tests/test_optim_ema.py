@@ -675,36 +675,44 @@ needs_ext = pytest.mark.skipif(not ssl_fast.HAS_EXT, reason="ssl_fast._C not bui
 
 
 def _probe_want(written, read, n):
-    """float64 of the contract: w_0 <- w_0 / 2 + r_0 + (r_1 + ... ), w_j <- w_j / 2 + r_0 (j > 0)."""
-    out = []
-    for k, w in enumerate(written):
-        j, t = divmod(k, n)
-        v = 0.5 * w.double() + read[t].double()
-        if j == 0:
-            for rk in read[n + t::n]:
-                v = v + rk.double()
-        out.append(v)
+    """float64 of the contract: w_j <- w_j / 2 + r_0 for j = 0 .. max(W - 2, 0), then (W >= 2) the last stream
+    w_{W-1} <- w_{W-1} / 2 + w_0 as stored (bf16: truncated)."""
+    W = len(written) // n
+    out = [None] * len(written)
+    for t in range(n):
+        for j in range(max(W - 1, 1)):
+            v = 0.5 * written[j * n + t].double() + read[t].double()
+            if written[j * n + t].dtype == torch.bfloat16:  # stored truncated: the tail reads the stored value
+                v = _truncate_bf16(v.float()).double()
+            out[j * n + t] = v
+        if W >= 2:
+            out[(W - 1) * n + t] = 0.5 * written[(W - 1) * n + t].double() + out[t]
     return out
 
 
+def _truncate_bf16(x):
+    return (x.view(torch.int32) & -65536).view(torch.float32)
+
+
 @needs_ext
-@pytest.mark.parametrize("w_dt,r_dt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                       (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize("n_read", [1, 2])
-def test_stream_probe_reads_and_writes_every_stream(w_dt, r_dt, n_read):
+@pytest.mark.parametrize("m_dt,e_dt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                       (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+def test_stream_probe_reads_and_writes_every_stream(m_dt, e_dt, W):
     g = torch.Generator().manual_seed(3)
     sizes = [7, 0, 70001, 1, 33]  # an empty item, items split across threads (> 32K elements), tails
     n = len(sizes)
-    read = [torch.randn(s, generator=g).to(r_dt) for _ in range(n_read) for s in sizes]
-    # 3 written streams: w_0 and w_2 in w_dt, w_1 the other dtype (a mixed list, as bf16 params + fp32 EMA)
-    other = torch.bfloat16 if w_dt == torch.float32 else torch.float32
-    written = [torch.randn(s, generator=g).to(dt) for dt in (w_dt, other, w_dt) for s in sizes]
+    read = [torch.randn(s, generator=g).to(m_dt) for s in sizes]
+    # the streams of loop 1 in the parameters' dtype, the last one (the EMA's place) in e_dt when W >= 2
+    dts = [m_dt] * (W - 1) + [e_dt] if W >= 2 else [m_dt]
+    written = [torch.randn(s, generator=g).to(dt) for dt in dts for s in sizes]
     want = _probe_want(written, read, n)
     torch.ops.ssl_fast.stream_probe_(written, read, n, 256)
     for k, (got, w) in enumerate(zip(written, want)):
         if got.numel() == 0:
             continue
-        # bf16 stores truncate (1 ulp = 2^-7 relative below), fp32 ones round (an FMA at most)
+        # bf16 stores truncate (below 2^-7 relative), fp32 ones round (an FMA at most; the tail's w_0 may be
+        # 1 ulp off when the compiler contracted loop 1)
         tol = 2.0 ** -7 if got.dtype == torch.bfloat16 else 1e-6
         err = float(((got.double() - w).abs() / w.abs().clamp_min(1.0)).max())
         assert err <= tol, (k, got.dtype, err)
@@ -719,8 +727,14 @@ def test_stream_probe_read_only_pass_and_errors():
     p = torch.ops.ssl_fast.stream_probe_
     with pytest.raises(ValueError, match="read must hold"):
         p([torch.zeros(3)], [], 1, 256)
+    with pytest.raises(ValueError, match="read must hold"):  # R = 2 with written streams
+        p([torch.zeros(3)], [torch.zeros(3)] * 2, 1, 256)
     with pytest.raises(ValueError, match="written must hold"):
         p([torch.zeros(3)] * 3, [torch.zeros(3)] * 2, 2, 256)
+    with pytest.raises(ValueError, match="written must hold"):  # W = 5
+        p([torch.zeros(3)] * 5, [torch.zeros(3)], 1, 256)
+    with pytest.raises(TypeError, match=r"written\[0\] is BFloat16"):  # loop 1 takes the read streams' dtype
+        p([torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3)], [torch.zeros(3)], 1, 256)
     with pytest.raises(ValueError, match=r"written\[1\] has 4 elements"):
         p([torch.zeros(3), torch.zeros(4)], [torch.zeros(3)], 1, 256)
     with pytest.raises(TypeError, match=r"read\[0\] must be float32 or bfloat16"):
