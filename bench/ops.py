@@ -997,7 +997,8 @@ def _optim_ema_providers(kind: str) -> List[Provider]:
     provs.append(Provider("stream_ceiling", _stream_ceiling(kind), devices=("cpu",), probe=True,
                           about="not an optimizer: ssl_fast::stream_probe_ moves the fused pass's bytes (p, states, "
                                 "EMA read + written, g read; LARS: + its norm pass) with no math, in the C++ "
-                                "kernel's layout: the time any kernel moving those bytes needs here"))
+                                "kernel's layout: about the time a kernel moving those bytes needs here (a measurement, not a "
+                                "proof: a kernel can come a few % under it)"))
     if kind == "adamw":
         def cpp_mkl(inputs, hp, device):
             import ssl_fast

@@ -1,9 +1,10 @@
 // The memory ceiling of a fused multi-tensor step, measured: ssl_fast::stream_probe_ moves exactly the bytes of
 // one fused pass (every written stream read once and written once, every read-only stream read once) with
 // almost no arithmetic, in the optimizer + EMA kernels' layout (one parallel region over the concatenated
-// tensors, blocks of `span` elements, at most 3 streams live per loop). Its time is what any kernel that must
-// move those bytes needs on this machine: bench/ uses it as the `stream_ceiling` provider of the optimizer +
-// EMA rows, so "x % of the ceiling" and "at most y x faster than torch" are measured, not asserted.
+// tensors, blocks of `span` elements, at most 4 streams live per loop). Its time is about what a kernel that
+// must move those bytes needs on this machine (a measurement, not a proof: the AdamW kernel, same bytes, came
+// 4% under it once at 1 thread on the AMD EPYC). bench/ uses it as the `stream_ceiling` provider of the
+// optimizer + EMA rows, so "x % of the ceiling" and "about y x faster than torch at most" are measured.
 //
 // Contract of ssl_fast::stream_probe_(Tensor(a!)[] written, Tensor[] read, int n, int span) -> ()
 //   written: W * n tensors (0 <= W <= 4), stream-major (written[j * n + t] is stream j of item t); read: R * n,
