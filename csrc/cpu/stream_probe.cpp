@@ -18,7 +18,6 @@
 //   contract a product and a sum into one FMA (values to fp32 rounding, not bitwise). A bf16 stream is
 //   widened exactly and stored truncated (its low 16 bits dropped: no rounding work; a bandwidth probe, not
 //   math anyone should use).
-#include "ema.h"
 #include "optim_ema.h"
 
 #include <ATen/Parallel.h>
